@@ -1,0 +1,6 @@
+"""Built-in PETL methods; importing this package registers them (installed as ``petl_bench.methods``).
+
+Import order is the order of the Convpass paper's table, used for listings and reports.
+"""
+
+from . import baselines, vpt, adapter, adaptformer, lora, convpass  # noqa: F401  isort: skip

@@ -1,0 +1,62 @@
+"""The reference points every table needs: full finetuning, linear probing, BitFit."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from petl_bench.backbones import CLIP, CONVNEXT, OTHER, SWIN, VIT
+from petl_bench.model import Method
+from petl_bench.registry import register_method
+
+ALL_KINDS = (VIT, SWIN, CONVNEXT, CLIP, OTHER)
+
+
+@register_method
+class FullFinetune(Method):
+    """Full finetuning: every backbone parameter trains (VPT paper protocol in the Convpass table)."""
+
+    name = "full"
+    citation = "full finetuning; numbers in the Convpass table from Jia et al., VPT, ECCV 2022"
+    trains = "every backbone parameter"
+    kinds = ALL_KINDS
+
+    def attach(self, model, info, config):
+        return list(model.parameters())
+
+
+@register_method
+class LinearProbe(Method):
+    """Linear probing: only the classifier trains."""
+
+    name = "linear"
+    citation = "linear probing; numbers in the Convpass table from Jia et al., VPT, ECCV 2022"
+    trains = "nothing but the classifier"
+    kinds = ALL_KINDS
+
+    def attach(self, model, info, config):
+        return []
+
+
+def bias_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every bias of every layer, found by module attribute: Linear, conv and norm biases, and the
+    packed input-projection bias of ``nn.MultiheadAttention``."""
+    found: list[nn.Parameter] = []
+    for module in model.modules():
+        for attribute in ("bias", "in_proj_bias"):
+            value = getattr(module, attribute, None)
+            if isinstance(value, nn.Parameter) and not any(value is p for p in found):
+                found.append(value)
+    return found
+
+
+@register_method
+class BitFit(Method):
+    """BitFit: only the biases train, LayerNorm and patch-embedding biases included."""
+
+    name = "bitfit"
+    citation = "Ben Zaken et al., BitFit, ACL 2022 (VPT's 'Bias' / TinyTL-bias baseline)"
+    trains = "all bias terms (attention, MLP, LayerNorm, patch embedding)"
+    kinds = ALL_KINDS
+
+    def attach(self, model, info, config):
+        return bias_parameters(model)

@@ -1,0 +1,191 @@
+"""Modules and block surgery shared by the methods.
+
+Methods never fork timm or open_clip classes: they wrap a block in :class:`AdaptedBlock` (side
+branches on its two residual sub-blocks), wrap a block sequence in :class:`PromptedBlocks` (prompt
+tokens), or wrap a single ``nn.Linear`` (LoRA). The wrapped module keeps its own forward code.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from petl_bench.backbones import CLIP, SWIN, VIT, BackboneInfo
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the activation of CLIP, Convpass and NOAH's adapter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Bottleneck(nn.Module):
+    """down (width -> dim) -> activation -> dropout -> up (dim -> width)."""
+
+    def __init__(self, width: int, dim: int, activation: nn.Module, dropout: float):
+        super().__init__()
+        self.down = nn.Linear(width, dim)
+        self.act = activation
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(self.act(self.down(x))))
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One pre-norm residual sub-block of a transformer block: ``x + drop_path(branch(norm(x)))``."""
+
+    norm: nn.Module
+    branch: Callable[[torch.Tensor], torch.Tensor]
+    drop_path: nn.Module
+
+
+def residuals(block: nn.Module, kind: str, kwargs: dict) -> tuple[Residual, Residual]:
+    """The attention and MLP sub-blocks of a timm ViT / timm Swin / open_clip block, as its forward runs them.
+
+    timm's Swin block flattens the tokens between the two sub-blocks; LayerNorm, the MLP and
+    drop-path act per token / per sample, so running both sub-blocks on the NHWC tensor is the same.
+    """
+    if kind == VIT:
+        return (
+            Residual(block.norm1, lambda y: block.ls1(block.attn(y, **kwargs)), block.drop_path1),
+            Residual(block.norm2, lambda y: block.ls2(block.mlp(y)), block.drop_path2),
+        )
+    if kind == SWIN:
+        return (
+            Residual(block.norm1, block._attn, block.drop_path1),
+            Residual(block.norm2, block.mlp, block.drop_path2),
+        )
+    if kind == CLIP:
+        return (
+            Residual(block.ln_1, lambda y: block.ls_1(block.attention(y, **kwargs)), nn.Identity()),
+            Residual(block.ln_2, lambda y: block.ls_2(block.mlp(y)), nn.Identity()),
+        )
+    raise ValueError(f"no residual view for block kind '{kind}'")
+
+
+class Tap(enum.Enum):
+    """Where a side branch reads a residual sub-block."""
+
+    INPUT = "input"  # the residual stream entering the sub-block (AdaptFormer)
+    NORM = "norm"  # the sub-block's LayerNorm output, shared with attention / MLP (Convpass)
+    OUTPUT = "output"  # the drop-pathed sub-block output (NOAH's sequential adapter)
+
+
+class AdaptedBlock(nn.Module):
+    """A transformer block whose residual sub-blocks get side branches.
+
+    Each sub-block computes ``h = drop_path(branch(norm(x)))`` and returns ``x + h + scale * z`` with
+    ``z = side(t)`` (or ``drop_path(side(t))`` when ``drop_path_side``), where ``t`` is chosen by ``tap``.
+    Sub-blocks without a side branch run unchanged. Side branches are named ``adapter_attn`` and
+    ``adapter_mlp``, as in the official Convpass code, so its checkpoints load by name.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        kind: str,
+        tap: Tap,
+        *,
+        drop_path_side: bool,
+        scale: float = 1.0,
+        attn: nn.Module | None = None,
+        mlp: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.block = block
+        self.kind = kind
+        self.tap = tap
+        self.drop_path_side = drop_path_side
+        self.scale = scale
+        self.register_module("adapter_attn", attn)
+        self.register_module("adapter_mlp", mlp)
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        for residual, side in zip(residuals(self.block, self.kind, kwargs), (self.adapter_attn, self.adapter_mlp)):
+            y = residual.norm(x)
+            h = residual.drop_path(residual.branch(y))
+            if side is None:
+                x = x + h
+                continue
+            z = side({Tap.INPUT: x, Tap.NORM: y, Tap.OUTPUT: h}[self.tap])
+            if self.drop_path_side:
+                z = residual.drop_path(z)
+            x = x + h + z * self.scale
+        return x
+
+
+def adapt_blocks(
+    model: nn.Module,
+    info: BackboneInfo,
+    make_sides: Callable[[int], tuple[nn.Module | None, nn.Module | None]],
+    tap: Tap,
+    *,
+    drop_path_side: bool,
+    scale: float = 1.0,
+) -> list[nn.Parameter]:
+    """Wrap every block of ``model`` in an :class:`AdaptedBlock`; ``make_sides(i)`` -> (attn side, mlp side)."""
+    params: list[nn.Parameter] = []
+    for index, path in enumerate(info.block_paths):
+        attn, mlp = make_sides(index)
+        wrapped = AdaptedBlock(
+            model.get_submodule(path), info.kind, tap, drop_path_side=drop_path_side, scale=scale, attn=attn, mlp=mlp
+        )
+        model.set_submodule(path, wrapped)
+        params += [p for side in (attn, mlp) if side is not None for p in side.parameters()]
+    return params
+
+
+def vit_blocks(model: nn.Module, info: BackboneInfo) -> list[nn.Module]:
+    return [model.get_submodule(path) for path in info.block_paths]
+
+
+class PromptedBlocks(nn.Module):
+    """Runs a block sequence with learnable prompt tokens spliced into the token sequence.
+
+    Before block ``i`` that has prompts, the prompt slots of the previous block (if any) are replaced
+    by ``dropout(prompts[i])``; blocks without prompts carry the previous prompt outputs along. Prompts
+    sit after the ``insert_at`` prefix tokens (VPT) or, with ``insert_at=None``, at the end of the
+    sequence (NOAH). The final prompt outputs are removed, so the norm, pooling and classifier see the
+    original token layout and can never pool over prompts.
+    """
+
+    def __init__(self, blocks: nn.Module, prompts: dict[int, nn.Parameter], insert_at: int | None, dropout: float):
+        super().__init__()
+        self.blocks = blocks
+        self.prompts = nn.ParameterDict({str(i): p for i, p in prompts.items()})
+        self.insert_at = insert_at
+        self.dropout = nn.Dropout(dropout)
+
+    def _splice(self, x: torch.Tensor, current: int, prompt: torch.Tensor | None) -> torch.Tensor:
+        """Replace ``current`` prompt tokens by ``prompt`` (None: remove them)."""
+        parts = []
+        if prompt is not None:
+            parts.append(self.dropout(prompt).expand(x.shape[0], -1, -1))
+        if self.insert_at is None:
+            return torch.cat([x[:, : x.shape[1] - current], *parts], dim=1)
+        start = self.insert_at
+        return torch.cat([x[:, :start], *parts, x[:, start + current :]], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        current = 0
+        for index, block in enumerate(self.blocks):
+            prompt = self.prompts[str(index)] if str(index) in self.prompts else None
+            if prompt is not None:
+                x = self._splice(x, current, prompt)
+                current = prompt.shape[1]
+            x = block(x)
+        return self._splice(x, current, None) if current else x
+
+
+def prompt_init_bound(info: BackboneInfo) -> float:
+    """VPT's uniform init bound sqrt(6 / (3 * patch_h * patch_w + width)) (0.0625 for ViT-B/16)."""
+    return math.sqrt(6.0 / (3 * info.patch_size[0] * info.patch_size[1] + info.widths[0]))

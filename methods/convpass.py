@@ -1,0 +1,143 @@
+"""Convpass and Convpass-attn (Jie & Deng 2022): convolutional bypasses parallel to MHSA and MLP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from petl_bench.backbones import CLIP, SWIN, VIT
+from petl_bench.model import Method
+from petl_bench.registry import register_method
+
+from .building_blocks import QuickGELU, Tap, adapt_blocks
+
+CITATION = "Jie & Deng, Convolutional Bypasses Are Better Vision Transformer Adapters, arXiv:2207.07039"
+
+
+class ConvBypass(nn.Module):
+    """down (width -> dim) -> QuickGELU -> 3x3 conv on the patch grid -> QuickGELU -> dropout -> up.
+
+    Token input ``(B, prefix + rows * cols, width)``: patch tokens are convolved as an image; each
+    prefix token (cls, registers) goes through the same conv as a 1x1 image, so only the centre tap
+    acts on it. NHWC input ``(B, rows, cols, width)`` (Swin) is convolved directly.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        dim: int,
+        grid: tuple[int, int] | None,
+        num_prefix_tokens: int,
+        xavier_init: bool,
+        dropout: float,
+    ):
+        super().__init__()
+        self.grid = grid  # None: NHWC input
+        self.num_prefix_tokens = num_prefix_tokens
+        self.adapter_down = nn.Linear(width, dim)
+        self.adapter_conv = nn.Conv2d(dim, dim, 3, 1, 1)
+        self.adapter_up = nn.Linear(dim, width)
+        self.act = QuickGELU()
+        self.dropout = nn.Dropout(dropout)
+        nn.init.xavier_uniform_(self.adapter_down.weight)
+        nn.init.zeros_(self.adapter_down.bias)
+        if xavier_init:
+            nn.init.xavier_uniform_(self.adapter_conv.weight)
+        else:
+            nn.init.zeros_(self.adapter_conv.weight)
+            with torch.no_grad():
+                self.adapter_conv.weight[:, :, 1, 1] += torch.eye(dim)
+        nn.init.zeros_(self.adapter_conv.bias)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    def _conv_channels_last(self, images: torch.Tensor) -> torch.Tensor:
+        return self.adapter_conv(images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.adapter_down(x))
+        if self.grid is None:
+            a = self._conv_channels_last(a)
+        else:
+            batch, _, dim = a.shape
+            rows, cols = self.grid
+            prefix = self.num_prefix_tokens
+            patches = self._conv_channels_last(a[:, prefix:].reshape(batch, rows, cols, dim))
+            tokens = self._conv_channels_last(a[:, :prefix].reshape(batch * prefix, 1, 1, dim))
+            a = torch.cat([tokens.reshape(batch, prefix, dim), patches.reshape(batch, rows * cols, dim)], dim=1)
+        return self.adapter_up(self.dropout(self.act(a)))
+
+
+@dataclass
+class ConvpassConfig:
+    dim: int = 8  # bottleneck width h
+    scale: float = 1.0  # s, searched per task in {0.01, 0.1, 1, 10, 100}
+    xavier_init: bool = False  # conv init: xavier_uniform, or identity at the centre tap
+    dropout: float = 0.1
+
+
+# Official per-task (scale, xavier_init) from convpass/vtab/configs (spec §4.1).
+_CONVPASS_TASKS = {
+    "cifar": (0.1, False), "caltech101": (1, False), "dtd": (0.01, True), "oxford_flowers102": (0.1, True),
+    "oxford_iiit_pet": (1, True), "svhn": (100, True), "sun397": (0.1, False), "patch_camelyon": (10, False),
+    "eurosat": (10, False), "resisc45": (10, False), "diabetic_retinopathy": (1, False), "clevr_count": (1, False),
+    "clevr_dist": (0.1, True), "dmlab": (10, False), "kitti": (10, True), "dsprites_loc": (100, True),
+    "dsprites_ori": (0.1, True), "smallnorb_azi": (100, True), "smallnorb_ele": (1, True),
+}  # fmt: skip
+_CONVPASS_ATTN_SCALES = {
+    "cifar": 0.1, "caltech101": 100, "dtd": 0.1, "oxford_flowers102": 1, "oxford_iiit_pet": 1, "svhn": 100,
+    "sun397": 0.1, "patch_camelyon": 10, "eurosat": 10, "resisc45": 100, "diabetic_retinopathy": 0.1,
+    "clevr_count": 10, "clevr_dist": 1, "dmlab": 10, "kitti": 10, "dsprites_loc": 10, "dsprites_ori": 1,
+    "smallnorb_azi": 100, "smallnorb_ele": 1,
+}  # fmt: skip
+
+
+@register_method
+class Convpass(Method):
+    """Convpass: a convolutional bypass parallel to MHSA and one parallel to the MLP in every block.
+
+    ``x = x + DP(MHSA(LN1 x)) + s * DP(CP(LN1 x))``; ``x = x + DP(MLP(LN2 x)) + s * DP(CP(LN2 x))``.
+    """
+
+    name = "convpass"
+    citation = CITATION
+    trains = "2 conv bypasses per block ((2h+1)d + 9h^2 + 2h parameters each)"
+    kinds = (VIT, SWIN, CLIP)
+    Config = ConvpassConfig
+    task_defaults = {task: {"scale": s, "xavier_init": x} for task, (s, x) in _CONVPASS_TASKS.items()}
+    bypass_mlp = True
+
+    def attach(self, model, info, config):
+        def bypass(index: int) -> ConvBypass:
+            grid = None if info.kind == SWIN else info.grids[index]
+            return ConvBypass(
+                info.widths[index], config.dim, grid, info.num_prefix_tokens, config.xavier_init, config.dropout
+            )
+
+        return adapt_blocks(
+            model,
+            info,
+            lambda i: (bypass(i), bypass(i) if self.bypass_mlp else None),
+            Tap.NORM,
+            drop_path_side=True,
+            scale=config.scale,
+        )
+
+
+@dataclass
+class ConvpassAttnConfig(ConvpassConfig):
+    xavier_init: bool = True  # the official Convpass-attn configs use xavier conv init on every task
+
+
+@register_method
+class ConvpassAttn(Convpass):
+    """Convpass-attn: only the bypass parallel to MHSA; the MLP sub-block is unchanged."""
+
+    name = "convpass_attn"
+    trains = "1 conv bypass per block, parallel to MHSA"
+    Config = ConvpassAttnConfig
+    task_defaults = {task: {"scale": s, "xavier_init": True} for task, s in _CONVPASS_ATTN_SCALES.items()}
+    bypass_mlp = False
+

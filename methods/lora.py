@@ -1,0 +1,101 @@
+"""LoRA on the attention's fused qkv projection (Hu et al. 2022).
+
+``variant="qkv"`` (default) is NOAH's LoRA, which produced the Convpass table's numbers: one shared
+down matrix A and one up matrix B onto all of q, k and v, input dropout, no scaling.
+``variant="qv"`` is the q/v-only LoRA the Convpass paper's text describes (the authors' later code):
+separate q and v branches, dropout after the down projection, scale s. Parameter counts are equal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from petl_bench.backbones import SWIN, VIT
+from petl_bench.errors import UserError
+from petl_bench.model import Method
+from petl_bench.registry import register_method
+
+
+def low_rank(width: int, rank: int, out_features: int, dropout: float, dropout_first: bool) -> nn.Sequential:
+    """Bias-free ``up(down(x))`` with dropout on the input or between the two; down keeps PyTorch's
+    kaiming_uniform(a=sqrt(5)) init and up is zero, so the update is exactly zero at init."""
+    down = nn.Linear(width, rank, bias=False)
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    up = nn.Linear(rank, out_features, bias=False)
+    nn.init.zeros_(up.weight)
+    order = ("dropout", "down", "up") if dropout_first else ("down", "dropout", "up")
+    layers = {"dropout": nn.Dropout(dropout), "down": down, "up": up}
+    return nn.Sequential(OrderedDict((name, layers[name]) for name in order))
+
+
+class FusedQKVLoRA(nn.Module):
+    """``qkv(x) + B A dropout(x)`` with ``B: rank -> 3 * width`` (NOAH)."""
+
+    def __init__(self, qkv: nn.Linear, rank: int, dropout: float):
+        super().__init__()
+        self.qkv = qkv
+        self.lora = low_rank(qkv.in_features, rank, qkv.out_features, dropout, dropout_first=True)
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        return list(self.lora.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv(x) + self.lora(x)
+
+
+class QVLoRA(nn.Module):
+    """``qkv(x) + s * [up_q(dropout(down_q x)), 0, up_v(dropout(down_v x))]``."""
+
+    def __init__(self, qkv: nn.Linear, rank: int, dropout: float, scale: float):
+        super().__init__()
+        self.qkv = qkv
+        width = qkv.out_features // 3
+        self.lora_q = low_rank(qkv.in_features, rank, width, dropout, dropout_first=False)
+        self.lora_v = low_rank(qkv.in_features, rank, width, dropout, dropout_first=False)
+        self.scale = scale
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        return [*self.lora_q.parameters(), *self.lora_v.parameters()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta_q = self.lora_q(x)
+        delta = torch.cat([delta_q, torch.zeros_like(delta_q), self.lora_v(x)], dim=-1)
+        return self.qkv(x) + self.scale * delta
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    dropout: float = 0.1
+    variant: str = "qkv"  # "qkv" (NOAH, the table's numbers) or "qv" (the paper text)
+    scale: float = 1.0  # used by the "qv" variant only; NOAH's LoRA has no scaling
+
+
+@register_method
+class LoRA(Method):
+    """Low-rank updates of the fused qkv projection in every block."""
+
+    name = "lora"
+    citation = "Hu et al., LoRA, ICLR 2022; NOAH variant (Zhang et al. 2022) as in the Convpass table"
+    trains = "rank-r update of every qkv projection (r * (d + 3d) parameters per block)"
+    kinds = (VIT, SWIN)
+    Config = LoRAConfig
+
+    def attach(self, model, info, config):
+        if config.variant not in ("qkv", "qv"):
+            raise UserError(f"lora.variant must be 'qkv' or 'qv', not {config.variant!r}")
+        params: list[nn.Parameter] = []
+        for path in info.block_paths:
+            attention = model.get_submodule(path).attn
+            if config.variant == "qkv":
+                wrapped = FusedQKVLoRA(attention.qkv, config.rank, config.dropout)
+            else:
+                wrapped = QVLoRA(attention.qkv, config.rank, config.dropout, config.scale)
+            attention.qkv = wrapped
+            params += wrapped.delta_parameters()
+        return params

@@ -1,0 +1,376 @@
+"""Build a backbone by name and pretrained source -> (model, BackboneInfo).
+
+Names are timm model names (``vit_base_patch16_224.orig_in21k``), open_clip model names prefixed
+with ``open_clip:`` (``open_clip:ViT-B-16-quickgelu``), or names registered with
+:func:`petl_bench.registry.register_backbone`. Pretrained sources are ``hub`` (download through
+timm / open_clip), ``none`` (random init), or a local file (``.npz`` in the original Google ViT
+format, ``.pth``/``.pt``, ``.safetensors``). The returned model maps images to logits; its classifier
+is a fresh ``nn.Linear`` with PyTorch's default init, as the Convpass code's ``reset_classifier``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from .errors import UserError
+from .registry import BACKBONES, canonical
+
+log = logging.getLogger(__name__)
+
+PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPEN_CLIP_PREFIX = "open_clip:"
+LOCAL_WEIGHT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
+
+# Kinds: what methods may assume about the block list.
+VIT, SWIN, CONVNEXT, CLIP, OTHER = "vit", "swin", "convnext", "clip", "other"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are turned into the backbone's input."""
+
+    image_size: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class BackboneInfo:
+    """What a method needs to know about a backbone, without inspecting it itself."""
+
+    name: str
+    kind: str
+    block_paths: list[str]  # qualified module names of the residual blocks, input to output
+    widths: list[int]  # token width of each block
+    grids: list[tuple[int, int]]  # patch-token grid each block sees (rows, cols)
+    num_prefix_tokens: int  # cls and register tokens in front of the patch tokens
+    patch_size: tuple[int, int]
+    num_features: int  # width of the feature the classifier reads
+    head_path: str  # qualified name of the classifier nn.Linear
+    preprocessing: Preprocessing
+    pretrained: str  # where the weights came from
+    checkpoint_sha256: str | None = None
+    blocks_path: str | None = None  # the nn.Sequential holding the blocks (ViT), for prompt methods
+    notes: str = ""
+
+    def describe(self) -> dict:
+        """A JSON-friendly summary for run records."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "depth": len(self.block_paths),
+            "widths": sorted(set(self.widths)),
+            "grids": sorted({tuple(g) for g in self.grids}),
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "patch_size": list(self.patch_size),
+            "image_size": list(self.preprocessing.image_size),
+            "pretrained": self.pretrained,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """A registered backbone: a timm architecture plus a way to obtain its weights locally."""
+
+    name: str
+    timm_name: str
+    weights: Callable[[], Path]  # returns a local weight file, creating it if needed
+    notes: str = ""
+    model_kwargs: dict = field(default_factory=dict)
+
+
+def build_backbone(
+    name: str,
+    pretrained: str | Path = "hub",
+    *,
+    num_classes: int = 0,
+    drop_path_rate: float = 0.0,
+    image_size: int | None = None,
+    **model_kwargs,
+) -> tuple[nn.Module, BackboneInfo]:
+    """Create a backbone classifier and describe it. ``model_kwargs`` go to the model constructor."""
+    if name.startswith(OPEN_CLIP_PREFIX):
+        return _build_open_clip(name, pretrained, num_classes, image_size, **model_kwargs)
+    source = BACKBONES.get(name) if name in BACKBONES else None
+    timm_name = source.timm_name if source else name
+    if source is None and not timm.is_model(timm_name):
+        registered = ", ".join(BACKBONES.names())
+        raise UserError(
+            f"unknown backbone '{name}'; choose a timm model name (timm.list_models()), "
+            f"'{OPEN_CLIP_PREFIX}<open_clip model>', or a registered backbone: {registered}"
+        )
+    if canonical(name) == "vit_base_patch16_224_in21k":
+        log.warning(
+            "'%s' resolves to the AugReg weights in timm>=0.9; the Convpass paper used %s",
+            name,
+            PAPER_BACKBONE,
+        )
+    weights, source_label = _resolve_weights(pretrained, source)
+    kwargs = dict(source.model_kwargs if source else {})
+    kwargs.update(model_kwargs, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    if image_size:
+        kwargs["img_size"] = image_size
+    try:
+        model = timm.create_model(timm_name, pretrained=weights == "hub", **kwargs)
+    except (OSError, RuntimeError, ValueError) as error:
+        if weights == "hub":
+            raise UserError(
+                f"could not load pretrained weights for '{name}' from the hub ({type(error).__name__}: "
+                f"{error}); pass a local file with --pretrained PATH, or --pretrained none"
+            ) from error
+        raise UserError(f"could not build backbone '{name}': {error}") from error
+    if isinstance(weights, Path):
+        load_local_weights(model, weights)
+    if num_classes:
+        model.reset_classifier(num_classes)
+    info = describe_timm(model, name, source_label)
+    if isinstance(weights, Path):
+        info.checkpoint_sha256 = file_sha256(weights)
+    if source:
+        info.notes = source.notes
+    return model, info
+
+
+def _resolve_weights(pretrained: str | Path, source: BackboneSource | None) -> tuple[None | str | Path, str]:
+    """-> (None | 'hub' | local Path, label for records)."""
+    text = str(pretrained)
+    if text.lower() == "none":
+        return None, "none"
+    if text.lower() == "hub":
+        if source is not None:
+            path = source.weights()
+            return path, f"{source.name} ({path.name})"
+        return "hub", "hub"
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise UserError(f"pretrained weights file not found: {path} (use 'hub', 'none' or a path to an existing file)")
+    if path.suffix not in LOCAL_WEIGHT_SUFFIXES:
+        raise UserError(f"unsupported weights file {path}; expected one of {', '.join(LOCAL_WEIGHT_SUFFIXES)}")
+    return path, str(path)
+
+
+def load_local_weights(model: nn.Module, path: Path) -> None:
+    """Load a local checkpoint into a timm model; every tensor but the classifier must be present.
+
+    ``.npz`` files in the original Google ViT format go through timm's own converter; state dicts
+    (``.pth``, ``.safetensors``) through the architecture's timm checkpoint filter, which converts
+    original layouts and resamples position embeddings to the model's grid.
+    """
+    import sys
+
+    from timm.models import load_state_dict
+
+    if path.suffix == ".npz":
+        if not hasattr(model, "load_pretrained"):
+            raise UserError(f"{path}: .npz checkpoints are only understood for timm ViT models")
+        try:
+            model.load_pretrained(str(path))
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise UserError(f"{path} does not match the architecture: {error}") from error
+        return
+    state = load_state_dict(str(path))
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    head_path = _module_path(model, model.get_classifier())
+    head_keys = {f"{head_path}.weight", f"{head_path}.bias"}
+    state = {key: value for key, value in state.items() if key not in head_keys}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise UserError(f"{path} does not match the architecture: {error}") from error
+    missing = [key for key in result.missing_keys if key not in head_keys]
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"{path} does not match the architecture: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> str:
+    for path, module in model.named_modules():
+        if module is target:
+            return path
+    raise ValueError("module not found in model")
+
+
+def _timm_preprocessing(model: nn.Module, image_size: tuple[int, int]) -> Preprocessing:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return Preprocessing(
+        image_size=image_size,
+        interpolation=cfg.get("interpolation", "bicubic"),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+    )
+
+
+def describe_timm(model: nn.Module, name: str, pretrained: str) -> BackboneInfo:
+    """Describe a timm ViT, Swin or ConvNeXt (other timm models get kind 'other')."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    head_path = _module_path(model, model.get_classifier())
+    common = dict(name=name, pretrained=pretrained, head_path=head_path, num_features=model.num_features)
+    if isinstance(model, VisionTransformer):
+        grid = tuple(model.patch_embed.grid_size)
+        patch = tuple(model.patch_embed.patch_size)
+        plain_blocks = all(type(block) is Block for block in model.blocks)
+        return BackboneInfo(
+            kind=VIT if plain_blocks else OTHER,
+            block_paths=[f"blocks.{i}" for i in range(len(model.blocks))],
+            widths=[model.embed_dim] * len(model.blocks),
+            grids=[grid] * len(model.blocks),
+            num_prefix_tokens=model.num_prefix_tokens,
+            patch_size=patch,
+            preprocessing=_timm_preprocessing(model, (grid[0] * patch[0], grid[1] * patch[1])),
+            blocks_path="blocks",
+            **common,
+        )
+    if isinstance(model, SwinTransformer):
+        paths, widths, grids = [], [], []
+        for path, module in model.named_modules():
+            if type(module).__name__ == "SwinTransformerBlock":
+                paths.append(path)
+                widths.append(module.dim)
+                grids.append(tuple(module.input_resolution))
+        patch = tuple(model.patch_embed.patch_size)
+        return BackboneInfo(
+            kind=SWIN,
+            block_paths=paths,
+            widths=widths,
+            grids=grids,
+            num_prefix_tokens=0,
+            patch_size=patch,
+            preprocessing=_timm_preprocessing(model, tuple(model.patch_embed.img_size)),
+            **common,
+        )
+    size = tuple((getattr(model, "pretrained_cfg", {}) or {}).get("input_size", (3, 224, 224))[1:])
+    if isinstance(model, ConvNeXt):
+        paths, widths = [], []
+        for path, module in model.named_modules():
+            if type(module).__name__ == "ConvNeXtBlock":
+                paths.append(path)
+                widths.append(module.conv_dw.in_channels)
+        return BackboneInfo(
+            kind=CONVNEXT,
+            block_paths=paths,
+            widths=widths,
+            grids=[],
+            num_prefix_tokens=0,
+            patch_size=(4, 4),
+            preprocessing=_timm_preprocessing(model, size),
+            **common,
+        )
+    return BackboneInfo(
+        kind=OTHER,
+        block_paths=[],
+        widths=[],
+        grids=[],
+        num_prefix_tokens=0,
+        patch_size=(0, 0),
+        preprocessing=_timm_preprocessing(model, size),
+        **common,
+    )
+
+
+class ClipClassifier(nn.Module):
+    """An open_clip image tower followed by a linear classifier on its (optionally L2-normalised) embedding."""
+
+    def __init__(self, visual: nn.Module, head: nn.Linear, normalize: bool = False):
+        super().__init__()
+        self.visual = visual
+        self.head = head
+        self.normalize = normalize
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.visual(images)
+        if self.normalize:
+            features = nn.functional.normalize(features, dim=-1)
+        return self.head(features)
+
+
+def _build_open_clip(
+    name: str, pretrained: str | Path, num_classes: int, image_size: int | None, **model_kwargs
+) -> tuple[nn.Module, BackboneInfo]:
+    import open_clip
+
+    model_name = name[len(OPEN_CLIP_PREFIX) :]
+    if model_name not in open_clip.list_models():
+        raise UserError(f"unknown open_clip model '{model_name}'; choose from open_clip.list_models()")
+    text = str(pretrained)
+    checksum = None
+    if text.lower() == "none":
+        tag = None
+    elif text.lower() == "hub":
+        tag = "openai"
+    elif Path(text).expanduser().is_file():
+        tag = str(Path(text).expanduser())
+        checksum = file_sha256(Path(tag))
+    else:
+        tag = text  # an open_clip pretrained tag such as 'openai' or 'laion2b_s34b_b88k'
+    if image_size:
+        model_kwargs["force_image_size"] = image_size
+    try:
+        clip = open_clip.create_model(model_name, pretrained=tag, **model_kwargs)
+    except (OSError, RuntimeError) as error:
+        raise UserError(f"could not load open_clip '{model_name}' with pretrained '{text}': {error}") from error
+    visual = clip.visual
+    transformer = getattr(visual, "transformer", None)
+    if transformer is None or not hasattr(transformer, "resblocks"):
+        raise UserError(f"open_clip model '{model_name}' has no visual transformer; only ViT image towers are supported")
+    if not getattr(transformer, "batch_first", True):
+        raise UserError(f"open_clip model '{model_name}' runs its transformer sequence-first; update open_clip_torch")
+    model = ClipClassifier(visual, nn.Linear(visual.output_dim, num_classes) if num_classes else nn.Identity())
+    grid = tuple(visual.grid_size)
+    depth = len(transformer.resblocks)
+    size = tuple(visual.image_size) if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
+    patch = tuple(visual.patch_size) if isinstance(visual.patch_size, (tuple, list)) else (visual.patch_size,) * 2
+    info = BackboneInfo(
+        name=name,
+        kind=CLIP,
+        block_paths=[f"visual.transformer.resblocks.{i}" for i in range(depth)],
+        widths=[transformer.width] * depth,
+        grids=[grid] * depth,
+        num_prefix_tokens=1,
+        patch_size=patch,
+        num_features=visual.output_dim,
+        head_path="head",
+        preprocessing=Preprocessing(
+            image_size=size,
+            interpolation="bicubic",
+            mean=tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
+            std=tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
+        ),
+        pretrained=text if tag is None or text.lower() != "hub" else "hub:openai",
+        checkpoint_sha256=checksum,
+    )
+    return model, info

@@ -1,0 +1,98 @@
+"""Trainable-only checkpoints: what a method trained plus the classifier, in safetensors.
+
+A checkpoint holds the tensors named as in the backbone (``blocks.0.adapter_attn.adapter_down.weight``,
+``head.weight``) and metadata saying which method, hyperparameters and backbone produced it. It
+loads into a fresh model built the same way. The official Convpass release format (a torch state
+dict of the same names) is read too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save
+
+from .errors import UserError
+from .model import PetlModel, trainable_parameters
+
+FORMAT = "petl-bench-trainable/1"
+FORMATS = ("petl-bench", "convpass-official")
+
+
+def _tensors(model: PetlModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable_parameters(model).items()}
+
+
+def _metadata(model: PetlModel) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "method": model.method.name,
+        "config": json.dumps(dataclasses.asdict(model.config), sort_keys=True),
+        "backbone": model.info.name,
+        "num_classes": str(model.head.out_features),
+    }
+
+
+def checkpoint_bytes(model: PetlModel) -> bytes:
+    """The checkpoint file's content."""
+    return save(_tensors(model), metadata=_metadata(model))
+
+
+def save_trainable(model: PetlModel, path: str | Path) -> Path:
+    """Write the trainable tensors to ``path`` atomically (a crash never leaves a truncated file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(checkpoint_bytes(model))
+    os.replace(temporary, path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def _read(path: Path, format: str) -> dict[str, torch.Tensor]:
+    if format == "petl-bench":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"{path} is not a readable safetensors checkpoint: {error}") from error
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors (the official Convpass release format)")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_trainable(model: PetlModel, path: str | Path, format: str = "petl-bench") -> PetlModel:
+    """Load trainable tensors into ``model``; names and shapes must match exactly."""
+    path = Path(path)
+    if format not in FORMATS:
+        raise UserError(f"unknown checkpoint format '{format}'; choose from: {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if format == "petl-bench":
+        saved_method = read_metadata(path).get("method")
+        if saved_method and saved_method != model.method.name:
+            raise UserError(f"{path} holds a '{saved_method}' checkpoint, not '{model.method.name}'")
+    state = _read(path, format)
+    params = trainable_parameters(model)
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise UserError(
+            f"{path} does not match the model: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
+        )
+    with torch.no_grad():
+        for name, parameter in params.items():
+            if state[name].shape != parameter.shape:
+                raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(parameter.shape)}")
+            parameter.copy_(state[name])
+    return model

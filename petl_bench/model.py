@@ -1,0 +1,185 @@
+"""The method contract and the model a method produces: ``create_model`` and friends.
+
+A method is a registered :class:`Method` subclass. ``create_model`` builds the backbone, freezes it,
+lets the method attach its modules (returning the parameters it trains), and makes the classifier
+trainable. Everything the runner, the CLI and user training loops need goes through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar, Iterable, Mapping
+
+from torch import nn
+
+from .backbones import PAPER_BACKBONE, VIT, BackboneInfo, build_backbone
+from .errors import UserError
+from .registry import METHODS, TASKS, canonical
+
+
+@dataclasses.dataclass
+class NoConfig:
+    """A method without hyperparameters."""
+
+
+class Method:
+    """Base class of a PETL method. Subclass, fill the class attributes, implement ``attach``."""
+
+    name: ClassVar[str]
+    citation: ClassVar[str] = ""
+    trains: ClassVar[str] = ""  # one line: what the method trains besides the classifier
+    kinds: ClassVar[tuple[str, ...]] = (VIT,)  # backbone kinds it supports
+    Config: ClassVar[type] = NoConfig  # a dataclass of hyperparameters with defaults
+    task_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}  # per-task overrides used by the paper
+
+    def attach(self, model: nn.Module, info: BackboneInfo, config: Any) -> Iterable[nn.Parameter]:
+        """Add or unfreeze modules on the frozen ``model``; return the parameters to train (head excluded)."""
+        raise NotImplementedError
+
+    def set_train_mode(self, model: "PetlModel", mode: bool) -> None:
+        """Called after ``model.train(mode)``; methods that keep the encoder in eval mode override it."""
+
+    def check_backbone(self, info: BackboneInfo) -> None:
+        if info.kind not in self.kinds:
+            raise UserError(
+                f"method '{self.name}' does not support the {info.kind} backbone '{info.name}'; "
+                f"it supports: {', '.join(self.kinds)}"
+            )
+
+    def make_config(self, task: str | None = None, **overrides: Any) -> Any:
+        """Defaults, then the paper's per-task values for ``task``, then ``overrides`` (strings are parsed)."""
+        values = dict(self.task_defaults.get(task_key(task), {})) if task else {}
+        values.update(overrides)
+        hints = typing.get_type_hints(self.Config)
+        known = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(
+                f"method '{self.name}' has no hyperparameter {', '.join(repr(u) for u in unknown)}; "
+                f"it has: {', '.join(sorted(known)) or '(none)'}"
+            )
+        parsed = {key: parse_value(value, hints[key], f"{self.name}.{key}") for key, value in values.items()}
+        return self.Config(**parsed)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return dataclasses.asdict(cls.Config())
+
+
+def task_key(task: str | None) -> str | None:
+    """The registered name of ``task`` (aliases resolved), or its canonical form for unknown tasks."""
+    if task is None:
+        return None
+    return TASKS.resolve(task) if task in TASKS else canonical(task)
+
+
+def parse_value(value: Any, annotation: Any, label: str) -> Any:
+    """Coerce a CLI string to the dataclass field's type; other values pass through."""
+    if not isinstance(value, str):
+        return value
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    target = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else annotation
+    try:
+        if target is bool:
+            lowered = value.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return lowered in ("true", "1", "yes")
+        if target in (int, float):
+            return target(value)
+        if typing.get_origin(target) in (tuple, list):
+            element = typing.get_args(target)[0]
+            return typing.get_origin(target)(element(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"cannot read {label}={value!r} as {getattr(target, '__name__', target)}") from None
+    return value
+
+
+class PetlModel(nn.Module):
+    """A backbone classifier with a PETL method attached: images -> logits.
+
+    ``model.train()`` applies the method's own training-mode rules (VPT keeps the encoder in eval).
+    """
+
+    def __init__(self, backbone: nn.Module, info: BackboneInfo, method: Method, config: Any):
+        super().__init__()
+        self.backbone = backbone
+        self.info = info
+        self.method = method
+        self.config = config
+
+    def forward(self, images):
+        return self.backbone(images)
+
+    def train(self, mode: bool = True) -> "PetlModel":
+        super().train(mode)
+        self.method.set_train_mode(self, mode)
+        return self
+
+    @property
+    def head(self) -> nn.Module:
+        return self.backbone.get_submodule(self.info.head_path)
+
+
+def attach_method(backbone: nn.Module, info: BackboneInfo, method: Method, config: Any) -> PetlModel:
+    """Freeze ``backbone``, attach ``method``, make the method's parameters and the classifier trainable."""
+    method.check_backbone(info)
+    backbone.requires_grad_(False)
+    for parameter in method.attach(backbone, info, config):
+        parameter.requires_grad_(True)
+    backbone.get_submodule(info.head_path).requires_grad_(True)
+    return PetlModel(backbone, info, method, config)
+
+
+def get_method(name: str) -> Method:
+    return METHODS.get(name)()
+
+
+def create_model(
+    method: str,
+    backbone: str = PAPER_BACKBONE,
+    *,
+    num_classes: int,
+    pretrained: str = "hub",
+    task: str | None = None,
+    drop_path_rate: float = 0.1,
+    image_size: int | None = None,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+    **method_overrides: Any,
+) -> PetlModel:
+    """Build ``backbone`` with ``method`` attached.
+
+    ``task`` applies the method's per-task defaults from the paper (e.g. Convpass scale and conv init);
+    keyword arguments override them.
+    """
+    runner = get_method(method)
+    config = runner.make_config(task, **method_overrides)
+    model, info = build_backbone(
+        backbone,
+        pretrained,
+        num_classes=num_classes,
+        drop_path_rate=drop_path_rate,
+        image_size=image_size,
+        **dict(backbone_kwargs or {}),
+    )
+    return attach_method(model, info, runner, config)
+
+
+def trainable_parameters(model: PetlModel) -> dict[str, nn.Parameter]:
+    """What the method trains, classifier included, by name inside the backbone."""
+    return {name: p for name, p in model.backbone.named_parameters() if p.requires_grad}
+
+
+def head_parameter_names(model: PetlModel) -> set[str]:
+    return {f"{model.info.head_path}.{name}" for name, _ in model.head.named_parameters()}
+
+
+def count_trainable(model: PetlModel) -> tuple[int, int]:
+    """(trainable parameters without the classifier, with it)."""
+    params = trainable_parameters(model)
+    head = head_parameter_names(model)
+    with_head = sum(p.numel() for p in params.values())
+    without = sum(p.numel() for name, p in params.items() if name not in head)
+    return without, with_head

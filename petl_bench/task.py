@@ -1,0 +1,111 @@
+"""The task contract: a named benchmark task that finds, validates and returns its splits.
+
+Protocols pick the splits: ``final`` and ``paper`` train on train+val and evaluate on test (``paper``
+evaluates test periodically and reports the max, as the official code did); ``tune`` trains on train
+and evaluates on val.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import Split, check_size, read_split
+from .errors import UserError
+
+PROTOCOLS = ("final", "paper", "tune")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """What one run trains and evaluates on."""
+
+    train: Split
+    eval: Split
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class ListNames:
+    """List-file names of a task folder."""
+
+    train: str = "train800.txt"
+    val: str = "val200.txt"
+    trainval: str = "train800val200.txt"
+    test: str = "test.txt"
+
+
+def data_root_from(option: str | Path | None) -> Path | None:
+    """``--data-root``, else the ``PETL_BENCH_DATA`` environment variable."""
+    value = option or os.environ.get("PETL_BENCH_DATA")
+    return Path(value).expanduser() if value else None
+
+
+@dataclass
+class FileListTask:
+    """A task stored as ``<folder>/{lists}`` plus images, e.g. one VTAB-1K task in NOAH's layout."""
+
+    name: str
+    suite: str
+    num_classes: int
+    group: str = ""
+    aliases: tuple[str, ...] = ()
+    sizes: dict[str, int] = field(default_factory=dict)  # expected size per list file name
+    lists: ListNames = ListNames()
+    how_to_get: str = ""
+    description: str = ""
+    location: Path | None = None  # a fixed folder (bring-your-own and generated tasks) instead of data_root
+
+    def folder(self, data_root: Path | None) -> Path:
+        """The task's folder under ``data_root``; accepts the folder aliases other repositories use."""
+        if self.location is not None:
+            return self.location
+        if data_root is None:
+            raise UserError(f"task '{self.name}' needs a data root: pass --data-root PATH or set PETL_BENCH_DATA. {self.how_to_get}")
+        candidates = [data_root / name for name in (self.name, *self.aliases)]
+        candidates += [data_root / "vtab-1k" / name for name in (self.name, *self.aliases)]
+        for candidate in candidates:
+            if candidate.is_dir():
+                return candidate
+        looked = ", ".join(str(c) for c in candidates[: len(self.aliases) + 1])
+        raise UserError(f"task '{self.name}' not found under {data_root} (looked for {looked}). {self.how_to_get}")
+
+    def splits(self, data_root: Path | None, protocol: str, strict: bool = False) -> TaskData:
+        if protocol not in PROTOCOLS:
+            raise UserError(f"unknown protocol '{protocol}'; choose from: {', '.join(PROTOCOLS)}")
+        folder = self.folder(data_root)
+        train_list, eval_list = (
+            (self.lists.train, self.lists.val) if protocol == "tune" else (self.lists.trainval, self.lists.test)
+        )
+        splits = []
+        for list_name in (train_list, eval_list):
+            split = read_split(Path(list_name).stem, folder / list_name, folder, self.num_classes, self.how_to_get)
+            check_size(split, self.sizes.get(list_name), strict)
+            splits.append(split)
+        return TaskData(splits[0], splits[1], self.num_classes)
+
+
+def folder_task(path: str | Path) -> FileListTask:
+    """A bring-your-own task from a folder with ``train800val200.txt``/``test.txt`` style lists
+    (or ``train.txt``/``test.txt`` with an optional ``val.txt``). Classes: ``classes.txt`` (one name per
+    line) when present, else one more than the largest label."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--task-dir {folder} is not a folder")
+    if (folder / "train800val200.txt").is_file():
+        lists = ListNames()
+    elif (folder / "train.txt").is_file():
+        lists = ListNames(train="train.txt", val="val.txt", trainval="train.txt", test="test.txt")
+    else:
+        raise UserError(f"{folder} has neither train800val200.txt nor train.txt (lines '<image path> <label>')")
+    classes_file = folder / "classes.txt"
+    if classes_file.is_file():
+        num_classes = len([line for line in classes_file.read_text().splitlines() if line.strip()])
+    else:
+        labels = []
+        for name in {lists.trainval, lists.test, lists.train, lists.val}:
+            if (folder / name).is_file():
+                labels += [read_split(name, folder / name, folder, None).labels]
+        num_classes = max(max(group) for group in labels) + 1
+    return FileListTask(name=folder.name, suite="custom", num_classes=num_classes, lists=lists, location=folder)

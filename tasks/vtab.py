@@ -1,0 +1,49 @@
+"""The 19 VTAB-1K tasks in NOAH's on-disk layout (``<root>/<task>/{train800,val200,train800val200,test}.txt``)."""
+
+from __future__ import annotations
+
+from petl_bench.registry import register_task
+from petl_bench.task import FileListTask
+
+HOW_TO_GET = (
+    "Prepare VTAB-1K with the 'Data Preparation' steps of github.com/ZhangYuanhan-AI/NOAH (the layout the "
+    "Convpass code reads): <root>/<task>/{train800.txt,val200.txt,train800val200.txt,test.txt,images/}."
+)
+
+# group, task id (folder), aliases seen in other repositories, classes, test size
+VTAB_TASKS = [
+    ("natural", "cifar", ("cifar100",), 100, 10_000),
+    ("natural", "caltech101", (), 102, 6_084),
+    ("natural", "dtd", (), 47, 1_880),
+    ("natural", "oxford_flowers102", ("flowers102",), 102, 6_149),
+    ("natural", "oxford_iiit_pet", ("oxford_pet", "pets"), 37, 3_669),
+    ("natural", "svhn", (), 10, 26_032),
+    ("natural", "sun397", (), 397, 21_750),
+    ("specialized", "patch_camelyon", (), 2, 32_768),
+    ("specialized", "eurosat", (), 10, 5_400),
+    ("specialized", "resisc45", (), 45, 6_300),
+    ("specialized", "diabetic_retinopathy", ("retinopathy",), 5, 42_670),
+    ("structured", "clevr_count", (), 8, 15_000),
+    ("structured", "clevr_dist", (), 6, 15_000),
+    ("structured", "dmlab", (), 6, 22_735),
+    ("structured", "kitti", (), 4, 711),
+    ("structured", "dsprites_loc", (), 16, 73_728),
+    ("structured", "dsprites_ori", (), 16, 73_728),
+    ("structured", "smallnorb_azi", (), 18, 12_150),
+    ("structured", "smallnorb_ele", (), 9, 12_150),
+]
+GROUPS = ("natural", "specialized", "structured")
+
+for group, name, aliases, classes, test_size in VTAB_TASKS:
+    register_task(
+        FileListTask(
+            name=name,
+            suite="vtab",
+            group=group,
+            num_classes=classes,
+            aliases=aliases,
+            sizes={"train800.txt": 800, "val200.txt": 200, "train800val200.txt": 1000, "test.txt": test_size},
+            how_to_get=HOW_TO_GET,
+        ),
+        aliases=aliases,
+    )

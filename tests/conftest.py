@@ -1,0 +1,71 @@
+"""Tiny backbones and helpers shared by the tests (CPU, seconds)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import petl_bench as pb
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+OFFLINE_DATA = SHARED / "offline_data"
+
+TINY_VIT = dict(name="vit_tiny_patch16_224", image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+TINY_SWIN = dict(
+    name="swin_tiny_patch4_window7_224", image_size=56, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7
+)
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PETL_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_name(tmp_path_factory) -> str:
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("open_clip_configs")
+    (folder / "petl-tiny-clip.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder)
+    return "open_clip:petl-tiny-clip"
+
+
+def tiny_backbone(spec: dict, num_classes: int = 5, seed: int = 0, **overrides):
+    """A randomly initialised tiny backbone, the same for the same seed."""
+    kwargs = {"drop_path_rate": 0.1, **spec, **overrides}
+    name = kwargs.pop("name")
+    torch.manual_seed(seed)
+    return pb.build_backbone(name, "none", num_classes=num_classes, **kwargs)
+
+
+def with_method(method: str, backbone_and_info, task: str | None = None, **overrides):
+    """(frozen reference copy, model with ``method`` attached) built on one backbone."""
+    backbone, info = backbone_and_info
+    reference = copy.deepcopy(backbone).eval()
+    runner = pb.METHODS.get(method)()
+    model = pb.attach_method(backbone, info, runner, runner.make_config(task, **overrides))
+    return reference, model
+
+
+def images(spec_or_size, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    size = spec_or_size["image_size"] if isinstance(spec_or_size, dict) else spec_or_size
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def randomize_trainable(model, seed: int = 3) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in pb.trainable_parameters(model).values():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
