@@ -108,7 +108,7 @@ def convert(graph) -> dict[str, torch.Tensor]:
             kinds = ("",) if "lambda1" in source else (".weight", ".bias")
             for kind in kinds:
                 state[f"blocks.{i}.{target}{kind}"] = hf[f"{layer}{source}{kind}"]
-    return {name: torch.from_numpy(np.array(array, dtype=np.float32)) for name, array in state.items()}
+    return {name: torch.from_numpy(np.array(array, dtype=np.float32, order="C")) for name, array in state.items()}
 
 
 def _graph_output(graph, op_type: str, input_name: str | None = None) -> str:

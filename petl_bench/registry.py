@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import sys
+import types
 from pathlib import Path
 from typing import Any, Generic, Iterator, TypeVar
 
@@ -89,7 +90,7 @@ class Registry(Generic[T]):
             except Exception as error:  # a broken third-party plugin must not break the harness
                 log.warning("could not load %s plugin '%s': %s", self.kind, entry_point.name, error)
                 continue
-            if not isinstance(loaded, type(sys)) and canonical(entry_point.name) not in self._entries:
+            if not isinstance(loaded, types.ModuleType) and canonical(entry_point.name) not in self._entries:
                 self.register(loaded, name=entry_point.name)
 
 

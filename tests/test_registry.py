@@ -1,0 +1,77 @@
+"""Registries: plugins from a file and from an installed package's entry point."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import petl_bench as pb
+from petl_bench.errors import UserError
+from petl_bench.registry import Registry
+
+from conftest import TINY_VIT, tiny_backbone
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_plugin_example() -> str:
+    """The Python block of the README's 'Add a method in one file' section."""
+    section = README.read_text().split("## Add a method in one file", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_example_is_the_shipped_example_file():
+    shipped = (README.parent / "examples" / "norm_tuning.py").read_text()
+    assert readme_plugin_example().strip() in shipped
+
+
+def test_plugin_file_registers_a_method_usable_from_the_cli(tmp_path):
+    plugin = tmp_path / "norm_plugin.py"
+    plugin.write_text(readme_plugin_example())
+    result = subprocess.run(
+        [sys.executable, "-m", "petl_bench.cli", "params", "--plugin", str(plugin), "--methods", "norm_tuning,linear",
+         "--backbone", "vit_base_patch16_224", "--format", "csv"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = dict(line.split(",")[:3:2] for line in result.stdout.splitlines()[1:])
+    assert rows == {"norm_tuning": str(25 * 2 * 768), "linear": "0"}
+
+
+def test_plugin_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="plugin file not found"):
+        pb.load_plugin(tmp_path / "missing.py")
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise ImportError('needs a package that is not installed')\n")
+    with pytest.raises(UserError, match="broken.py failed to load: ImportError: needs a package"):
+        pb.load_plugin(broken)
+
+
+def test_entry_point_group_registers_third_party_methods(tmp_path, monkeypatch):
+    (tmp_path / "third_party_petl.py").write_text(
+        textwrap.dedent(
+            '''
+            import petl_bench as pb
+
+            class HeadOnly(pb.Method):
+                name = "third_party_head_only"
+                trains = "nothing"
+                def attach(self, model, info, config):
+                    return []
+            '''
+        )
+    )
+    dist = tmp_path / "third_party_petl-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: third-party-petl\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[petl_bench.methods]\nthird_party_head_only = third_party_petl:HeadOnly\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry("method", "petl_bench.methods", "petl_bench.methods")
+    method = registry.get("third-party-head-only")
+    assert method.__name__ == "HeadOnly"
+    model = pb.attach_method(*tiny_backbone(TINY_VIT), method(), method().make_config())
+    assert pb.count_trainable(model)[0] == 0
