@@ -88,7 +88,7 @@ class BackboneSource:
 
     name: str
     timm_name: str
-    weights: Callable[[], Path]  # returns a local weight file, creating it if needed
+    weights: Callable[[], Path] | None = None  # returns a local weight file, creating it if needed
     notes: str = ""
     model_kwargs: dict = field(default_factory=dict)
 
@@ -152,6 +152,8 @@ def _resolve_weights(pretrained: str | Path, source: BackboneSource | None) -> t
         return None, "none"
     if text.lower() == "hub":
         if source is not None:
+            if source.weights is None:
+                raise UserError(f"backbone '{source.name}' has no pretrained weights; use --pretrained none")
             path = source.weights()
             return path, f"{source.name} ({path.name})"
         return "hub", "hub"

@@ -19,11 +19,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import registry
+from . import records, registry
 from .backbones import PAPER_BACKBONE, build_backbone
 from .checkpoints import checkpoint_bytes
+from .engine import Recipe
 from .errors import UserError
 from .model import attach_method, count_trainable, get_method
+from .task import PROTOCOLS, data_root_from
 
 app = typer.Typer(
     add_completion=False,
@@ -31,7 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Benchmark parameter-efficient transfer learning methods on vision backbones.",
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 PluginOption = typer.Option(None, "--plugin", help="Python file that registers extra methods or tasks (repeatable).")
 
 
@@ -141,6 +143,114 @@ def params_command(
             }
         )
     render(rows, f"Trainable parameters on {backbone} ({num_classes} classes)", fmt)
+
+
+def progress_bars():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def print_tables(run_records: list, fmt: str = "table") -> None:
+    from .report import accuracy_tables, runs_frame
+
+    for table in accuracy_tables(runs_frame(run_records)):
+        if fmt == "md":
+            sys.stdout.write(table.markdown())
+        else:
+            render(table.display_rows(), table.title, "table")
+
+
+@app.command("run")
+def run_command(
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods, or 'all' (default: the suite's)."),
+    suite: Optional[str] = typer.Option(None, help="vtab, demo, ... (default: demo, unless --tasks/--task-dir)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated registered tasks (default: the suite's)."),
+    task_dir: Optional[list[Path]] = typer.Option(None, "--task-dir", help="Folder with train/test list files (repeatable)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the suite's)."),
+    backbones: Optional[str] = typer.Option(None, help="Comma-separated backbones, each crossed with every method."),
+    pretrained: str = typer.Option("hub", help="hub, none, or a weights file."),
+    data_root: Optional[Path] = typer.Option(None, help="Data folder (default: $PETL_BENCH_DATA)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: the suite's)."),
+    epochs: Optional[int] = typer.Option(None, help="Override recipe.epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override recipe.batch_size."),
+    lr: Optional[float] = typer.Option(None, help="Override recipe.lr."),
+    protocol: str = typer.Option("final", help="final (last epoch, honest), paper (max over test evals), tune (train -> val)."),
+    output: Path = typer.Option(Path("results/runs"), help="Where run folders go."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    force: bool = typer.Option(False, help="Rerun finished runs."),
+    strict: bool = typer.Option(False, help="Fail (not warn) when a split has an unexpected size."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="SCOPE.KEY=VALUE, e.g. convpass.scale=10, recipe.lr=5e-4, lora.lr=5e-4."),
+    plugin: Optional[list[Path]] = PluginOption,
+) -> None:
+    """Train and evaluate methods x tasks x backbones x seeds; finished runs are skipped."""
+    from . import runner
+
+    load_plugins(plugin)
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol '{protocol}'; choose from: {', '.join(PROTOCOLS)}")
+    if suite is None and not tasks and not task_dir:
+        suite = "demo"
+    definition = registry.SUITES.get(suite) if suite else None
+    task_list = runner.resolve_tasks(suite, split_names(tasks), list(task_dir or []))
+    if not task_list:
+        raise UserError("no tasks selected; use --suite, --tasks or --task-dir")
+    backbone_list = split_names(backbones) or [backbone or (definition.backbone if definition else PAPER_BACKBONE)]
+    recipe = definition.recipe if definition else Recipe()
+    overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    recipe = recipe.replace(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        seed_list = [int(s) for s in split_names(seeds)] or list(definition.seeds if definition else (0,))
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    jobs = runner.plan(
+        runner.resolve_methods(methods, suite),
+        task_list,
+        backbone_list,
+        seed_list,
+        protocol=protocol,
+        pretrained=pretrained,
+        recipe=recipe,
+        settings=runner.parse_settings(settings or []),
+        data_root=data_root_from(data_root),
+    )
+    target = runner.pick_device(device)
+    with progress_bars() as progress:
+        summary = runner.run_sweep(jobs, output, device=target, force=force, strict=strict, progress=progress)
+    ids = {job.run_id for job in jobs}
+    finished = [r for r in records.load_records(output) if r.run_id in ids]
+    if finished:
+        print_tables(finished)
+    console.print(
+        f"{len(summary.finished)} run(s) trained, {len(summary.skipped)} already finished, "
+        f"{len(summary.busy)} running elsewhere, {len(summary.failed)} failed; records in {output}"
+    )
+    for run_id, error in summary.failed:
+        console.print(f"[red]failed[/] {run_id}: {error} (see {output / run_id / records.FAILURE})")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_command(
+    results: Path = typer.Option(Path("results/runs"), help="Folder of run records."),
+    out: Path = typer.Option(Path("results/report"), help="Where tables and plots go."),
+    fmt: str = typer.Option("md,csv", "--format", help="Comma-separated: md, csv."),
+) -> None:
+    """Tables (Markdown, CSV), runs.csv and PNG plots from the run records."""
+    from .report import write_report
+
+    run_records = records.load_records(results)
+    written = write_report(run_records, out, tuple(split_names(fmt)))
+    print_tables(run_records)
+    console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
 
 
 def main() -> None:

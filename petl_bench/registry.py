@@ -98,16 +98,26 @@ METHODS: Registry[Any] = Registry("method", "petl_bench.methods", "petl_bench.me
 TASKS: Registry[Any] = Registry("task", "petl_bench.tasks", "petl_bench.tasks")
 BACKBONES: Registry[Any] = Registry("backbone", "petl_bench.demo_backbone", "petl_bench.backbones")
 
+SUITES: Registry[Any] = Registry("suite", "petl_bench.tasks", "petl_bench.suites")
+
 register_method = METHODS.register
 register_task = TASKS.register
 register_backbone = BACKBONES.register
+register_suite = SUITES.register
+
+
+_loaded_plugins: set[Path] = set()
 
 
 def load_plugin(path: str | Path) -> None:
-    """Execute a Python file so that its ``@register_method`` (or task / backbone) decorators run."""
+    """Execute a Python file so that its ``@register_method`` (or task / backbone) decorators run.
+    A file already loaded in this process is not executed again."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"plugin file not found: {path}")
+    if path.resolve() in _loaded_plugins:
+        return
+    _loaded_plugins.add(path.resolve())
     module_name = f"petl_bench_plugin_{canonical(path.stem)}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)

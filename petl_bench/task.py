@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import Split, check_size, read_split
+from .engine import Recipe
 from .errors import UserError
 
 PROTOCOLS = ("final", "paper", "tune")
@@ -34,6 +35,19 @@ class ListNames:
     val: str = "val200.txt"
     trainval: str = "train800val200.txt"
     test: str = "test.txt"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named set of tasks with the defaults a run of it uses."""
+
+    name: str
+    description: str
+    backbone: str
+    methods: tuple[str, ...]  # default methods; empty: every registered method
+    recipe: Recipe
+    tasks: tuple[str, ...] = ()  # default tasks; empty: every registered task of this suite
+    seeds: tuple[int, ...] = (0,)
 
 
 def data_root_from(option: str | Path | None) -> Path | None:

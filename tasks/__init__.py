@@ -1,3 +1,3 @@
-"""Built-in tasks; importing this package registers them (installed as ``petl_bench.tasks``)."""
+"""Built-in tasks and suites; importing this package registers them (installed as ``petl_bench.tasks``)."""
 
-from . import vtab  # noqa: F401
+from . import vtab, demo  # noqa: F401  isort: skip

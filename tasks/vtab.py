@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from petl_bench.registry import register_task
-from petl_bench.task import FileListTask
+from petl_bench.backbones import PAPER_BACKBONE
+from petl_bench.engine import Recipe
+from petl_bench.registry import register_suite, register_task
+from petl_bench.task import FileListTask, Suite
 
 HOW_TO_GET = (
     "Prepare VTAB-1K with the 'Data Preparation' steps of github.com/ZhangYuanhan-AI/NOAH (the layout the "
@@ -47,3 +49,14 @@ for group, name, aliases, classes, test_size in VTAB_TASKS:
         ),
         aliases=aliases,
     )
+
+register_suite(
+    Suite(
+        name="vtab",
+        description="VTAB-1K, 19 tasks (NOAH layout), the Convpass paper's recipe on ViT-B/16 (original ImageNet-21k)",
+        backbone=PAPER_BACKBONE,
+        methods=(),
+        recipe=Recipe(),
+        seeds=(0,),
+    )
+)

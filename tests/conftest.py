@@ -69,3 +69,47 @@ def randomize_trainable(model, seed: int = 3) -> None:
     with torch.no_grad():
         for parameter in pb.trainable_parameters(model).values():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+TINY_PLUGIN = '''
+import petl_bench as pb
+
+pb.register_backbone(
+    pb.BackboneSource(
+        "tiny_test_vit",
+        "vit_tiny_patch16_224",
+        model_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2),
+    ),
+    name="tiny_test_vit",
+)
+'''
+
+
+@pytest.fixture(scope="session")
+def tiny_plugin(tmp_path_factory) -> Path:
+    """A plugin file registering ``tiny_test_vit`` (a 2-block, width-32 ViT) for CLI runs."""
+    path = tmp_path_factory.mktemp("plugin") / "tiny_plugin.py"
+    path.write_text(TINY_PLUGIN)
+    return path
+
+
+def make_task_folder(folder: Path, train: int = 40, test: int = 20, classes: int = 4, size: int = 16) -> Path:
+    """A learnable task in NOAH's layout: each class is a colour, with noise."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (classes, 3))
+    lines = {"train": [], "test": []}
+    for split, count in (("train", train), ("test", test)):
+        (folder / "images" / split).mkdir(parents=True)
+        for index in range(count):
+            label = index % classes
+            pixels = np.clip(colours[label] + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / "images" / split / f"{index:06d}.jpg")
+            lines[split].append(f"images/{split}/{index:06d}.jpg {label}")
+    (folder / "train800val200.txt").write_text("\n".join(lines["train"]) + "\n")
+    (folder / "train800.txt").write_text("\n".join(lines["train"][: train * 4 // 5]) + "\n")
+    (folder / "val200.txt").write_text("\n".join(lines["train"][train * 4 // 5 :]) + "\n")
+    (folder / "test.txt").write_text("\n".join(lines["test"]) + "\n")
+    return folder

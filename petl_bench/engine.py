@@ -1,0 +1,195 @@
+"""The one training loop and the one evaluation loop.
+
+The default :class:`Recipe` is the Convpass paper's VTAB-1K recipe: AdamW (lr 1e-3, weight decay
+1e-4 on every trainable tensor), batch 64 with drop_last, 100 epochs, cosine schedule with 10
+warm-up epochs from 1e-6 and minimum 1e-5 stepped once per epoch, drop-path 0.1, cross-entropy,
+no augmentation. fp32 on CPU, bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .data import Normalizer, TensorDataset
+from .errors import UserError
+from .model import parse_value
+
+
+@dataclass
+class Recipe:
+    """Training hyperparameters (defaults: the Convpass paper's VTAB-1K recipe)."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 10
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    drop_path: float = 0.1
+    label_smoothing: float = 0.0
+    drop_last: bool = True
+    eval_every: int = 10  # paper protocol: test after epochs 9, 19, ..., as the official code
+    eval_batch_size: int = 256
+    image_size: int | None = None  # None: the backbone's native input size
+    normalization: str = "imagenet"  # "imagenet" mean/std (the paper, for every backbone) or "backbone"
+    weight_decay_scope: str = "all"  # "all" trainable tensors (Convpass) or "skip_1d" (NOAH / timm)
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with ``changes`` applied (CLI strings are parsed to the field types)."""
+        types = typing.get_type_hints(Recipe)
+        unknown = sorted(set(changes) - set(types))
+        if unknown:
+            raise UserError(f"unknown recipe setting {', '.join(unknown)}; settings: {', '.join(types)}")
+        return dataclasses.replace(self, **{k: parse_value(v, types[k], f"recipe.{k}") for k, v in changes.items()})
+
+
+def scheduled_lr(recipe: Recipe, t: int) -> float:
+    """timm ``CosineLRScheduler(t_initial=epochs, warmup_t, warmup_lr_init, lr_min)`` at step ``t``:
+    linear warm-up, then cosine on the raw step count (no warm-up offset)."""
+    if t < recipe.warmup_epochs:
+        return recipe.warmup_lr + t * (recipe.lr - recipe.warmup_lr) / recipe.warmup_epochs
+    if t >= recipe.epochs:
+        return recipe.min_lr
+    return recipe.min_lr + 0.5 * (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * t / recipe.epochs))
+
+
+def lr_at_epoch(recipe: Recipe, epoch: int) -> float:
+    """The learning rate epoch ``epoch`` trains with in the official code, which calls
+    ``scheduler.step(epoch)`` after each epoch: epochs 0 and 1 run at lr(0), epoch e at lr(e - 1)."""
+    return scheduled_lr(recipe, max(epoch - 1, 0))
+
+
+def parameter_groups(model: nn.Module, scope: str) -> list[dict]:
+    """Trainable parameters, with weight decay on all of them (``all``) or not on 1-D ones (``skip_1d``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if scope == "all":
+        return [{"params": params}]
+    if scope == "skip_1d":
+        return [
+            {"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    raise UserError(f"unknown weight_decay_scope '{scope}'; choose all or skip_1d")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: max allocated since the last reset; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    lr: float
+    loss: float
+    images_per_s: float
+    seconds: float
+    top1: float | None = None  # test/val top-1 when this epoch was evaluated
+
+
+@dataclass
+class FitResult:
+    top1: float  # accuracy of the final model on the evaluation split (percent)
+    epochs: list[EpochLog] = field(default_factory=list)
+    train_images_per_s: float = 0.0
+    eval_images_per_s: float = 0.0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    @property
+    def curve(self) -> list[dict]:
+        return [{"epoch": e.epoch, "top1": e.top1} for e in self.epochs if e.top1 is not None]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: TensorDataset, normalizer: Normalizer, device: torch.device, batch_size: int
+) -> tuple[float, float]:
+    """(top-1 in percent, images/s) of ``model`` on ``data``."""
+    model.eval()
+    correct, start = 0, time.perf_counter()
+    for images, labels in data.batches(batch_size):
+        with autocast(device):
+            logits = model(normalizer(images.to(device, non_blocking=True)))
+        correct += int((logits.argmax(-1) == labels.to(device)).sum())
+    seconds = time.perf_counter() - start
+    return 100.0 * correct / len(data), len(data) / max(seconds, 1e-9)
+
+
+def fit(
+    model: nn.Module,
+    train: TensorDataset,
+    evaluation: TensorDataset,
+    normalizer: Normalizer,
+    recipe: Recipe,
+    *,
+    device: torch.device,
+    seed: int,
+    evaluate_periodically: bool = False,
+    on_step: Callable[[int, int, float], None] | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> FitResult:
+    """Train ``model``'s trainable parameters, then evaluate the final model once.
+
+    With ``evaluate_periodically`` (the paper protocol) the evaluation split is also scored after
+    every ``recipe.eval_every``-th epoch, as the official code did.
+    """
+    steps_per_epoch = len(train) // recipe.batch_size if recipe.drop_last else math.ceil(len(train) / recipe.batch_size)
+    images_per_epoch = steps_per_epoch * recipe.batch_size if recipe.drop_last else len(train)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train)} training images are fewer than one batch of {recipe.batch_size}")
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay_scope), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    order = torch.Generator().manual_seed(seed)
+    result = FitResult(top1=float("nan"))
+    for epoch in range(recipe.epochs):
+        lr = lr_at_epoch(recipe, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        start, total_loss = time.perf_counter(), torch.zeros((), device=device)
+        for step, (images, labels) in enumerate(
+            train.batches(recipe.batch_size, shuffle=True, generator=order, drop_last=recipe.drop_last)
+        ):
+            with autocast(device):
+                logits = model(normalizer(images.to(device, non_blocking=True)))
+            loss = loss_fn(logits.float(), labels.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach()
+            if on_step:
+                on_step(epoch, step, float(loss))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        result.train_seconds += seconds
+        log = EpochLog(epoch, lr, float(total_loss) / steps_per_epoch, images_per_epoch / seconds, seconds)
+        last = epoch == recipe.epochs - 1
+        if last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1):
+            eval_start = time.perf_counter()
+            log.top1, result.eval_images_per_s = evaluate(model, evaluation, normalizer, device, recipe.eval_batch_size)
+            result.eval_seconds += time.perf_counter() - eval_start
+        result.epochs.append(log)
+        if on_epoch:
+            on_epoch(log)
+    result.top1 = result.epochs[-1].top1
+    result.train_images_per_s = images_per_epoch * recipe.epochs / max(result.train_seconds, 1e-9)
+    return result

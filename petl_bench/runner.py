@@ -1,0 +1,332 @@
+"""Plan methods x tasks x backbones x seeds into jobs and run them, skipping finished runs.
+
+The job ledger is the run folders themselves (see :mod:`petl_bench.records`): a job whose record
+exists is skipped unless forced, one that another process is running (it holds the lock) is left
+to it, and anything else runs from the start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from . import records
+from .backbones import build_backbone
+from .checkpoints import save_trainable
+from .data import Normalizer, TensorDataset
+from .engine import EpochLog, Recipe, fit, peak_memory_bytes
+from .errors import UserError
+from .model import count_trainable, create_model, get_method, task_key
+from .registry import METHODS, SUITES, TASKS
+from .task import FileListTask, TaskData, folder_task
+
+log = logging.getLogger(__name__)
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def parse_settings(items: Iterable[str]) -> dict[str, dict[str, str]]:
+    """``["convpass.scale=10", "recipe.lr=5e-4"]`` -> ``{"convpass": {"scale": "10"}, "recipe": {"lr": "5e-4"}}``."""
+    settings: dict[str, dict[str, str]] = {}
+    for item in items:
+        scope_key, sep, value = item.partition("=")
+        scope, dot, key = scope_key.strip().partition(".")
+        if not sep or not dot or not key:
+            raise UserError(f"--set expects SCOPE.KEY=VALUE (e.g. convpass.scale=10 or recipe.lr=5e-4), got {item!r}")
+        scope = "recipe" if scope == "recipe" else METHODS.resolve(scope)
+        settings.setdefault(scope, {})[key.strip()] = value.strip()
+    return settings
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: a method on a task with a backbone, a seed and a protocol."""
+
+    method: str
+    task: FileListTask
+    backbone: str
+    pretrained: str
+    seed: int
+    protocol: str
+    recipe: Recipe
+    method_config: Any
+    data_root: Path | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "method_config": dataclasses.asdict(self.method_config),
+            "task": self.task.name,
+            "num_classes": self.task.num_classes,
+            "backbone": self.backbone,
+            "pretrained": self.pretrained,
+            "seed": self.seed,
+            "protocol": self.protocol,
+            "recipe": dataclasses.asdict(self.recipe),
+        }
+
+    @property
+    def run_id(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        backbone = self.backbone.replace(":", "-").replace("/", "-")
+        return f"{self.task.name}__{self.method}__{backbone}__s{self.seed}__{self.protocol}__{digest}"
+
+
+def resolve_tasks(suite: str | None, task_names: list[str], task_dirs: list[Path]) -> list[FileListTask]:
+    """``--tasks`` if given, else the suite's tasks (unless only ``--task-dir`` is given), plus ``--task-dir`` folders."""
+    if task_names:
+        tasks = [TASKS.get(name) for name in task_names]
+    elif suite and not task_dirs:
+        definition = SUITES.get(suite)
+        names = definition.tasks or [n for n, t in TASKS.items() if t.suite == definition.name]
+        tasks = [TASKS.get(name) for name in names]
+    else:
+        tasks = []
+    return tasks + [folder_task(path) for path in task_dirs]
+
+
+def plan(
+    methods: list[str],
+    tasks: list[FileListTask],
+    backbones: list[str],
+    seeds: list[int],
+    *,
+    protocol: str,
+    pretrained: str,
+    recipe: Recipe,
+    settings: dict[str, dict[str, str]] | None = None,
+    data_root: Path | None = None,
+) -> list[Job]:
+    """The cross product, with each method's per-task defaults and ``--set`` overrides resolved."""
+    settings = settings or {}
+    recipe = recipe.replace(**settings.get("recipe", {}))
+    jobs = []
+    for method in methods:
+        runner = get_method(method)
+        config_fields = {f.name for f in dataclasses.fields(runner.Config)}
+        scoped = settings.get(runner.name, {})
+        recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
+        unknown = sorted(set(scoped) - config_fields - recipe_fields)
+        if unknown:
+            raise UserError(
+                f"method '{runner.name}' has no hyperparameter {', '.join(repr(u) for u in unknown)} and the recipe "
+                f"has no such setting; hyperparameters: {', '.join(sorted(config_fields)) or '(none)'}; "
+                f"recipe settings: {', '.join(sorted(recipe_fields))}"
+            )
+        method_recipe = recipe.replace(**{k: v for k, v in scoped.items() if k not in config_fields})
+        overrides = {k: v for k, v in scoped.items() if k in config_fields}
+        for task in tasks:
+            config = runner.make_config(task.name, **overrides)
+            for backbone in backbones:
+                for seed in seeds:
+                    jobs.append(Job(runner.name, task, backbone, pretrained, seed, protocol, method_recipe, config, data_root))
+    return jobs
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def normalization(recipe: Recipe, info) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if recipe.normalization == "imagenet":
+        return IMAGENET
+    if recipe.normalization == "backbone":
+        return info.preprocessing.mean, info.preprocessing.std
+    raise UserError(f"unknown recipe.normalization '{recipe.normalization}'; choose imagenet or backbone")
+
+
+def run_job(job: Job, run_dir: Path, data: TaskData, device: torch.device, progress=None) -> records.RunRecord:
+    """Train and evaluate one job, writing its checkpoint, epoch log and (last) its record."""
+    started, wall_start = records.now(), time.perf_counter()
+    seed_everything(job.seed)
+    model = create_model(
+        job.method,
+        job.backbone,
+        num_classes=data.num_classes,
+        pretrained=job.pretrained,
+        drop_path_rate=job.recipe.drop_path,
+        image_size=job.recipe.image_size,
+        **dataclasses.asdict(job.method_config),
+    ).to(device)
+    info = model.info
+    data_start = time.perf_counter()
+    size, interpolation = info.preprocessing.image_size, info.preprocessing.interpolation
+    train = TensorDataset.from_split(data.train, size, interpolation, progress=progress).to(device)
+    evaluation = TensorDataset.from_split(data.eval, size, interpolation, progress=progress)
+    data_seconds = time.perf_counter() - data_start
+    normalizer = Normalizer(*normalization(job.recipe, info)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    epoch_log = run_dir / records.EPOCH_LOG
+    epoch_log.write_text("")
+    bar = progress.add_task(f"{job.method} on {job.task.name}", total=job.recipe.epochs) if progress else None
+
+    def on_epoch(entry: EpochLog) -> None:
+        with open(epoch_log, "a") as handle:
+            handle.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+        if progress:
+            accuracy = f" top1 {entry.top1:.1f}" if entry.top1 is not None else ""
+            progress.update(
+                bar,
+                advance=1,
+                description=f"{job.method} on {job.task.name}: loss {entry.loss:.3f} lr {entry.lr:.1e} "
+                f"{entry.images_per_s:.0f} img/s{accuracy}",
+            )
+
+    result = fit(
+        model, train, evaluation, normalizer, job.recipe, device=device, seed=job.seed,
+        evaluate_periodically=job.protocol == "paper", on_epoch=on_epoch,
+    )  # fmt: skip
+    if progress:
+        progress.remove_task(bar)
+    checkpoint = save_trainable(model, run_dir / records.CHECKPOINT)
+    without_head, with_head = count_trainable(model)
+    curve = result.curve
+    top1 = max(point["top1"] for point in curve) if job.protocol == "paper" else result.top1
+    runner = get_method(job.method)
+    record = records.RunRecord(
+        run_id=job.run_id,
+        method=job.method,
+        task=job.task.name,
+        suite=job.task.suite,
+        group=job.task.group,
+        backbone=job.backbone,
+        pretrained=info.pretrained,
+        backbone_checkpoint_sha256=info.checkpoint_sha256,
+        seed=job.seed,
+        protocol=job.protocol,
+        hparams={
+            "method": dataclasses.asdict(job.method_config),
+            "task_defaults": dict(runner.task_defaults.get(task_key(job.task.name), {})),
+            "recipe": dataclasses.asdict(job.recipe),
+            "normalization": {"mean": list(normalizer.mean.flatten().tolist()), "std": list(normalizer.std.flatten().tolist())},
+        },
+        metrics={
+            "top1": top1,
+            "top1_last": result.top1,
+            "eval_split": data.eval.name,
+            "eval_images": len(evaluation),
+            "train_images": len(train),
+            "selection": records.SELECTION[job.protocol],
+            "curve": curve,
+        },
+        cost={
+            "trainable_params": without_head,
+            "trainable_params_with_head": with_head,
+            "checkpoint_bytes": checkpoint.stat().st_size,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
+            "train_images_per_s": result.train_images_per_s,
+            "eval_images_per_s": result.eval_images_per_s,
+            "seconds": {
+                "data": data_seconds,
+                "train": result.train_seconds,
+                "eval": result.eval_seconds,
+                "total": time.perf_counter() - wall_start,
+            },
+        },
+        environment=records.environment(str(device)),
+        notes=[note for note in (info.notes,) if note],
+        started_at=started,
+        finished_at=records.now(),
+    )
+    records.write_record(run_dir, record)
+    return record
+
+
+@dataclass
+class SweepSummary:
+    finished: list[records.RunRecord] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def validate(jobs: list[Job], strict: bool) -> dict[str, TaskData]:
+    """Check every task's data and every method/backbone pair before anything trains."""
+    data = {}
+    for job in jobs:
+        if job.task.name not in data:
+            data[job.task.name] = job.task.splits(job.data_root, job.protocol, strict=strict)
+    kinds: dict[str, Any] = {}
+    for job in jobs:
+        if job.backbone not in kinds:
+            kinds[job.backbone] = build_backbone(job.backbone, "none", num_classes=1)[1]
+        get_method(job.method).check_backbone(kinds[job.backbone])
+    return data
+
+
+def run_sweep(
+    jobs: list[Job], output: Path, *, device: torch.device, force: bool = False, strict: bool = False, progress=None
+) -> SweepSummary:
+    """Run every job that has no record yet (all of them with ``force``)."""
+    data = validate(jobs, strict)
+    summary = SweepSummary()
+    overall = progress.add_task("runs", total=len(jobs)) if progress else None
+    for job in jobs:
+        run_dir = output / job.run_id
+        if records.is_finished(run_dir) and not force:
+            summary.skipped.append(job.run_id)
+        else:
+            with records.run_lock(run_dir) as acquired:
+                if not acquired:
+                    summary.busy.append(job.run_id)
+                elif records.is_finished(run_dir) and not force:
+                    summary.skipped.append(job.run_id)
+                else:
+                    (run_dir / records.FAILURE).unlink(missing_ok=True)
+                    try:
+                        summary.finished.append(run_job(job, run_dir, data[job.task.name], device, progress))
+                    except (UserError, KeyboardInterrupt):
+                        raise
+                    except Exception as error:  # one broken run must not stop a 450-run sweep
+                        log.error("run %s failed: %s", job.run_id, error)
+                        records.write_atomic(
+                            run_dir / records.FAILURE,
+                            json.dumps({"error": repr(error), "traceback": traceback.format_exc(), "at": records.now()}),
+                        )
+                        summary.failed.append((job.run_id, repr(error)))
+        if progress:
+            progress.update(overall, advance=1)
+    return summary
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; choose auto, cpu or cuda[:N]") from None
+
+
+def default_methods(suite: str | None) -> list[str]:
+    if suite:
+        methods = SUITES.get(suite).methods
+        if methods:
+            return list(methods)
+    return METHODS.names()
+
+
+def resolve_methods(text: str | None, suite: str | None) -> list[str]:
+    if text is None:
+        return default_methods(suite)
+    if text.strip().lower() == "all":
+        return METHODS.names()
+    return [METHODS.resolve(name) for name in text.split(",") if name.strip()]
+

@@ -1,0 +1,96 @@
+"""Reports from synthetic records: missing cells stay missing, averages follow the paper's definitions."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from petl_bench import records
+from petl_bench.report import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, runs_frame, write_report
+from petl_bench.errors import UserError
+
+from tasks_fixture import VTAB_GROUPS
+
+
+def record(method: str, task: str, seed: int, top1: float, params: int = 1000, suite: str = "vtab", protocol="final"):
+    group = next((g for g, tasks in VTAB_GROUPS.items() if task in tasks), "")
+    return records.RunRecord(
+        run_id=f"{task}__{method}__s{seed}__{protocol}", method=method, task=task, suite=suite, group=group,
+        backbone="vit_base_patch16_224.orig_in21k", pretrained="hub", backbone_checkpoint_sha256=None, seed=seed,
+        protocol=protocol, hparams={}, metrics={"top1": top1, "eval_split": "test", "curve": []},
+        cost={"trainable_params": params, "trainable_params_with_head": params + 10, "checkpoint_bytes": 4 * params,
+              "peak_memory_bytes": 2**30, "train_images_per_s": 100.0, "eval_images_per_s": 300.0,
+              "seconds": {"total": 60.0}},
+        environment={},
+    )  # fmt: skip
+
+
+ALL_TASKS = [t for tasks in VTAB_GROUPS.values() for t in tasks]
+
+
+def full_sweep(method: str, seed: int, offset: float, params: int = 1000):
+    return [record(method, task, seed, 50.0 + offset + index, params) for index, task in enumerate(ALL_TASKS)]
+
+
+def test_group_means_and_both_averages(tmp_path):
+    runs = full_sweep("convpass", 0, 0.0) + full_sweep("convpass", 1, 2.0)
+    write_report(runs, tmp_path)
+    assert sorted(p.name.split("__")[0] for p in tmp_path.glob("*.png")) == ["accuracy_vs_params", "groups"]
+    (table,) = accuracy_tables(runs_frame(runs))
+    cells = table.ours["convpass"]
+    natural = [50.0 + i for i in range(7)]
+    assert cells["cifar"] == (51.0, pytest.approx(2 ** 0.5), 2)
+    assert cells["natural"][0] == pytest.approx(sum(natural) / 7 + 1.0)
+    groups = [sum(50.0 + i for i in range(7)) / 7, sum(50.0 + i for i in range(7, 11)) / 4, sum(50.0 + i for i in range(11, 19)) / 8]
+    assert cells[MEAN_OF_GROUPS][0] == pytest.approx(sum(groups) / 3 + 1.0)
+    assert cells[MEAN_OF_TASKS][0] == pytest.approx(sum(50.0 + i for i in range(19)) / 19 + 1.0)
+
+
+def test_missing_cells_are_shown_as_missing_never_invented(tmp_path):
+    runs = full_sweep("convpass", 0, 0.0)
+    runs = [r for r in runs if r.task != "dmlab"] + [record("lora", "cifar", 0, 40.0)]
+    (table,) = accuracy_tables(runs_frame(runs))
+    convpass, lora = table.ours["convpass"], table.ours["lora"]
+    assert "dmlab" not in convpass and "structured" not in convpass, "incomplete group -> no group mean"
+    assert "natural" in convpass and MEAN_OF_GROUPS not in convpass and MEAN_OF_TASKS not in convpass
+    assert set(lora) == {"cifar"}
+    rows = {row["method"]: row for row in table.display_rows()}
+    assert rows["convpass"]["dmlab"] == "–" and rows["convpass"]["structured"] == "–"
+    assert rows["lora"]["caltech101"] == "–" and rows["lora"]["cifar"] == "40.0"
+    # The paper's numbers sit beside ours, where the paper has the cell.
+    assert rows["convpass (paper)"]["cifar"] == "72.3" and rows["convpass (paper)"][MEAN_OF_GROUPS] == "76.6"
+    assert rows["lora (paper)"]["natural"] == "79.5"
+    write_report(runs, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| convpass | 0.001M |" in markdown and "–" in markdown and "(paper)" in markdown
+    with open(tmp_path / "accuracy.csv") as handle:
+        cells = list(csv.DictReader(handle))
+    ours = [c for c in cells if c["method"] == "convpass" and c["source"] == "ours"]
+    assert not [c for c in ours if c["column"] in ("dmlab", "structured")] and len(ours) == 18 + 2  # tasks, natural, specialized
+    assert [c for c in cells if c["source"] == "paper" and c["column"] == "dmlab"], "the paper row keeps its cells"
+    with open(tmp_path / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 19 and {"method", "task", "backbone", "seed", "protocol", "top1", "trainable_params"} <= set(rows[0])
+    # No method has an average, so there is no accuracy-vs-parameters point to plot.
+    assert sorted(p.name.split("__")[0] for p in tmp_path.glob("*.png")) == ["groups"]
+
+
+def test_protocols_are_never_mixed_in_one_table():
+    runs = full_sweep("convpass", 0, 0.0) + [record("convpass", "cifar", 0, 99.0, protocol="paper")]
+    tables = accuracy_tables(runs_frame(runs))
+    assert sorted(t.protocol for t in tables) == ["final", "paper"]
+    paper_table = next(t for t in tables if t.protocol == "paper")
+    assert paper_table.ours["convpass"]["cifar"][0] == 99.0 and "caltech101" not in paper_table.ours["convpass"]
+
+
+def test_cost_table_and_no_records(tmp_path):
+    write_report(full_sweep("linear", 0, 0.0, params=0), tmp_path, ("csv",))
+    with open(tmp_path / "cost.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["method"] == "linear" and float(row["peak_memory_mb"]) == 1024.0 and row["runs"] == "19"
+    assert not (tmp_path / "report.md").exists()
+    with pytest.raises(UserError, match="no finished runs"):
+        write_report([], tmp_path)
+    with pytest.raises(UserError, match="no results folder"):
+        records.load_records(tmp_path / "nowhere")
