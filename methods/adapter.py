@@ -6,16 +6,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from petl_bench.backbones import VIT
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
 from .building_blocks import Bottleneck, QuickGELU, Tap, adapt_blocks
 
 
-def noah_adapter(width: int, dim: int, dropout: float) -> Bottleneck:
+def noah_adapter(width: int, dim: int, dropout: float, kind: type[Bottleneck] = Bottleneck) -> Bottleneck:
     """NOAH's AdapterSuper: QuickGELU, xavier_uniform weights (the up-projection is NOT zero), biases N(0, 1e-6)."""
-    module = Bottleneck(width, dim, QuickGELU(), dropout)
+    module = kind(width, dim, QuickGELU(), dropout)
     for linear in (module.down, module.up):
         nn.init.xavier_uniform_(linear.weight)
         nn.init.normal_(linear.bias, std=1e-6)

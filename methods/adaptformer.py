@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from petl_bench.backbones import VIT
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 

@@ -144,10 +144,6 @@ def adapt_blocks(
     return params
 
 
-def vit_blocks(model: nn.Module, info: BackboneInfo) -> list[nn.Module]:
-    return [model.get_submodule(path) for path in info.block_paths]
-
-
 class PromptedBlocks(nn.Module):
     """Runs a block sequence with learnable prompt tokens spliced into the token sequence.
 
@@ -164,6 +160,14 @@ class PromptedBlocks(nn.Module):
         self.prompts = nn.ParameterDict({str(i): p for i, p in prompts.items()})
         self.insert_at = insert_at
         self.dropout = nn.Dropout(dropout)
+        self.lengths: dict[int, int] = {}  # block -> prompt tokens in use (the first ones); default all
+
+    def prompt(self, index: int) -> torch.Tensor | None:
+        """Block ``index``'s prompt tokens in use, or None."""
+        if str(index) not in self.prompts:
+            return None
+        length = self.lengths.get(index, self.prompts[str(index)].shape[1])
+        return self.prompts[str(index)][:, :length] if length else None
 
     def _splice(self, x: torch.Tensor, current: int, prompt: torch.Tensor | None) -> torch.Tensor:
         """Replace ``current`` prompt tokens by ``prompt`` (None: remove them)."""
@@ -178,7 +182,7 @@ class PromptedBlocks(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         current = 0
         for index, block in enumerate(self.blocks):
-            prompt = self.prompts[str(index)] if str(index) in self.prompts else None
+            prompt = self.prompt(index)
             if prompt is not None:
                 x = self._splice(x, current, prompt)
                 current = prompt.shape[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import logging
 import sys
 from pathlib import Path
@@ -127,11 +128,17 @@ def params_command(
     runners = [get_method(name) for name in names]
     configs = [runner.make_config(task) for runner in runners]
     base, info = build_backbone(backbone, "none", num_classes=num_classes)
-    rows = []
+    rows, skipped = [], []
     for runner, config in zip(runners, configs):
         runner.check_backbone(info)
     for runner, config in zip(runners, configs):
-        model = attach_method(copy.deepcopy(base), copy.deepcopy(info), runner, config)
+        try:
+            model = attach_method(copy.deepcopy(base), copy.deepcopy(info), runner, config)
+        except UserError as error:
+            if methods:  # asked for by name: the error is the answer
+                raise
+            skipped.append(f"{runner.name}: {error}")
+            continue
         without, with_head = count_trainable(model)
         rows.append(
             {
@@ -142,7 +149,9 @@ def params_command(
                 "checkpoint_bytes": len(checkpoint_bytes(model)),
             }
         )
-    render(rows, f"Trainable parameters on {backbone} ({num_classes} classes)", fmt)
+    render(rows, f"Trainable parameters on {backbone} ({num_classes} classes{', task ' + task if task else ''})", fmt)
+    for note in skipped:
+        Console(stderr=True).print(f"not counted: {note}", highlight=False)
 
 
 def progress_bars():
@@ -187,6 +196,7 @@ def run_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     force: bool = typer.Option(False, help="Rerun finished runs."),
     strict: bool = typer.Option(False, help="Fail (not warn) when a split has an unexpected size."),
+    checkpoint_seconds: float = typer.Option(60.0, help="Save the training state at most this often (resume after a crash)."),
     settings: Optional[list[str]] = typer.Option(None, "--set", help="SCOPE.KEY=VALUE, e.g. convpass.scale=10, recipe.lr=5e-4, lora.lr=5e-4."),
     plugin: Optional[list[Path]] = PluginOption,
 ) -> None:
@@ -223,7 +233,9 @@ def run_command(
     )
     target = runner.pick_device(device)
     with progress_bars() as progress:
-        summary = runner.run_sweep(jobs, output, device=target, force=force, strict=strict, progress=progress)
+        summary = runner.run_sweep(
+            jobs, output, device=target, force=force, strict=strict, progress=progress, checkpoint_seconds=checkpoint_seconds
+        )
     ids = {job.run_id for job in jobs}
     finished = [r for r in records.load_records(output) if r.run_id in ids]
     if finished:
@@ -251,6 +263,83 @@ def report_command(
     written = write_report(run_records, out, tuple(split_names(fmt)))
     print_tables(run_records)
     console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
+
+
+noah_app = typer.Typer(help="NOAH: supernet training, evolutionary search and retraining of the winner.")
+app.add_typer(noah_app, name="noah")
+
+
+@noah_app.command("search")
+def noah_search_command(
+    task: Optional[str] = typer.Option(None, help="A registered task (e.g. a VTAB-1K task or demo_digits)."),
+    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Or a folder with train/val/test lists."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the task's suite's)."),
+    pretrained: str = typer.Option("hub", help="hub, none, or a weights file."),
+    data_root: Optional[Path] = typer.Option(None, help="Data folder (default: $PETL_BENCH_DATA)."),
+    seed: int = typer.Option(0, help="Seed of the supernet, the search and the retrain."),
+    budget: float = typer.Option(0.64, help="Parameter limit in millions (NOAH's --param-limits)."),
+    counter: str = typer.Option("noah", help="Budget counter: noah (NOAH's, dead prompt parameters included) or effective."),
+    supernet_epochs: int = typer.Option(500, help="Supernet training epochs (NOAH: 500)."),
+    supernet_lr: float = typer.Option(5e-4, help="Supernet learning rate (NOAH: 5e-4)."),
+    population: int = typer.Option(50),
+    select: int = typer.Option(10, help="Parents kept per generation (top-k)."),
+    mutation: int = typer.Option(25),
+    crossover: int = typer.Option(25),
+    m_prob: float = typer.Option(0.2),
+    s_prob: float = typer.Option(0.4),
+    generations: int = typer.Option(15),
+    sizes: str = typer.Option("1,5,10", help="Candidate prompt lengths / LoRA ranks / adapter widths."),
+    depths: str = typer.Option("3,6,9,12", help="Candidate numbers of blocks carrying each module type."),
+    epochs: Optional[int] = typer.Option(None, help="Retrain epochs (default: the suite's recipe)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    image_size: Optional[int] = typer.Option(None, help="Input size (default: the suite's or the backbone's)."),
+    retrain: bool = typer.Option(True, help="Retrain the winner on train+val and test it."),
+    output: Path = typer.Option(Path("results/runs"), help="Run folders; the search goes to OUTPUT/noah-search/."),
+    device: str = typer.Option("auto"),
+    plugin: Optional[list[Path]] = PluginOption,
+) -> None:
+    """Train a NOAH supernet on train, search a subnet on val under a budget, retrain it on train+val."""
+    from . import runner
+    from .methods.noah_search import SearchSettings, SearchSpace, run_search
+
+    load_plugins(plugin)
+    if (task is None) == (task_dir is None):
+        raise UserError("give exactly one of --task or --task-dir")
+    (chosen,) = runner.resolve_tasks(None, [task] if task else [], [task_dir] if task_dir else [])
+    definition = registry.SUITES.get(chosen.suite) if chosen.suite in registry.SUITES else None
+    recipe = definition.recipe if definition else Recipe()
+    recipe = recipe.replace(**{k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "image_size": image_size}.items() if v is not None})
+    try:
+        space = SearchSpace(tuple(int(v) for v in split_names(sizes)), tuple(int(v) for v in split_names(depths)))
+    except ValueError:
+        raise UserError("--sizes and --depths take comma-separated integers") from None
+    settings = SearchSettings(
+        budget_m=budget, counter=counter, population=population, select=select, mutation=mutation,
+        crossover=crossover, m_prob=m_prob, s_prob=s_prob, generations=generations,
+        supernet_recipe=recipe.replace(epochs=supernet_epochs, lr=supernet_lr), space=space,
+    )  # fmt: skip
+    backbone = backbone or (definition.backbone if definition else PAPER_BACKBONE)
+    target = runner.pick_device(device)
+    with progress_bars() as progress:
+        subnet_file = run_search(
+            chosen, backbone=backbone, pretrained=pretrained, data_root=data_root_from(data_root), output=output,
+            seed=seed, settings=settings, device=target, image_size=recipe.image_size, progress=progress,
+        )  # fmt: skip
+    found = json.loads(subnet_file.read_text())
+    console.print(
+        f"subnet: prompt {found['prompt']}, lora {found['lora']}, adapter {found['adapter']}; "
+        f"val top-1 {found['val_top1']:.2f}, {found['effective_params']:,} effective parameters "
+        f"({found['noah_counted_params']:,} by NOAH's counter); written to {subnet_file}"
+    )
+    if not retrain:
+        return
+    jobs = runner.plan(
+        ["noah"], [chosen], [backbone], [seed], protocol="final", pretrained=pretrained, recipe=recipe,
+        settings={"noah": {"subnet": str(subnet_file)}}, data_root=data_root_from(data_root),
+    )  # fmt: skip
+    with progress_bars() as progress:
+        runner.run_sweep(jobs, output, device=target, progress=progress)
+    print_tables([r for r in records.load_records(output) if r.run_id == jobs[0].run_id])
 
 
 def main() -> None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import random
 import resource
 import time
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,7 +110,7 @@ class EpochLog:
 
 @dataclass
 class FitResult:
-    top1: float  # accuracy of the final model on the evaluation split (percent)
+    top1: float | None  # accuracy of the final model on the evaluation split (percent)
     epochs: list[EpochLog] = field(default_factory=list)
     train_images_per_s: float = 0.0
     eval_images_per_s: float = 0.0
@@ -133,23 +137,68 @@ def evaluate(
     return 100.0 * correct / len(data), len(data) / max(seconds, 1e-9)
 
 
+def _save_state(path: Path, epoch: int, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> None:
+    """Everything needed to continue training after ``epoch`` exactly as if never interrupted."""
+    state = {
+        "epoch": epoch,
+        "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(),
+        "order": order.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+        "result": dataclasses.asdict(result),
+    }
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def _restore_state(path: Path, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> int:
+    """Load a state written by :func:`_save_state`; returns the first epoch still to train."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state["params"]):
+        raise UserError(f"{path} was written by a different model; delete it to start the run afresh")
+    with torch.no_grad():
+        for name, parameter in params.items():
+            parameter.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    order.set_state(state["order"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    saved = state["result"]
+    result.epochs = [EpochLog(**entry) for entry in saved["epochs"]]
+    result.train_seconds, result.eval_seconds = saved["train_seconds"], saved["eval_seconds"]
+    result.eval_images_per_s = saved["eval_images_per_s"]
+    return state["epoch"] + 1
+
+
 def fit(
     model: nn.Module,
     train: TensorDataset,
-    evaluation: TensorDataset,
+    evaluation: TensorDataset | None,
     normalizer: Normalizer,
     recipe: Recipe,
     *,
     device: torch.device,
     seed: int,
     evaluate_periodically: bool = False,
-    on_step: Callable[[int, int, float], None] | None = None,
+    before_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    resume: Path | None = None,
+    checkpoint_seconds: float = 60.0,
 ) -> FitResult:
-    """Train ``model``'s trainable parameters, then evaluate the final model once.
+    """Train ``model``'s trainable parameters, then evaluate the final model once (if ``evaluation``).
 
     With ``evaluate_periodically`` (the paper protocol) the evaluation split is also scored after
-    every ``recipe.eval_every``-th epoch, as the official code did.
+    every ``recipe.eval_every``-th epoch, as the official code did. With ``resume``, the training
+    state is saved there at most every ``checkpoint_seconds`` and training continues from it when
+    the file exists, so an interrupted run ends exactly as an uninterrupted one.
     """
     steps_per_epoch = len(train) // recipe.batch_size if recipe.drop_last else math.ceil(len(train) / recipe.batch_size)
     images_per_epoch = steps_per_epoch * recipe.batch_size if recipe.drop_last else len(train)
@@ -158,8 +207,15 @@ def fit(
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay_scope), lr=recipe.lr, weight_decay=recipe.weight_decay)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     order = torch.Generator().manual_seed(seed)
-    result = FitResult(top1=float("nan"))
-    for epoch in range(recipe.epochs):
+    result = FitResult(top1=None)
+    first_epoch = 0
+    if resume is not None and resume.is_file():
+        first_epoch = _restore_state(resume, model, optimizer, order, result)
+        for entry in result.epochs:
+            if on_epoch:
+                on_epoch(entry)
+    last_save = time.monotonic()
+    for epoch in range(first_epoch, recipe.epochs):
         lr = lr_at_epoch(recipe, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -168,6 +224,8 @@ def fit(
         for step, (images, labels) in enumerate(
             train.batches(recipe.batch_size, shuffle=True, generator=order, drop_last=recipe.drop_last)
         ):
+            if before_step:
+                before_step(epoch, step)
             with autocast(device):
                 logits = model(normalizer(images.to(device, non_blocking=True)))
             loss = loss_fn(logits.float(), labels.to(device, non_blocking=True))
@@ -175,21 +233,22 @@ def fit(
             loss.backward()
             optimizer.step()
             total_loss += loss.detach()
-            if on_step:
-                on_step(epoch, step, float(loss))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         result.train_seconds += seconds
         log = EpochLog(epoch, lr, float(total_loss) / steps_per_epoch, images_per_epoch / seconds, seconds)
         last = epoch == recipe.epochs - 1
-        if last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1):
+        if evaluation is not None and (last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1)):
             eval_start = time.perf_counter()
             log.top1, result.eval_images_per_s = evaluate(model, evaluation, normalizer, device, recipe.eval_batch_size)
             result.eval_seconds += time.perf_counter() - eval_start
         result.epochs.append(log)
         if on_epoch:
             on_epoch(log)
+        if resume is not None and not last and time.monotonic() - last_save >= checkpoint_seconds:
+            _save_state(resume, epoch, model, optimizer, order, result)
+            last_save = time.monotonic()
     result.top1 = result.epochs[-1].top1
     result.train_images_per_s = images_per_epoch * recipe.epochs / max(result.train_seconds, 1e-9)
     return result

@@ -37,6 +37,10 @@ class Method:
         """Add or unfreeze modules on the frozen ``model``; return the parameters to train (head excluded)."""
         raise NotImplementedError
 
+    def config_identity(self, config: Any) -> dict[str, Any]:
+        """What identifies a run's method settings (records and run ids); files are resolved to content."""
+        return dataclasses.asdict(config)
+
     def set_train_mode(self, model: "PetlModel", mode: bool) -> None:
         """Called after ``model.train(mode)``; methods that keep the encoder in eval mode override it."""
 

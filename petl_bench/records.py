@@ -1,8 +1,9 @@
 """RunRecords: one JSON file per finished run, written atomically, read back for reports.
 
 A run's folder holds ``record.json`` (written last: its presence means finished),
-``trainable.safetensors`` and ``epochs.jsonl`` (one line per epoch, appended as training goes).
-A run killed at any moment leaves no ``record.json``, so a rerun redoes it. A lock file held while a
+``trainable.safetensors`` and ``epochs.jsonl`` (one line per epoch, appended as training goes), and
+while training ``resume.pt``. A run killed at any moment leaves no ``record.json``, so a rerun runs it
+again, continuing from ``resume.pt`` when there is one. A lock file held while a
 run trains keeps a second process off the same run.
 """
 
@@ -31,6 +32,7 @@ RECORD = "record.json"
 CHECKPOINT = "trainable.safetensors"
 EPOCH_LOG = "epochs.jsonl"
 FAILURE = "failed.json"
+RESUME = "resume.pt"
 SELECTION = {
     "final": "last epoch, evaluated once on test",
     "paper": "PAPER PROTOCOL: max of test accuracies evaluated every 10 epochs (selects on the test set)",

@@ -65,7 +65,7 @@ class Job:
     def identity(self) -> dict[str, Any]:
         return {
             "method": self.method,
-            "method_config": dataclasses.asdict(self.method_config),
+            "method_config": get_method(self.method).config_identity(self.method_config),
             "task": self.task.name,
             "num_classes": self.task.num_classes,
             "backbone": self.backbone,
@@ -147,8 +147,13 @@ def normalization(recipe: Recipe, info) -> tuple[tuple[float, ...], tuple[float,
     raise UserError(f"unknown recipe.normalization '{recipe.normalization}'; choose imagenet or backbone")
 
 
-def run_job(job: Job, run_dir: Path, data: TaskData, device: torch.device, progress=None) -> records.RunRecord:
-    """Train and evaluate one job, writing its checkpoint, epoch log and (last) its record."""
+def run_job(
+    job: Job, run_dir: Path, data: TaskData, device: torch.device, progress=None, checkpoint_seconds: float = 60.0
+) -> records.RunRecord:
+    """Train and evaluate one job, writing its checkpoint, epoch log and (last) its record.
+
+    The training state is saved to ``resume.pt`` at most every ``checkpoint_seconds``; a run that was
+    interrupted continues from it."""
     started, wall_start = records.now(), time.perf_counter()
     seed_everything(job.seed)
     model = create_model(
@@ -171,7 +176,8 @@ def run_job(job: Job, run_dir: Path, data: TaskData, device: torch.device, progr
         torch.cuda.reset_peak_memory_stats(device)
 
     epoch_log = run_dir / records.EPOCH_LOG
-    epoch_log.write_text("")
+    epoch_log.write_text("")  # a resumed run replays its earlier epochs into the log
+    resume = run_dir / records.RESUME
     bar = progress.add_task(f"{job.method} on {job.task.name}", total=job.recipe.epochs) if progress else None
 
     def on_epoch(entry: EpochLog) -> None:
@@ -188,7 +194,8 @@ def run_job(job: Job, run_dir: Path, data: TaskData, device: torch.device, progr
 
     result = fit(
         model, train, evaluation, normalizer, job.recipe, device=device, seed=job.seed,
-        evaluate_periodically=job.protocol == "paper", on_epoch=on_epoch,
+        evaluate_periodically=job.protocol == "paper", on_epoch=on_epoch, resume=resume,
+        checkpoint_seconds=checkpoint_seconds,
     )  # fmt: skip
     if progress:
         progress.remove_task(bar)
@@ -209,7 +216,7 @@ def run_job(job: Job, run_dir: Path, data: TaskData, device: torch.device, progr
         seed=job.seed,
         protocol=job.protocol,
         hparams={
-            "method": dataclasses.asdict(job.method_config),
+            "method": runner.config_identity(job.method_config),
             "task_defaults": dict(runner.task_defaults.get(task_key(job.task.name), {})),
             "recipe": dataclasses.asdict(job.recipe),
             "normalization": {"mean": list(normalizer.mean.flatten().tolist()), "std": list(normalizer.std.flatten().tolist())},
@@ -244,6 +251,7 @@ def run_job(job: Job, run_dir: Path, data: TaskData, device: torch.device, progr
         finished_at=records.now(),
     )
     records.write_record(run_dir, record)
+    resume.unlink(missing_ok=True)
     return record
 
 
@@ -270,7 +278,14 @@ def validate(jobs: list[Job], strict: bool) -> dict[str, TaskData]:
 
 
 def run_sweep(
-    jobs: list[Job], output: Path, *, device: torch.device, force: bool = False, strict: bool = False, progress=None
+    jobs: list[Job],
+    output: Path,
+    *,
+    device: torch.device,
+    force: bool = False,
+    strict: bool = False,
+    progress=None,
+    checkpoint_seconds: float = 60.0,
 ) -> SweepSummary:
     """Run every job that has no record yet (all of them with ``force``)."""
     data = validate(jobs, strict)
@@ -289,7 +304,9 @@ def run_sweep(
                 else:
                     (run_dir / records.FAILURE).unlink(missing_ok=True)
                     try:
-                        summary.finished.append(run_job(job, run_dir, data[job.task.name], device, progress))
+                        summary.finished.append(
+                            run_job(job, run_dir, data[job.task.name], device, progress, checkpoint_seconds)
+                        )
                     except (UserError, KeyboardInterrupt):
                         raise
                     except Exception as error:  # one broken run must not stop a 450-run sweep

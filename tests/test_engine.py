@@ -79,3 +79,40 @@ def test_seeds_control_everything_random():
     third, _ = _tiny_fit(1)
     assert [e.loss for e in third.epochs] != [e.loss for e in first.epochs]
     assert len(first.epochs) == 3 and first.epochs[-1].top1 is not None and first.epochs[0].top1 is None
+
+
+def test_an_interrupted_fit_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    def setup():
+        torch.manual_seed(0)
+        backbone = tiny_backbone(TINY_VIT, num_classes=3, seed=0)
+        runner = pb.METHODS.get("lora")()
+        model = pb.attach_method(*backbone, runner, runner.make_config())
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (24, 3, 32, 32), generator=generator, dtype=torch.uint8)
+        return model, TensorDataset(images, torch.arange(24) % 3)
+
+    recipe = Recipe(epochs=5, batch_size=8, warmup_epochs=1, eval_batch_size=12)
+    normalizer = Normalizer((0.5,) * 3, (0.5,) * 3)
+    cpu = torch.device("cpu")
+    model, data = setup()
+    expected = fit(model, data, data, normalizer, recipe, device=cpu, seed=3)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_2(entry):
+        if entry.epoch == 2:
+            raise Killed
+
+    state = tmp_path / "resume.pt"
+    model, data = setup()
+    with pytest.raises(Killed):
+        fit(model, data, data, normalizer, recipe, device=cpu, seed=3, on_epoch=kill_after_epoch_2, resume=state,
+            checkpoint_seconds=0)  # fmt: skip
+    assert state.is_file()
+    model, data = setup()  # a fresh process: same init, state from the file
+    replayed = []
+    resumed = fit(model, data, data, normalizer, recipe, device=cpu, seed=3, resume=state, on_epoch=replayed.append)
+    assert [e.epoch for e in replayed] == [0, 1, 2, 3, 4]
+    assert [e.loss for e in resumed.epochs] == [e.loss for e in expected.epochs]
+    assert resumed.top1 == expected.top1

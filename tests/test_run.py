@@ -188,7 +188,7 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
 def test_a_run_killed_mid_training_leaves_no_record_and_the_rerun_completes(tmp_path, task, tiny_plugin):
     out = tmp_path / "runs"
     args = ["run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "linear,lora", "--epochs", "400",
-            "--output", str(out), *TINY_RUN]  # fmt: skip
+            "--checkpoint-seconds", "0", "--output", str(out), *TINY_RUN]  # fmt: skip
     process = cli_process(*args, cwd=tmp_path)
     logs = lambda: [p for p in out.glob("*/epochs.jsonl") if p.stat().st_size > 0]  # noqa: E731
     # Kill while the second run (lora) is training: the first (linear) has its record.
@@ -199,12 +199,15 @@ def test_a_run_killed_mid_training_leaves_no_record_and_the_rerun_completes(tmp_
     assert [r.method for r in finished] == ["linear"], "the killed run must not look finished"
     lora_dir = next(p.parent for p in out.glob("*lora*/epochs.jsonl"))
     assert not (lora_dir / records.RECORD).exists()
+    assert (lora_dir / records.RESUME).is_file(), "the training state was saved"
     rerun = cli_process(*args, cwd=tmp_path)
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     assert "1 run(s) trained, 1 already finished" in stdout
     assert sorted(r.method for r in records.load_records(out)) == ["linear", "lora"]
-    assert len((lora_dir / records.EPOCH_LOG).read_text().splitlines()) == 400
+    epochs = [json.loads(line)["epoch"] for line in (lora_dir / records.EPOCH_LOG).read_text().splitlines()]
+    assert epochs == list(range(400)), "the resumed run continues where it stopped"
+    assert not (lora_dir / records.RESUME).exists()
 
 
 def test_two_processes_on_one_output_folder_do_not_collide(tmp_path, task, tiny_plugin):
