@@ -37,6 +37,21 @@ class LinearProbe(Method):
         return []
 
 
+@register_method
+class ZeroShot(Method):
+    """No training at all: evaluates the classifier as built. With a CLIP backbone and the classifier from
+    class-name prompts (``recipe.head_init=text``, the dg suite's default) this is zero-shot CLIP."""
+
+    name = "zero_shot"
+    citation = "Radford et al., CLIP, ICML 2021 (zero-shot classification)"
+    trains = "nothing, not even the classifier"
+    kinds = (CLIP,)
+    trains_head = False
+
+    def attach(self, model, info, config):
+        return []
+
+
 def bias_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every bias of every layer, found by module attribute: Linear, conv and norm biases, and the
     packed input-projection bias of ``nn.MultiheadAttention``."""

@@ -64,6 +64,8 @@ class BackboneInfo:
     checkpoint_sha256: str | None = None
     blocks_path: str | None = None  # the nn.Sequential holding the blocks (ViT), for prompt methods
     notes: str = ""
+    encode_text: Callable[[list[str]], torch.Tensor] | None = field(default=None, repr=False)  # CLIP text tower
+    logit_scale: float = 1.0  # CLIP's learned temperature (exp), for zero-shot classifiers
 
     def describe(self) -> dict:
         """A JSON-friendly summary for run records."""
@@ -352,6 +354,13 @@ def _build_open_clip(
     if not getattr(transformer, "batch_first", True):
         raise UserError(f"open_clip model '{model_name}' runs its transformer sequence-first; update open_clip_torch")
     model = ClipClassifier(visual, nn.Linear(visual.output_dim, num_classes) if num_classes else nn.Identity())
+    tokenizer = open_clip.get_tokenizer(model_name)
+
+    @torch.no_grad()
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        chunks = [clip.encode_text(tokenizer(texts[i : i + 256]), normalize=True) for i in range(0, len(texts), 256)]
+        return torch.cat(chunks)
+
     grid = tuple(visual.grid_size)
     depth = len(transformer.resblocks)
     size = tuple(visual.image_size) if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
@@ -374,5 +383,20 @@ def _build_open_clip(
         ),
         pretrained=text if tag is None or text.lower() != "hub" else "hub:openai",
         checkpoint_sha256=checksum,
+        encode_text=encode_text,
+        logit_scale=float(clip.logit_scale.detach().exp()),
     )
     return model, info
+
+
+@torch.no_grad()
+def init_classifier_from_text(model: nn.Module, info: BackboneInfo, class_names, template: str) -> None:
+    """Zero-shot CLIP as a linear classifier: rows are ``logit_scale`` times the L2-normalised text
+    embeddings of ``template.format(name)``, bias 0, on L2-normalised image features. At init the
+    logits equal CLIP's zero-shot logits."""
+    if info.encode_text is None:
+        raise UserError(f"a classifier from class-name prompts needs a CLIP backbone, not '{info.name}'")
+    head = model.get_submodule(info.head_path)
+    head.weight.copy_(info.logit_scale * info.encode_text([template.format(name) for name in class_names]))
+    head.bias.zero_()
+    model.normalize = True

@@ -47,6 +47,15 @@ class Recipe:
     image_size: int | None = None  # None: the backbone's native input size
     normalization: str = "imagenet"  # "imagenet" mean/std (the paper, for every backbone) or "backbone"
     weight_decay_scope: str = "all"  # "all" trainable tensors (Convpass) or "skip_1d" (NOAH / timm)
+    augment: str = "none"  # "none" (cached resize), "deit" (NOAH few-shot), "crop_flip" (the paper's CLIP runs)
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # with augment="deit"
+    random_erasing: float = 0.25  # with augment="deit"
+    mixup: float = 0.0  # mixup alpha (timm), soft targets smoothed by label_smoothing
+    cutmix: float = 0.0  # cutmix alpha (timm)
+    workers: int = 4  # decoding processes for augmented training data
+    class_mask: str = "subset"  # targets covering part of the classes (ImageNet-A/-R): "subset" logits or "all"
+    head_init: str = "default"  # "default" (PyTorch Linear) or "text" (CLIP: class-name prompts, zero-shot)
+    prompt_template: str = "a photo of a {}."  # with head_init="text" (CoOp's single ImageNet template)
 
     def replace(self, **changes) -> "Recipe":
         """A copy with ``changes`` applied (CLI strings are parsed to the field types)."""
@@ -124,17 +133,32 @@ class FitResult:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: TensorDataset, normalizer: Normalizer, device: torch.device, batch_size: int
+    model: nn.Module,
+    data: TensorDataset,
+    normalizer: Normalizer,
+    device: torch.device,
+    batch_size: int,
+    classes: tuple[int, ...] | None = None,
 ) -> tuple[float, float]:
-    """(top-1 in percent, images/s) of ``model`` on ``data``."""
+    """(top-1 in percent, images/s) of ``model`` on ``data``; with ``classes``, the prediction is the
+    best of those logits only (ImageNet-A/-R evaluated on their 200 classes)."""
     model.eval()
+    subset = torch.tensor(classes, device=device) if classes is not None else None
     correct, start = 0, time.perf_counter()
     for images, labels in data.batches(batch_size):
         with autocast(device):
             logits = model(normalizer(images.to(device, non_blocking=True)))
-        correct += int((logits.argmax(-1) == labels.to(device)).sum())
+        predictions = logits.argmax(-1) if subset is None else subset[logits[:, subset].argmax(-1)]
+        correct += int((predictions == labels.to(device)).sum())
     seconds = time.perf_counter() - start
     return 100.0 * correct / len(data), len(data) / max(seconds, 1e-9)
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy on class indices (with label smoothing) or on soft targets (mixup, already smoothed)."""
+    if targets.is_floating_point():
+        return nn.functional.cross_entropy(logits, targets)
+    return nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 def _save_state(path: Path, epoch: int, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> None:
@@ -180,7 +204,7 @@ def _restore_state(path: Path, model: nn.Module, optimizer, order: torch.Generat
 
 def fit(
     model: nn.Module,
-    train: TensorDataset,
+    train,
     evaluation: TensorDataset | None,
     normalizer: Normalizer,
     recipe: Recipe,
@@ -195,19 +219,26 @@ def fit(
 ) -> FitResult:
     """Train ``model``'s trainable parameters, then evaluate the final model once (if ``evaluation``).
 
+    ``train`` is a :class:`TensorDataset` (cached uint8 images) or an :class:`AugmentedStream`.
+
     With ``evaluate_periodically`` (the paper protocol) the evaluation split is also scored after
     every ``recipe.eval_every``-th epoch, as the official code did. With ``resume``, the training
     state is saved there at most every ``checkpoint_seconds`` and training continues from it when
     the file exists, so an interrupted run ends exactly as an uninterrupted one.
     """
+    result = FitResult(top1=None)
+    if not any(p.requires_grad for p in model.parameters()):  # nothing to train (zero-shot): evaluate only
+        if evaluation is not None:
+            start = time.perf_counter()
+            result.top1, result.eval_images_per_s = evaluate(model, evaluation, normalizer, device, recipe.eval_batch_size)
+            result.eval_seconds = time.perf_counter() - start
+        return result
     steps_per_epoch = len(train) // recipe.batch_size if recipe.drop_last else math.ceil(len(train) / recipe.batch_size)
     images_per_epoch = steps_per_epoch * recipe.batch_size if recipe.drop_last else len(train)
     if steps_per_epoch == 0:
         raise UserError(f"{len(train)} training images are fewer than one batch of {recipe.batch_size}")
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay_scope), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     order = torch.Generator().manual_seed(seed)
-    result = FitResult(top1=None)
     first_epoch = 0
     if resume is not None and resume.is_file():
         first_epoch = _restore_state(resume, model, optimizer, order, result)
@@ -228,7 +259,7 @@ def fit(
                 before_step(epoch, step)
             with autocast(device):
                 logits = model(normalizer(images.to(device, non_blocking=True)))
-            loss = loss_fn(logits.float(), labels.to(device, non_blocking=True))
+            loss = classification_loss(logits.float(), labels.to(device, non_blocking=True), recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -32,6 +32,7 @@ class Method:
     kinds: ClassVar[tuple[str, ...]] = (VIT,)  # backbone kinds it supports
     Config: ClassVar[type] = NoConfig  # a dataclass of hyperparameters with defaults
     task_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}  # per-task overrides used by the paper
+    trains_head: ClassVar[bool] = True  # False: the classifier stays as built (zero-shot evaluation)
 
     def attach(self, model: nn.Module, info: BackboneInfo, config: Any) -> Iterable[nn.Parameter]:
         """Add or unfreeze modules on the frozen ``model``; return the parameters to train (head excluded)."""
@@ -133,7 +134,7 @@ def attach_method(backbone: nn.Module, info: BackboneInfo, method: Method, confi
     backbone.requires_grad_(False)
     for parameter in method.attach(backbone, info, config):
         parameter.requires_grad_(True)
-    backbone.get_submodule(info.head_path).requires_grad_(True)
+    backbone.get_submodule(info.head_path).requires_grad_(method.trains_head)
     return PetlModel(backbone, info, method, config)
 
 

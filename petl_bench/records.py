@@ -59,6 +59,7 @@ class RunRecord:
     cost: dict[str, Any]  # trainable params, checkpoint bytes, peak memory, images/s, seconds by phase
     environment: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    task_variant: dict[str, int] = field(default_factory=dict)  # few-shot: {"shots": k, "split_seed": s}
     started_at: str = ""
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from . import records
-from .backbones import build_backbone
+from .backbones import CLIP, build_backbone, init_classifier_from_text
 from .checkpoints import save_trainable
-from .data import Normalizer, TensorDataset
-from .engine import EpochLog, Recipe, fit, peak_memory_bytes
+from .data import AugmentedStream, Normalizer, TensorDataset
+from .engine import EpochLog, Recipe, evaluate, fit, peak_memory_bytes
 from .errors import UserError
 from .model import count_trainable, create_model, get_method, task_key
 from .registry import METHODS, SUITES, TASKS
@@ -67,6 +67,7 @@ class Job:
             "method": self.method,
             "method_config": get_method(self.method).config_identity(self.method_config),
             "task": self.task.name,
+            "task_variant": self.task.variant,
             "num_classes": self.task.num_classes,
             "backbone": self.backbone,
             "pretrained": self.pretrained,
@@ -79,11 +80,18 @@ class Job:
     def run_id(self) -> str:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:10]
         backbone = self.backbone.replace(":", "-").replace("/", "-")
-        return f"{self.task.name}__{self.method}__{backbone}__s{self.seed}__{self.protocol}__{digest}"
+        return f"{self.task.key}__{self.method}__{backbone}__s{self.seed}__{self.protocol}__{digest}"
 
 
-def resolve_tasks(suite: str | None, task_names: list[str], task_dirs: list[Path]) -> list[FileListTask]:
-    """``--tasks`` if given, else the suite's tasks (unless only ``--task-dir`` is given), plus ``--task-dir`` folders."""
+def resolve_tasks(
+    suite: str | None,
+    task_names: list[str],
+    task_dirs: list[Path],
+    shots: list[int] | None = None,
+    split_seeds: list[int] | None = None,
+) -> list[FileListTask]:
+    """``--tasks`` if given, else the suite's tasks (unless only ``--task-dir`` is given), plus ``--task-dir``
+    folders; few-shot and domain-generalisation tasks expand to one task per shots / split seed."""
     if task_names:
         tasks = [TASKS.get(name) for name in task_names]
     elif suite and not task_dirs:
@@ -92,7 +100,8 @@ def resolve_tasks(suite: str | None, task_names: list[str], task_dirs: list[Path
         tasks = [TASKS.get(name) for name in names]
     else:
         tasks = []
-    return tasks + [folder_task(path) for path in task_dirs]
+    tasks += [folder_task(path) for path in task_dirs]
+    return [variant for task in tasks for variant in task.variants(shots, split_seeds)]
 
 
 def plan(
@@ -139,6 +148,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def training_data(recipe: Recipe, data: TaskData, info, mean, std, device: torch.device, progress=None):
+    """Cached decoded images (no augmentation, the VTAB recipe), or a stream augmented every epoch."""
+    size = info.preprocessing.image_size
+    if recipe.augment == "none":
+        return TensorDataset.from_split(data.train, size, info.preprocessing.interpolation, progress=progress).to(device)
+    return AugmentedStream(
+        data.train, size, recipe.augment, mean, std, data.num_classes, rand_augment=recipe.rand_augment,
+        random_erasing=recipe.random_erasing, mixup=recipe.mixup, cutmix=recipe.cutmix,
+        label_smoothing=recipe.label_smoothing, workers=recipe.workers, device=device,
+    )  # fmt: skip
+
+
 def normalization(recipe: Recipe, info) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if recipe.normalization == "imagenet":
         return IMAGENET
@@ -164,14 +185,19 @@ def run_job(
         drop_path_rate=job.recipe.drop_path,
         image_size=job.recipe.image_size,
         **dataclasses.asdict(job.method_config),
-    ).to(device)
+    )
     info = model.info
+    if job.recipe.head_init == "text":
+        init_classifier_from_text(model.backbone, info, data.class_names or (), job.recipe.prompt_template)
+    model = model.to(device)
+    mean, std = normalization(job.recipe, info)
     data_start = time.perf_counter()
+    train = training_data(job.recipe, data, info, mean, std, device, progress)
     size, interpolation = info.preprocessing.image_size, info.preprocessing.interpolation
-    train = TensorDataset.from_split(data.train, size, interpolation, progress=progress).to(device)
     evaluation = TensorDataset.from_split(data.eval, size, interpolation, progress=progress)
+    targets = {name: TensorDataset.from_split(t.split, size, interpolation, progress=progress) for name, t in data.targets.items()}
     data_seconds = time.perf_counter() - data_start
-    normalizer = Normalizer(*normalization(job.recipe, info)).to(device)
+    normalizer = Normalizer(mean, std).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -199,15 +225,20 @@ def run_job(
     )  # fmt: skip
     if progress:
         progress.remove_task(bar)
+    target_top1 = {}
+    for name, target in data.targets.items():
+        classes = target.classes if job.recipe.class_mask == "subset" else None
+        target_top1[name] = evaluate(model, targets[name], normalizer, device, job.recipe.eval_batch_size, classes)[0]
     checkpoint = save_trainable(model, run_dir / records.CHECKPOINT)
     without_head, with_head = count_trainable(model)
     curve = result.curve
-    top1 = max(point["top1"] for point in curve) if job.protocol == "paper" else result.top1
+    top1 = max(point["top1"] for point in curve) if job.protocol == "paper" and curve else result.top1
     runner = get_method(job.method)
     record = records.RunRecord(
         run_id=job.run_id,
         method=job.method,
         task=job.task.name,
+        task_variant=dict(job.task.variant),
         suite=job.task.suite,
         group=job.task.group,
         backbone=job.backbone,
@@ -229,6 +260,9 @@ def run_job(
             "train_images": len(train),
             "selection": records.SELECTION[job.protocol],
             "curve": curve,
+            "targets": target_top1,
+            "class_mask": {name: ("subset" if t.classes and job.recipe.class_mask == "subset" else "all")
+                           for name, t in data.targets.items()},
         },
         cost={
             "trainable_params": without_head,
@@ -267,13 +301,23 @@ def validate(jobs: list[Job], strict: bool) -> dict[str, TaskData]:
     """Check every task's data and every method/backbone pair before anything trains."""
     data = {}
     for job in jobs:
-        if job.task.name not in data:
-            data[job.task.name] = job.task.splits(job.data_root, job.protocol, strict=strict)
-    kinds: dict[str, Any] = {}
+        if job.task.key not in data:
+            data[job.task.key] = job.task.splits(job.data_root, job.protocol, strict=strict)
+    infos: dict[str, Any] = {}
     for job in jobs:
-        if job.backbone not in kinds:
-            kinds[job.backbone] = build_backbone(job.backbone, "none", num_classes=1)[1]
-        get_method(job.method).check_backbone(kinds[job.backbone])
+        if job.backbone not in infos:
+            infos[job.backbone] = build_backbone(job.backbone, "none", num_classes=1)[1]
+        method = get_method(job.method)
+        method.check_backbone(infos[job.backbone])
+        if job.recipe.head_init == "text" and (
+            infos[job.backbone].kind != CLIP or not data[job.task.key].class_names
+        ):
+            raise UserError(
+                f"recipe.head_init=text needs a CLIP backbone and a task with class names "
+                f"(got {job.backbone} on {job.task.name})"
+            )
+        if not method.trains_head and job.recipe.head_init != "text":
+            raise UserError(f"method '{method.name}' trains nothing; it needs recipe.head_init=text (the dg suite's)")
     return data
 
 
@@ -305,7 +349,7 @@ def run_sweep(
                     (run_dir / records.FAILURE).unlink(missing_ok=True)
                     try:
                         summary.finished.append(
-                            run_job(job, run_dir, data[job.task.name], device, progress, checkpoint_seconds)
+                            run_job(job, run_dir, data[job.task.key], device, progress, checkpoint_seconds)
                         )
                     except (UserError, KeyboardInterrupt):
                         raise

@@ -19,12 +19,23 @@ PROTOCOLS = ("final", "paper", "tune")
 
 
 @dataclass(frozen=True)
+class EvalTarget:
+    """A further evaluation split (domain generalisation targets). ``classes``: the classes it covers,
+    when fewer than the task's (ImageNet-A/-R cover 200 of ImageNet's 1000)."""
+
+    split: Split
+    classes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class TaskData:
     """What one run trains and evaluates on."""
 
     train: Split
     eval: Split
     num_classes: int
+    targets: dict[str, EvalTarget] = field(default_factory=dict)
+    class_names: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,12 +75,25 @@ class FileListTask:
     suite: str
     num_classes: int
     group: str = ""
-    aliases: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # other folder names of the same data
     sizes: dict[str, int] = field(default_factory=dict)  # expected size per list file name
     lists: ListNames = ListNames()
     how_to_get: str = ""
     description: str = ""
     location: Path | None = None  # a fixed folder (bring-your-own and generated tasks) instead of data_root
+    parents: tuple[str, ...] = ("vtab-1k",)  # sub-folders of data_root that may hold the task folder
+    image_dir: str = ""  # images live under <folder>/<image_dir>
+    image_dirs: dict[str, str] = field(default_factory=dict)  # per list file, overriding image_dir
+    variant: dict[str, int] = field(default_factory=dict)  # e.g. {"shots": 4, "split_seed": 1}
+
+    def variants(self, shots: list[int] | None = None, split_seeds: list[int] | None = None) -> list["FileListTask"]:
+        """The concrete tasks a run trains on (few-shot tasks expand to shots x split seeds)."""
+        return [self]
+
+    @property
+    def key(self) -> str:
+        """The task's name plus its variant, e.g. ``fs_pets-shots4-split_seed1``."""
+        return self.name + "".join(f"-{key}{value}" for key, value in self.variant.items())
 
     def folder(self, data_root: Path | None) -> Path:
         """The task's folder under ``data_root``; accepts the folder aliases other repositories use."""
@@ -77,13 +101,20 @@ class FileListTask:
             return self.location
         if data_root is None:
             raise UserError(f"task '{self.name}' needs a data root: pass --data-root PATH or set PETL_BENCH_DATA. {self.how_to_get}")
-        candidates = [data_root / name for name in (self.name, *self.aliases)]
-        candidates += [data_root / "vtab-1k" / name for name in (self.name, *self.aliases)]
+        names = (self.name, *self.aliases)
+        candidates = [data_root / name for name in names]
+        candidates += [data_root / parent / name for parent in self.parents for name in names]
         for candidate in candidates:
             if candidate.is_dir():
                 return candidate
-        looked = ", ".join(str(c) for c in candidates[: len(self.aliases) + 1])
+        looked = ", ".join(str(c) for c in candidates[: len(names)])
         raise UserError(f"task '{self.name}' not found under {data_root} (looked for {looked}). {self.how_to_get}")
+
+    def read(self, folder: Path, list_name: str, strict: bool) -> Split:
+        image_root = folder / self.image_dirs.get(list_name, self.image_dir)
+        split = read_split(Path(list_name).name.removesuffix(".txt"), folder / list_name, image_root, self.num_classes, self.how_to_get)
+        check_size(split, self.sizes.get(list_name), strict)
+        return split
 
     def splits(self, data_root: Path | None, protocol: str, strict: bool = False) -> TaskData:
         if protocol not in PROTOCOLS:
@@ -92,12 +123,7 @@ class FileListTask:
         train_list, eval_list = (
             (self.lists.train, self.lists.val) if protocol == "tune" else (self.lists.trainval, self.lists.test)
         )
-        splits = []
-        for list_name in (train_list, eval_list):
-            split = read_split(Path(list_name).stem, folder / list_name, folder, self.num_classes, self.how_to_get)
-            check_size(split, self.sizes.get(list_name), strict)
-            splits.append(split)
-        return TaskData(splits[0], splits[1], self.num_classes)
+        return TaskData(self.read(folder, train_list, strict), self.read(folder, eval_list, strict), self.num_classes)
 
 
 def folder_task(path: str | Path) -> FileListTask:
