@@ -10,6 +10,7 @@ is a fresh ``nn.Linear`` with PyTorch's default init, as the Convpass code's ``r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -124,10 +125,8 @@ def build_backbone(
     weights, source_label = _resolve_weights(pretrained, source)
     kwargs = dict(source.model_kwargs if source else {})
     kwargs.update(model_kwargs, num_classes=num_classes, drop_path_rate=drop_path_rate)
-    if image_size:
-        kwargs["img_size"] = image_size
     try:
-        model = timm.create_model(timm_name, pretrained=weights == "hub", **kwargs)
+        model = _create_timm(timm_name, weights == "hub", image_size, kwargs)
     except (OSError, RuntimeError, ValueError) as error:
         if weights == "hub":
             raise UserError(
@@ -140,11 +139,25 @@ def build_backbone(
     if num_classes:
         model.reset_classifier(num_classes)
     info = describe_timm(model, name, source_label)
+    if image_size and info.preprocessing.image_size != (image_size, image_size):  # fully convolutional models
+        info.preprocessing = dataclasses.replace(info.preprocessing, image_size=(image_size, image_size))
     if isinstance(weights, Path):
         info.checkpoint_sha256 = file_sha256(weights)
     if source:
         info.notes = source.notes
     return model, info
+
+
+def _create_timm(name: str, pretrained: bool, image_size: int | None, kwargs: dict) -> nn.Module:
+    """timm.create_model with ``img_size`` for the models that take one (ViT, Swin); convolutional
+    models (ConvNeXt) take any input size and get none."""
+    if image_size:
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=image_size, **kwargs)
+        except TypeError as error:
+            if "img_size" not in str(error):
+                raise
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def _resolve_weights(pretrained: str | Path, source: BackboneSource | None) -> tuple[None | str | Path, str]:

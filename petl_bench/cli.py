@@ -42,6 +42,13 @@ def split_names(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def integers(text: str | None, option: str) -> list[int]:
+    try:
+        return [int(part) for part in split_names(text)]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
 def load_plugins(paths: Optional[list[Path]]) -> None:
     for path in paths or []:
         registry.load_plugin(path)
@@ -168,9 +175,9 @@ def progress_bars():
 
 
 def print_tables(run_records: list, fmt: str = "table") -> None:
-    from .report import accuracy_tables, runs_frame
+    from .report import all_tables, runs_frame
 
-    for table in accuracy_tables(runs_frame(run_records)):
+    for table in all_tables(runs_frame(run_records)):
         if fmt == "md":
             sys.stdout.write(table.markdown())
         else:
@@ -188,6 +195,8 @@ def run_command(
     pretrained: str = typer.Option("hub", help="hub, none, or a weights file."),
     data_root: Optional[Path] = typer.Option(None, help="Data folder (default: $PETL_BENCH_DATA)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: the suite's)."),
+    shots: Optional[str] = typer.Option(None, help="Few-shot: comma-separated shots (default 1,2,4,8,16)."),
+    split_seeds: Optional[str] = typer.Option(None, "--split-seeds", help="Few-shot / dg: split list seeds (default 0,1,2)."),
     epochs: Optional[int] = typer.Option(None, help="Override recipe.epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override recipe.batch_size."),
     lr: Optional[float] = typer.Option(None, help="Override recipe.lr."),
@@ -209,17 +218,16 @@ def run_command(
     if suite is None and not tasks and not task_dir:
         suite = "demo"
     definition = registry.SUITES.get(suite) if suite else None
-    task_list = runner.resolve_tasks(suite, split_names(tasks), list(task_dir or []))
+    task_list = runner.resolve_tasks(
+        suite, split_names(tasks), list(task_dir or []), integers(shots, "--shots"), integers(split_seeds, "--split-seeds")
+    )
     if not task_list:
         raise UserError("no tasks selected; use --suite, --tasks or --task-dir")
     backbone_list = split_names(backbones) or [backbone or (definition.backbone if definition else PAPER_BACKBONE)]
     recipe = definition.recipe if definition else Recipe()
     overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
     recipe = recipe.replace(**{k: v for k, v in overrides.items() if v is not None})
-    try:
-        seed_list = [int(s) for s in split_names(seeds)] or list(definition.seeds if definition else (0,))
-    except ValueError:
-        raise UserError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    seed_list = integers(seeds, "--seeds") or list(definition.seeds if definition else (0,))
     jobs = runner.plan(
         runner.resolve_methods(methods, suite),
         task_list,
@@ -234,8 +242,9 @@ def run_command(
     target = runner.pick_device(device)
     with progress_bars() as progress:
         summary = runner.run_sweep(
-            jobs, output, device=target, force=force, strict=strict, progress=progress, checkpoint_seconds=checkpoint_seconds
-        )
+            jobs, output, device=target, force=force, strict=strict, progress=progress,
+            checkpoint_seconds=checkpoint_seconds, skip_unsupported=len(backbone_list) > 1,
+        )  # fmt: skip
     ids = {job.run_id for job in jobs}
     finished = [r for r in records.load_records(output) if r.run_id in ids]
     if finished:
@@ -244,6 +253,8 @@ def run_command(
         f"{len(summary.finished)} run(s) trained, {len(summary.skipped)} already finished, "
         f"{len(summary.busy)} running elsewhere, {len(summary.failed)} failed; records in {output}"
     )
+    if summary.left_out:
+        console.print(f"left out (unsupported): {', '.join(summary.left_out)}")
     for run_id, error in summary.failed:
         console.print(f"[red]failed[/] {run_id}: {error} (see {output / run_id / records.FAILURE})")
     if summary.failed:
@@ -309,10 +320,7 @@ def noah_search_command(
     definition = registry.SUITES.get(chosen.suite) if chosen.suite in registry.SUITES else None
     recipe = definition.recipe if definition else Recipe()
     recipe = recipe.replace(**{k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "image_size": image_size}.items() if v is not None})
-    try:
-        space = SearchSpace(tuple(int(v) for v in split_names(sizes)), tuple(int(v) for v in split_names(depths)))
-    except ValueError:
-        raise UserError("--sizes and --depths take comma-separated integers") from None
+    space = SearchSpace(tuple(integers(sizes, "--sizes")), tuple(integers(depths, "--depths")))
     settings = SearchSettings(
         budget_m=budget, counter=counter, population=population, select=select, mutation=mutation,
         crossover=crossover, m_prob=m_prob, s_prob=s_prob, generations=generations,

@@ -295,30 +295,44 @@ class SweepSummary:
     skipped: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # unsupported method/backbone pairs of a multi-backbone sweep
 
 
-def validate(jobs: list[Job], strict: bool) -> dict[str, TaskData]:
-    """Check every task's data and every method/backbone pair before anything trains."""
+def validate(jobs: list[Job], strict: bool, skip_unsupported: bool = False) -> tuple[dict[str, TaskData], list[Job], list[str]]:
+    """Check every task's data and every method/backbone pair before anything trains.
+
+    Returns the data, the jobs to run and the method/backbone pairs left out: with
+    ``skip_unsupported`` (a sweep over several backbones) an unsupported pair is left out with a
+    warning instead of failing the sweep."""
     data = {}
     for job in jobs:
         if job.task.key not in data:
             data[job.task.key] = job.task.splits(job.data_root, job.protocol, strict=strict)
     infos: dict[str, Any] = {}
+    runnable, left_out = [], []
     for job in jobs:
         if job.backbone not in infos:
             infos[job.backbone] = build_backbone(job.backbone, "none", num_classes=1)[1]
         method = get_method(job.method)
-        method.check_backbone(infos[job.backbone])
-        if job.recipe.head_init == "text" and (
-            infos[job.backbone].kind != CLIP or not data[job.task.key].class_names
-        ):
+        try:
+            method.check_backbone(infos[job.backbone])
+        except UserError as error:
+            if not skip_unsupported:
+                raise
+            pair = f"{job.method} on {job.backbone}"
+            if pair not in left_out:
+                log.warning("left out: %s", error)
+                left_out.append(pair)
+            continue
+        if job.recipe.head_init == "text" and (infos[job.backbone].kind != CLIP or not data[job.task.key].class_names):
             raise UserError(
                 f"recipe.head_init=text needs a CLIP backbone and a task with class names "
                 f"(got {job.backbone} on {job.task.name})"
             )
         if not method.trains_head and job.recipe.head_init != "text":
             raise UserError(f"method '{method.name}' trains nothing; it needs recipe.head_init=text (the dg suite's)")
-    return data
+        runnable.append(job)
+    return data, runnable, left_out
 
 
 def run_sweep(
@@ -330,10 +344,11 @@ def run_sweep(
     strict: bool = False,
     progress=None,
     checkpoint_seconds: float = 60.0,
+    skip_unsupported: bool = False,
 ) -> SweepSummary:
     """Run every job that has no record yet (all of them with ``force``)."""
-    data = validate(jobs, strict)
-    summary = SweepSummary()
+    data, jobs, left_out = validate(jobs, strict, skip_unsupported)
+    summary = SweepSummary(left_out=left_out)
     overall = progress.add_task("runs", total=len(jobs)) if progress else None
     for job in jobs:
         run_dir = output / job.run_id

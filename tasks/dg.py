@@ -4,7 +4,7 @@ Layout (NOAH's): ``<root>/imagenet/annotations/train_meta.list.num_shot_16.seed_
 under ``imagenet/train/`` and ``imagenet/annotations/val_meta.list`` with images under
 ``imagenet/val/``; each target ``<root>/<target>/annotations/val_meta.list`` with images relative
 to the target folder. Labels are ImageNet-1k indices everywhere. ImageNet-A and -R cover 200
-classes: by default predictions are restricted to those (CoOp's convention); ``--set
+classes (those in their lists): by default predictions are restricted to those (CoOp's convention); ``--set
 recipe.class_mask=all`` uses all 1000 logits (NOAH's). Records say which.
 """
 
@@ -26,12 +26,12 @@ HOW_TO_GET = (
     "Prepare ImageNet and its variants as in CoOp's DATASETS.md with NOAH's lists "
     "(github.com/ZhangYuanhan-AI/NOAH, data/few-shot/imagenet/annotations)."
 )
-# target name -> folder names seen in other repositories
+# target name -> (folder names seen in other repositories, covers only a subset of the 1000 classes)
 TARGETS = {
-    "imagenet_v2": ("imagenet-v2", "imagenetv2"),
-    "imagenet_sketch": ("imagenet-sketch", "sketch"),
-    "imagenet_a": ("imagenet-a", "imagenet-adversarial"),
-    "imagenet_r": ("imagenet-r", "imagenet-rendition"),
+    "imagenet_v2": (("imagenet-v2", "imagenetv2"), False),
+    "imagenet_sketch": (("imagenet-sketch", "sketch"), False),
+    "imagenet_a": (("imagenet-a", "imagenet-adversarial"), True),
+    "imagenet_r": (("imagenet-r", "imagenet-rendition"), True),
 }
 
 
@@ -57,7 +57,7 @@ class DomainGeneralizationTask(FileListTask):
     def splits(self, data_root, protocol, strict=False) -> TaskData:
         data = super().splits(data_root, protocol, strict)
         targets = {}
-        for name, folders in TARGETS.items():
+        for name, (folders, subset) in TARGETS.items():
             target = FileListTask(name=name, suite="dg", num_classes=self.num_classes, aliases=folders, parents=(),
                                   how_to_get=self.how_to_get)  # fmt: skip
             try:
@@ -66,8 +66,7 @@ class DomainGeneralizationTask(FileListTask):
                 log.warning("domain-generalisation target %s skipped: %s", name, error)
                 continue
             split = target.read(folder, "annotations/val_meta.list", strict)
-            covered = tuple(sorted(set(split.labels)))
-            targets[name] = EvalTarget(split, covered if len(covered) < self.num_classes else None)
+            targets[name] = EvalTarget(split, tuple(sorted(set(split.labels))) if subset else None)
         return dataclasses.replace(data, targets=targets, class_names=imagenet_class_names())
 
 

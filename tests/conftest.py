@@ -74,20 +74,18 @@ def randomize_trainable(model, seed: int = 3) -> None:
 TINY_PLUGIN = '''
 import petl_bench as pb
 
-pb.register_backbone(
-    pb.BackboneSource(
-        "tiny_test_vit",
-        "vit_tiny_patch16_224",
-        model_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2),
-    ),
-    name="tiny_test_vit",
-)
+for name, architecture, kwargs in [
+    ("tiny_test_vit", "vit_tiny_patch16_224", dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+    ("tiny_test_swin", "swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2))),
+    ("tiny_test_convnext", "convnext_atto", dict(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1))),
+]:
+    pb.register_backbone(pb.BackboneSource(name, architecture, model_kwargs=kwargs), name=name)
 '''
 
 
 @pytest.fixture(scope="session")
 def tiny_plugin(tmp_path_factory) -> Path:
-    """A plugin file registering ``tiny_test_vit`` (a 2-block, width-32 ViT) for CLI runs."""
+    """A plugin file registering tiny ViT, Swin and ConvNeXt backbones (``tiny_test_*``) for CLI runs."""
     path = tmp_path_factory.mktemp("plugin") / "tiny_plugin.py"
     path.write_text(TINY_PLUGIN)
     return path

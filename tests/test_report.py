@@ -36,9 +36,11 @@ def full_sweep(method: str, seed: int, offset: float, params: int = 1000):
 def test_group_means_and_both_averages(tmp_path):
     runs = full_sweep("convpass", 0, 0.0) + full_sweep("convpass", 1, 2.0)
     write_report(runs, tmp_path)
-    assert sorted(p.name.split("__")[0] for p in tmp_path.glob("*.png")) == ["accuracy_vs_params", "groups"]
+    plots = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert [p.split("__")[0] for p in plots] == ["accuracy_vs_params", "groups", "groups"]
+    assert "groups__vtab__backbones.png" in plots
     (table,) = accuracy_tables(runs_frame(runs))
-    cells = table.ours["convpass"]
+    cells = table.ours()["convpass"]
     natural = [50.0 + i for i in range(7)]
     assert cells["cifar"] == (51.0, pytest.approx(2 ** 0.5), 2)
     assert cells["natural"][0] == pytest.approx(sum(natural) / 7 + 1.0)
@@ -51,7 +53,7 @@ def test_missing_cells_are_shown_as_missing_never_invented(tmp_path):
     runs = full_sweep("convpass", 0, 0.0)
     runs = [r for r in runs if r.task != "dmlab"] + [record("lora", "cifar", 0, 40.0)]
     (table,) = accuracy_tables(runs_frame(runs))
-    convpass, lora = table.ours["convpass"], table.ours["lora"]
+    convpass, lora = table.ours()["convpass"], table.ours()["lora"]
     assert "dmlab" not in convpass and "structured" not in convpass, "incomplete group -> no group mean"
     assert "natural" in convpass and MEAN_OF_GROUPS not in convpass and MEAN_OF_TASKS not in convpass
     assert set(lora) == {"cifar"}
@@ -66,22 +68,22 @@ def test_missing_cells_are_shown_as_missing_never_invented(tmp_path):
     assert "| convpass | 0.001M |" in markdown and "–" in markdown and "(paper)" in markdown
     with open(tmp_path / "accuracy.csv") as handle:
         cells = list(csv.DictReader(handle))
-    ours = [c for c in cells if c["method"] == "convpass" and c["source"] == "ours"]
+    ours = [c for c in cells if c["method"] == "convpass" and c["source"] == "ours" and c["table"].startswith("vtab on")]
     assert not [c for c in ours if c["column"] in ("dmlab", "structured")] and len(ours) == 18 + 2  # tasks, natural, specialized
     assert [c for c in cells if c["source"] == "paper" and c["column"] == "dmlab"], "the paper row keeps its cells"
     with open(tmp_path / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 19 and {"method", "task", "backbone", "seed", "protocol", "top1", "trainable_params"} <= set(rows[0])
     # No method has an average, so there is no accuracy-vs-parameters point to plot.
-    assert sorted(p.name.split("__")[0] for p in tmp_path.glob("*.png")) == ["groups"]
+    assert sorted(p.name.split("__")[0] for p in tmp_path.glob("*.png")) == ["groups", "groups"]
 
 
 def test_protocols_are_never_mixed_in_one_table():
     runs = full_sweep("convpass", 0, 0.0) + [record("convpass", "cifar", 0, 99.0, protocol="paper")]
     tables = accuracy_tables(runs_frame(runs))
-    assert sorted(t.protocol for t in tables) == ["final", "paper"]
-    paper_table = next(t for t in tables if t.protocol == "paper")
-    assert paper_table.ours["convpass"]["cifar"][0] == 99.0 and "caltech101" not in paper_table.ours["convpass"]
+    assert sorted(t.key["protocol"] for t in tables) == ["final", "paper"]
+    paper_table = next(t for t in tables if t.key["protocol"] == "paper")
+    assert paper_table.ours()["convpass"]["cifar"][0] == 99.0 and "caltech101" not in paper_table.ours()["convpass"]
 
 
 def test_cost_table_and_no_records(tmp_path):

@@ -1,0 +1,143 @@
+"""Per-task accuracy tables (VTAB-1K, the demo, your own tasks) and the backbone comparison.
+
+A group mean exists only where every task of the group has a result, an average only where every
+group (or task) does; aggregates are computed per seed, then reported as mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.resources import files
+
+import pandas as pd
+
+from ..registry import SUITES, TASKS
+from .table import PAPER_METHODS, Row, Stat, Table, method_order, slug, stats, with_paper
+
+MEAN_OF_GROUPS = "mean of groups"
+MEAN_OF_TASKS = "mean of tasks"
+PAPER_NOTE = "Rows marked (paper) are the Convpass paper's numbers: best of ten test-set evaluations, seed 42, one run."
+PAPER_BACKBONES = {
+    "vit_base_patch16_224.orig_in21k": "ViT-B/16",
+    "swin_base_patch4_window7_224.ms_in22k": "Swin-B",
+    "convnext_base.fb_in22k": "ConvNeXt-B",
+}
+
+
+@dataclass
+class Layout:
+    """The columns of one accuracy table: tasks in order, and their groups."""
+
+    tasks: list[str]
+    groups: dict[str, list[str]]  # group -> its tasks (empty when the tasks have no groups)
+
+    def aggregate_columns(self) -> list[str]:
+        return [*self.groups, *([MEAN_OF_GROUPS] if self.groups else []), MEAN_OF_TASKS]
+
+
+def layout_for(suite: str, present: list[str]) -> Layout:
+    if suite in SUITES:
+        definition = SUITES.get(suite)
+        tasks = list(definition.tasks) or [name for name, task in TASKS.items() if task.suite == suite]
+        tasks += [t for t in present if t not in tasks]
+    else:
+        tasks = sorted(set(present))
+    groups: dict[str, list[str]] = {}
+    for name in tasks:
+        group = TASKS.get(name).group if name in TASKS else ""
+        if group:
+            groups.setdefault(group, []).append(name)
+    return Layout(tasks, groups if len(groups) > 1 else {})
+
+
+def aggregates(values: dict[str, float], layout: Layout) -> dict[str, float]:
+    """Group means and averages of one seed's per-task accuracies; incomplete ones are left out."""
+    out = {}
+    for group, tasks in layout.groups.items():
+        if all(t in values for t in tasks):
+            out[group] = sum(values[t] for t in tasks) / len(tasks)
+    if layout.groups and all(g in out for g in layout.groups):
+        out[MEAN_OF_GROUPS] = sum(out[g] for g in layout.groups) / len(layout.groups)
+    if all(t in values for t in layout.tasks):
+        out[MEAN_OF_TASKS] = sum(values[t] for t in layout.tasks) / len(layout.tasks)
+    return out
+
+
+def accuracy_cells(frame: pd.DataFrame, layout: Layout) -> dict[str, dict[str, Stat]]:
+    """method -> column -> stats over seeds; columns are tasks, group means and averages."""
+    cells: dict[str, dict[str, Stat]] = {}
+    for method in method_order(frame["method"]):
+        runs = frame[frame["method"] == method]
+        row: dict[str, list[float]] = {task: list(values) for task, values in runs.groupby("task")["top1"]}
+        for _, seed_runs in runs.groupby("seed"):
+            for column, value in aggregates(dict(zip(seed_runs["task"], seed_runs["top1"])), layout).items():
+                row.setdefault(column, []).append(value)
+        cells[method] = {column: stats(values) for column, values in row.items()}
+    return cells
+
+
+def _reference(name: str) -> pd.DataFrame:
+    return pd.read_csv(files("petl_bench.reference") / name)
+
+
+def paper_vtab(layout: Layout) -> tuple[dict[str, dict[str, Stat]], dict[str, float]]:
+    """The paper's Table 1, where it has the cell."""
+    rows, params = {}, {}
+    for _, line in _reference("paper_vtab1k.csv").iterrows():
+        method = PAPER_METHODS.get(line["method"], line["method"])
+        row = {t: (float(line[t]), 0.0, 1) for t in layout.tasks if t in line and not pd.isna(line[t])}
+        row.update({g: (float(line[g]), 0.0, 1) for g in layout.groups if g in line})
+        if layout.groups:
+            row[MEAN_OF_GROUPS] = (float(line["average"]), 0.0, 1)
+        row[MEAN_OF_TASKS] = (float(line["mean_of_19_tasks_computed"]), 0.0, 1)
+        rows[method], params[method] = row, float(line["params_M"]) * 1e6
+    return rows, params
+
+
+def accuracy_tables(frame: pd.DataFrame) -> list[Table]:
+    """One table per suite, backbone and protocol; VTAB-1K with the paper's Table 1 beside."""
+    tables = []
+    for (suite, backbone, protocol), runs in frame.groupby(["suite", "backbone", "protocol"], sort=True):
+        layout = layout_for(suite, list(runs["task"].unique()))
+        ours = accuracy_cells(runs, layout)
+        params = runs.groupby("method")["trainable_params"].mean().to_dict()
+        paper, paper_params = paper_vtab(layout) if suite == "vtab" else ({}, {})
+        tables.append(
+            Table(
+                title=f"{suite} on {backbone}, protocol '{protocol}'",
+                slug=slug(suite, backbone, protocol),
+                columns=layout.tasks + layout.aggregate_columns(),
+                rows=with_paper(ours, paper, params, paper_params),
+                key={"suite": suite, "backbone": backbone, "protocol": protocol},
+                note=PAPER_NOTE if paper else "",
+                headline=(MEAN_OF_GROUPS, MEAN_OF_TASKS) if layout.groups else (MEAN_OF_TASKS,),
+                summary=tuple(layout.aggregate_columns()),
+            )
+        )
+    return tables
+
+
+def backbone_table(frame: pd.DataFrame) -> Table | None:
+    """VTAB-1K group means per backbone and method, beside the paper's backbone table (Table 3)."""
+    vtab = frame[frame["suite"] == "vtab"]
+    if vtab.empty:
+        return None
+    columns = ["natural", "specialized", "structured", MEAN_OF_GROUPS]
+    paper = _reference("paper_backbones.csv")
+    rows = []
+    for (backbone, protocol), runs in vtab.groupby(["backbone", "protocol"], sort=True):
+        layout = layout_for("vtab", list(runs["task"].unique()))
+        params = runs.groupby("method")["trainable_params"].mean().to_dict()
+        for method, cells in accuracy_cells(runs, layout).items():
+            label = f"{backbone} / {method}" + ("" if protocol == "final" else f" ({protocol})")
+            rows.append(Row(label, {c: v for c, v in cells.items() if c in columns}, params.get(method), "ours", method))
+            short = PAPER_BACKBONES.get(backbone)
+            for _, line in paper[(paper["model"] == short)].iterrows():
+                if PAPER_METHODS.get(line["method"]) == method:
+                    cells = {c: (float(line[c]), 0.0, 1) for c in columns[:3]} | {MEAN_OF_GROUPS: (float(line["average"]), 0.0, 1)}
+                    rows.append(Row(f"{short} / {line['method']} (paper)", cells, None, "paper", method))
+    return Table(
+        title="VTAB-1K by backbone", slug="vtab__backbones", columns=columns, rows=rows, key={"suite": "vtab"},
+        note="Group means (top-1 %); rows marked (paper) are the Convpass paper's backbone table (Table 3).",
+        summary=tuple(columns),
+    )  # fmt: skip

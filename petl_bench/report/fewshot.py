@@ -1,0 +1,112 @@
+"""Few-shot tables (methods x shots per dataset, and the average over the datasets) and the
+paper's Figure 5 style plot: accuracy vs shots, mean over split seeds with a ± std band."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import pandas as pd
+
+from ..registry import TASKS
+from .table import PAPER_METHODS, Stat, Table, method_order, slug, stats, with_paper
+
+AVERAGE = "average"
+PAPER_AVERAGE = "Average of 5 datasets"
+
+
+def _shot_column(shots: int) -> str:
+    return f"{shots}-shot"
+
+
+def _paper(dataset: str) -> dict[str, dict[str, Stat]]:
+    from ..tasks.fewshot import PAPER_NAMES
+
+    name = PAPER_AVERAGE if dataset == AVERAGE else PAPER_NAMES.get(dataset)
+    table = pd.read_csv(files("petl_bench.reference") / "paper_fewshot.csv")
+    rows: dict[str, dict[str, Stat]] = {}
+    for _, line in table[table["dataset"] == name].iterrows():
+        method = PAPER_METHODS.get(line["method"], line["method"])
+        rows.setdefault(method, {})[_shot_column(int(line["shots"]))] = (float(line["accuracy"]), 0.0, 1)
+    return rows
+
+
+def fewshot_tables(frame: pd.DataFrame) -> list[Table]:
+    """Per backbone and protocol: one table per dataset, then the average over all five datasets."""
+    tables = []
+    datasets_all = [name for name, task in TASKS.items() if task.suite == "fewshot"]
+    for (backbone, protocol), runs in frame[frame["suite"] == "fewshot"].groupby(["backbone", "protocol"], sort=True):
+        shots = sorted(int(s) for s in runs["shots"].unique())
+        columns = [_shot_column(s) for s in shots]
+        per_dataset: dict[str, dict[str, dict[str, Stat]]] = {}
+        average: dict[str, dict[str, list[float]]] = {method: {} for method in method_order(runs["method"])}
+        for dataset in [d for d in datasets_all if d in set(runs["task"])]:
+            cells: dict[str, dict[str, Stat]] = {}
+            for method in method_order(runs["method"]):
+                chosen = runs[(runs["task"] == dataset) & (runs["method"] == method)]
+                cells[method] = {_shot_column(int(k)): stats(list(v)) for k, v in chosen.groupby("shots")["top1"]}
+            per_dataset[dataset] = cells
+        for method in method_order(runs["method"]):
+            for (shot, split_seed, seed), group in runs[runs["method"] == method].groupby(["shots", "split_seed", "seed"]):
+                if set(group["task"]) >= set(datasets_all):  # the average needs every dataset
+                    value = group.groupby("task")["top1"].mean().mean()
+                    average[method].setdefault(_shot_column(int(shot)), []).append(value)
+        params = runs.groupby("method")["trainable_params"].mean().to_dict()
+        sections = [*per_dataset.items(), (AVERAGE, {m: {c: stats(v) for c, v in s.items()} for m, s in average.items()})]
+        for dataset, cells in sections:
+            display = TASKS.get(dataset).description if dataset in TASKS else "average of the five datasets"
+            tables.append(
+                Table(
+                    title=f"few-shot {display} on {backbone}, protocol '{protocol}'",
+                    slug=slug("fewshot", dataset, backbone, protocol),
+                    columns=columns,
+                    rows=with_paper(cells, _paper(dataset), params, {}),
+                    key={"suite": "fewshot", "dataset": dataset, "backbone": backbone, "protocol": protocol},
+                    note="Mean ± std over split seeds (and seeds). (paper): read off the paper's Figure 5 (about ±0.02).",
+                )
+            )
+    return tables
+
+
+def plot_fewshot(tables: list[Table], path: Path) -> Path | None:
+    """One panel per dataset: top-1 vs shots, a line and ± std band per method, the paper dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = [t for t in tables if any(row.cells for row in t.rows if row.source == "ours")]
+    if not tables:
+        return None
+    columns = max(1, min(3, len(tables)))
+    rows = -(-len(tables) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    colors = {}
+    for axis, table in zip(axes.flat, tables):
+        for row in table.rows:
+            points = [(int(c.split("-")[0]), row.cells[c]) for c in table.columns if c in row.cells]
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            means = [cell[0] for _, cell in points]
+            color = colors.setdefault(row.method, f"C{len(colors) % 10}")
+            if row.source == "paper":
+                axis.plot(xs, means, "--", color=color, alpha=0.6, linewidth=1)
+                continue
+            stds = [cell[1] for _, cell in points]
+            axis.plot(xs, means, "o-", color=color, label=row.method)
+            axis.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                              color=color, alpha=0.2)  # fmt: skip
+        axis.set_xscale("log", base=2)
+        axis.set_title(table.title.split(" on ")[0].removeprefix("few-shot "), fontsize=9)
+        axis.set_xlabel("shots per class")
+        axis.set_ylabel("top-1 (%)")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(tables) :]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    figure.suptitle("few-shot accuracy (dashed: the paper's Figure 5)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

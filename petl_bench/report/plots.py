@@ -1,0 +1,75 @@
+"""Accuracy vs trainable parameters (the paper's Figure 1) and per-group bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .table import Table
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def headline(table: Table, cells: dict) -> tuple[str, tuple] | None:
+    for column in table.headline:
+        if column in cells:
+            return column, cells[column]
+    return None
+
+
+def plot_accuracy_vs_params(table: Table, path: Path) -> Path | None:
+    """One point per method: its average accuracy against its trainable parameters (symmetric log x);
+    the paper's points hollow. Methods without a complete average are not drawn."""
+    ours = [(row, headline(table, row.cells)) for row in table.rows if row.source == "ours" and row.params is not None]
+    ours = [(row, found) for row, found in ours if found]
+    if not ours:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for row, (column, (mean, std, _)) in ours:
+        axis.errorbar(row.params, mean, yerr=std or None, fmt="o", capsize=3)
+        axis.annotate(row.method, (row.params, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for row in table.rows:
+        if row.source == "paper" and row.params is not None and ours[0][1][0] in row.cells:
+            axis.scatter([row.params], [row.cells[ours[0][1][0]][0]], facecolors="none", edgecolors="grey")
+    axis.set_xscale("symlog", linthresh=1e4)
+    axis.set_xlabel("trainable parameters (classifier excluded; symlog)")
+    axis.set_ylabel(f"top-1 (%), {ours[0][1][0]}")
+    has_paper = any(row.source == "paper" for row in table.rows)
+    axis.set_title(table.title + ("\nhollow: paper (best-of-10 test evaluations)" if has_paper else ""), fontsize=9)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_bars(table: Table, path: Path) -> Path | None:
+    """The summary columns (group means, averages, targets), one bar per row of ours."""
+    rows = [row for row in table.rows if row.source == "ours"]
+    columns = list(table.summary)
+    if not rows or not columns:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(columns) * len(rows)), 4.2))
+    width = 0.8 / len(rows)
+    for index, row in enumerate(rows):
+        present = [(i, row.cells[c]) for i, c in enumerate(columns) if c in row.cells]
+        errors = [cell[1] for _, cell in present]
+        axis.bar([i + index * width for i, _ in present], [cell[0] for _, cell in present], width,
+                 yerr=errors if any(errors) else None, label=row.label, capsize=2)  # fmt: skip
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))], columns, fontsize=8)
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title(table.title, fontsize=9)
+    axis.legend(fontsize=7, ncols=2)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
