@@ -26,12 +26,15 @@ class FullFinetune(Method):
 
 @register_method
 class LinearProbe(Method):
-    """Linear probing: only the classifier trains."""
+    """Linear probing: only the classifier trains, on the frozen encoder in eval mode (as VPT's code,
+    the source of the paper's linear numbers). Features are then deterministic, so the runner trains
+    the classifier on features computed once when nothing is augmented."""
 
     name = "linear"
     citation = "linear probing; numbers in the Convpass table from Jia et al., VPT, ECCV 2022"
     trains = "nothing but the classifier"
     kinds = ALL_KINDS
+    frozen_encoder_eval = True
 
     def attach(self, model, info, config):
         return []

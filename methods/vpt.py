@@ -44,6 +44,7 @@ class VPTShallow(Method):
     trains = "l prompt tokens before block 0 (l * d parameters)"
     Config = VPTConfig
     deep = False
+    frozen_encoder_eval = True
 
     def attach(self, model, info, config):
         bound = prompt_init_bound(info)
@@ -58,12 +59,10 @@ class VPTShallow(Method):
         return list(prompts.values())
 
     def set_train_mode(self, model, mode):
-        """VPT trains with the frozen encoder in eval mode: no drop-path or dropout outside the prompts."""
-        if mode:
-            model.backbone.eval()
-            for module in model.modules():
-                if isinstance(module, PromptedBlocks):
-                    module.dropout.train()
+        """The encoder is in eval mode while training (no drop-path or dropout); the prompt dropout is not."""
+        for module in model.modules():
+            if isinstance(module, PromptedBlocks):
+                module.dropout.train(mode)
 
 
 @register_method

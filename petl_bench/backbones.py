@@ -328,11 +328,20 @@ class ClipClassifier(nn.Module):
         self.head = head
         self.normalize = normalize
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the classifier reads: the image embedding (L2-normalised for zero-shot classifiers)."""
         features = self.visual(images)
-        if self.normalize:
-            features = nn.functional.normalize(features, dim=-1)
-        return self.head(features)
+        return nn.functional.normalize(features, dim=-1) if self.normalize else features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images))
+
+
+def classifier_input(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images -> what the classifier reads, so that ``model(x) == head(classifier_input(model)(x))``."""
+    if isinstance(model, ClipClassifier):
+        return model.forward_features
+    return lambda images: model.forward_head(model.forward_features(images), pre_logits=True)
 
 
 def _build_open_clip(

@@ -26,7 +26,7 @@ from .checkpoints import checkpoint_bytes
 from .engine import Recipe
 from .errors import UserError
 from .model import attach_method, count_trainable, get_method
-from .task import PROTOCOLS, data_root_from
+from .task import data_root_from
 
 app = typer.Typer(
     add_completion=False,
@@ -207,52 +207,62 @@ def run_command(
     strict: bool = typer.Option(False, help="Fail (not warn) when a split has an unexpected size."),
     checkpoint_seconds: float = typer.Option(60.0, help="Save the training state at most this often (resume after a crash)."),
     settings: Optional[list[str]] = typer.Option(None, "--set", help="SCOPE.KEY=VALUE, e.g. convpass.scale=10, recipe.lr=5e-4, lora.lr=5e-4."),
+    executor: str = typer.Option("local", help="local (this process, or one per GPU with --gpus) or slurm (submitit)."),
+    gpus: int = typer.Option(1, help="local: worker processes, one per visible GPU."),
+    slurm_cluster: str = typer.Option("slurm", help="submitit cluster: slurm, or local/debug to try it without one."),
+    partition: Optional[str] = typer.Option(None, help="SLURM partition."),
+    time_minutes: int = typer.Option(240, help="SLURM time limit per run (minutes)."),
+    gpus_per_job: int = typer.Option(1, help="SLURM GPUs per run."),
+    cpus_per_job: int = typer.Option(8, help="SLURM CPUs per run."),
+    array_parallelism: int = typer.Option(64, help="SLURM array tasks running at once."),
+    wait: bool = typer.Option(False, help="slurm: wait for the submitted runs and print the table."),
     plugin: Optional[list[Path]] = PluginOption,
 ) -> None:
     """Train and evaluate methods x tasks x backbones x seeds; finished runs are skipped."""
-    from . import runner
+    from . import executors, runner
 
-    load_plugins(plugin)
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol '{protocol}'; choose from: {', '.join(PROTOCOLS)}")
-    if suite is None and not tasks and not task_dir:
-        suite = "demo"
-    definition = registry.SUITES.get(suite) if suite else None
-    task_list = runner.resolve_tasks(
-        suite, split_names(tasks), list(task_dir or []), integers(shots, "--shots"), integers(split_seeds, "--split-seeds")
-    )
-    if not task_list:
-        raise UserError("no tasks selected; use --suite, --tasks or --task-dir")
-    backbone_list = split_names(backbones) or [backbone or (definition.backbone if definition else PAPER_BACKBONE)]
-    recipe = definition.recipe if definition else Recipe()
     overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
-    recipe = recipe.replace(**{k: v for k, v in overrides.items() if v is not None})
-    seed_list = integers(seeds, "--seeds") or list(definition.seeds if definition else (0,))
-    jobs = runner.plan(
-        runner.resolve_methods(methods, suite),
-        task_list,
-        backbone_list,
-        seed_list,
-        protocol=protocol,
-        pretrained=pretrained,
-        recipe=recipe,
-        settings=runner.parse_settings(settings or []),
-        data_root=data_root_from(data_root),
-    )
-    target = runner.pick_device(device)
-    with progress_bars() as progress:
-        summary = runner.run_sweep(
-            jobs, output, device=target, force=force, strict=strict, progress=progress,
-            checkpoint_seconds=checkpoint_seconds, skip_unsupported=len(backbone_list) > 1,
-        )  # fmt: skip
+    spec = runner.SweepSpec(
+        methods=methods, suite=suite, tasks=split_names(tasks), task_dirs=[str(d) for d in task_dir or []],
+        shots=integers(shots, "--shots"), split_seeds=integers(split_seeds, "--split-seeds"),
+        backbones=split_names(backbones) or ([backbone] if backbone else []), seeds=integers(seeds, "--seeds"),
+        protocol=protocol, pretrained=pretrained, recipe_overrides={k: v for k, v in overrides.items() if v is not None},
+        settings=list(settings or []), data_root=str(data_root) if data_root else None,
+        plugins=[str(p) for p in plugin or []],
+    )  # fmt: skip
+    jobs = spec.jobs()
+    if executor == "slurm":
+        runner.validate(jobs, strict, spec.skip_unsupported)
+        options = executors.SlurmOptions(slurm_cluster, partition, time_minutes, gpus_per_job, cpus_per_job,
+                                         array_parallelism, wait)  # fmt: skip
+        submitted = executors.submit(spec, output, options, force=force, checkpoint_seconds=checkpoint_seconds)
+        console.print(f"submitted {len(submitted)} run(s) to {slurm_cluster}; logs in {output / 'slurm-logs'}")
+        if not wait:
+            return
+        summary = runner.SweepSummary(skipped=[j.run_id for j in jobs])
+    elif executor != "local":
+        raise UserError(f"unknown executor '{executor}'; choose from: local, slurm")
+    elif gpus > 1:
+        runner.validate(jobs, strict, spec.skip_unsupported)
+        executors.run_on_gpus(spec, output, gpus, force=force, checkpoint_seconds=checkpoint_seconds)
+        summary = runner.SweepSummary(skipped=[j.run_id for j in jobs])
+    else:
+        with progress_bars() as progress:
+            summary = runner.run_sweep(
+                jobs, output, device=runner.pick_device(device), force=force, strict=strict, progress=progress,
+                checkpoint_seconds=checkpoint_seconds, skip_unsupported=spec.skip_unsupported,
+            )  # fmt: skip
     ids = {job.run_id for job in jobs}
     finished = [r for r in records.load_records(output) if r.run_id in ids]
     if finished:
         print_tables(finished)
-    console.print(
-        f"{len(summary.finished)} run(s) trained, {len(summary.skipped)} already finished, "
-        f"{len(summary.busy)} running elsewhere, {len(summary.failed)} failed; records in {output}"
-    )
+    if executor == "local" and gpus <= 1:
+        console.print(
+            f"{len(summary.finished)} run(s) trained, {len(summary.skipped)} already finished, "
+            f"{len(summary.busy)} running elsewhere, {len(summary.failed)} failed; records in {output}"
+        )
+    else:
+        console.print(f"{len(finished)} of {len(jobs)} run(s) have records in {output}")
     if summary.left_out:
         console.print(f"left out (unsupported): {', '.join(summary.left_out)}")
     for run_id, error in summary.failed:

@@ -43,7 +43,7 @@ class Recipe:
     label_smoothing: float = 0.0
     drop_last: bool = True
     eval_every: int = 10  # paper protocol: test after epochs 9, 19, ..., as the official code
-    eval_batch_size: int = 256
+    eval_batch_size: int = 0  # 0: as large as memory allows (CUDA: from 1024, halved on out-of-memory; CPU: 256)
     image_size: int | None = None  # None: the backbone's native input size
     normalization: str = "imagenet"  # "imagenet" mean/std (the paper, for every backbone) or "backbone"
     weight_decay_scope: str = "all"  # "all" trainable tensors (Convpass) or "skip_1d" (NOAH / timm)
@@ -54,6 +54,8 @@ class Recipe:
     cutmix: float = 0.0  # cutmix alpha (timm)
     workers: int = 4  # decoding processes for augmented training data
     class_mask: str = "subset"  # targets covering part of the classes (ImageNet-A/-R): "subset" logits or "all"
+    cache_features: bool = True  # linear probing without augmentation: train the head on features computed once
+    compile: bool = False  # torch.compile the model (an option: measure before relying on it)
     head_init: str = "default"  # "default" (PyTorch Linear) or "text" (CLIP: class-name prompts, zero-shot)
     prompt_template: str = "a photo of a {}."  # with head_init="text" (CoOp's single ImageNet template)
 
@@ -132,16 +134,7 @@ class FitResult:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: TensorDataset,
-    normalizer: Normalizer,
-    device: torch.device,
-    batch_size: int,
-    classes: tuple[int, ...] | None = None,
-) -> tuple[float, float]:
-    """(top-1 in percent, images/s) of ``model`` on ``data``; with ``classes``, the prediction is the
-    best of those logits only (ImageNet-A/-R evaluated on their 200 classes)."""
+def _evaluate(model, data, normalizer, device, batch_size, classes) -> tuple[float, float]:
     model.eval()
     subset = torch.tensor(classes, device=device) if classes is not None else None
     correct, start = 0, time.perf_counter()
@@ -152,6 +145,56 @@ def evaluate(
         correct += int((predictions == labels.to(device)).sum())
     seconds = time.perf_counter() - start
     return 100.0 * correct / len(data), len(data) / max(seconds, 1e-9)
+
+
+def evaluate(
+    model: nn.Module,
+    data: TensorDataset,
+    normalizer: Normalizer,
+    device: torch.device,
+    batch_size: int = 0,
+    classes: tuple[int, ...] | None = None,
+) -> tuple[float, float]:
+    """(top-1 in percent, images/s) of ``model`` on ``data``; with ``classes``, the prediction is the
+    best of those logits only (ImageNet-A/-R evaluated on their 200 classes). ``batch_size`` 0 takes
+    batches as large as memory allows."""
+    batch = batch_size or (1024 if device.type == "cuda" else 256)
+    while True:
+        try:
+            return _evaluate(model, data, normalizer, device, batch, classes)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size or batch == 1:
+                raise
+            torch.cuda.empty_cache()
+            batch //= 2
+
+
+@torch.no_grad()
+def extract_features(
+    features: Callable[[torch.Tensor], torch.Tensor], data: TensorDataset, normalizer: Normalizer,
+    device: torch.device, batch_size: int = 0,
+) -> TensorDataset:
+    """What the classifier reads, for every image, computed once: exact for a frozen encoder in eval
+    mode without augmentation (linear probing)."""
+    batch = batch_size or (1024 if device.type == "cuda" else 256)
+    chunks = []
+    for images, _ in data.batches(batch):
+        with autocast(device):
+            chunks.append(features(normalizer(images.to(device, non_blocking=True))).float())
+    return TensorDataset(torch.cat(chunks), data.labels.to(device))
+
+
+def forward_flops(model: nn.Module, image_size: tuple[int, int], device: torch.device) -> int:
+    """FLOPs of one forward pass on one image (torch.utils.flop_counter: matmuls, convolutions, attention).
+    Runs with autograd on: the counter's module tracker needs it for parameters used directly."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, *image_size, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:

@@ -33,6 +33,7 @@ class Method:
     Config: ClassVar[type] = NoConfig  # a dataclass of hyperparameters with defaults
     task_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}  # per-task overrides used by the paper
     trains_head: ClassVar[bool] = True  # False: the classifier stays as built (zero-shot evaluation)
+    frozen_encoder_eval: ClassVar[bool] = False  # True: the frozen encoder stays in eval mode in training (VPT)
 
     def attach(self, model: nn.Module, info: BackboneInfo, config: Any) -> Iterable[nn.Parameter]:
         """Add or unfreeze modules on the frozen ``model``; return the parameters to train (head excluded)."""
@@ -43,7 +44,7 @@ class Method:
         return dataclasses.asdict(config)
 
     def set_train_mode(self, model: "PetlModel", mode: bool) -> None:
-        """Called after ``model.train(mode)``; methods that keep the encoder in eval mode override it."""
+        """Called after ``model.train(mode)`` (and the frozen-encoder rule); for modules of the method's own."""
 
     def check_backbone(self, info: BackboneInfo) -> None:
         if info.kind not in self.kinds:
@@ -105,7 +106,8 @@ def parse_value(value: Any, annotation: Any, label: str) -> Any:
 class PetlModel(nn.Module):
     """A backbone classifier with a PETL method attached: images -> logits.
 
-    ``model.train()`` applies the method's own training-mode rules (VPT keeps the encoder in eval).
+    ``model.train()`` applies the method's training-mode rules: VPT and linear probing keep the
+    frozen encoder in eval mode (no drop-path or dropout), as the VPT code does.
     """
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, method: Method, config: Any):
@@ -120,6 +122,8 @@ class PetlModel(nn.Module):
 
     def train(self, mode: bool = True) -> "PetlModel":
         super().train(mode)
+        if mode and self.method.frozen_encoder_eval:
+            self.backbone.eval()
         self.method.set_train_mode(self, mode)
         return self
 

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from . import records
-from .backbones import CLIP, build_backbone, init_classifier_from_text
+from .backbones import CLIP, build_backbone, classifier_input, init_classifier_from_text
 from .checkpoints import save_trainable
 from .data import AugmentedStream, Normalizer, TensorDataset
-from .engine import EpochLog, Recipe, evaluate, fit, peak_memory_bytes
+from .engine import EpochLog, Recipe, evaluate, extract_features, fit, forward_flops, peak_memory_bytes
 from .errors import UserError
-from .model import count_trainable, create_model, get_method, task_key
+from .model import count_trainable, create_model, get_method, head_parameter_names, task_key, trainable_parameters
 from .registry import METHODS, SUITES, TASKS
 from .task import FileListTask, TaskData, folder_task
 
@@ -81,6 +81,58 @@ class Job:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:10]
         backbone = self.backbone.replace(":", "-").replace("/", "-")
         return f"{self.task.key}__{self.method}__{backbone}__s{self.seed}__{self.protocol}__{digest}"
+
+
+@dataclass
+class SweepSpec:
+    """A sweep as plain values (what the command line said), so other processes and SLURM tasks can
+    rebuild its jobs, plugins included."""
+
+    methods: str | None = None
+    suite: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    task_dirs: list[str] = field(default_factory=list)
+    shots: list[int] = field(default_factory=list)
+    split_seeds: list[int] = field(default_factory=list)
+    backbones: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    protocol: str = "final"
+    pretrained: str = "hub"
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)
+    settings: list[str] = field(default_factory=list)
+    data_root: str | None = None
+    plugins: list[str] = field(default_factory=list)
+
+    @property
+    def skip_unsupported(self) -> bool:
+        return len(self.backbones) > 1
+
+    def jobs(self) -> list[Job]:
+        from .backbones import PAPER_BACKBONE
+        from .registry import load_plugin
+        from .task import PROTOCOLS, data_root_from
+
+        for plugin in self.plugins:
+            load_plugin(plugin)
+        if self.protocol not in PROTOCOLS:
+            raise UserError(f"unknown protocol '{self.protocol}'; choose from: {', '.join(PROTOCOLS)}")
+        suite = self.suite if self.suite or self.tasks or self.task_dirs else "demo"
+        definition = SUITES.get(suite) if suite else None
+        tasks = resolve_tasks(suite, self.tasks, [Path(d) for d in self.task_dirs], self.shots, self.split_seeds)
+        if not tasks:
+            raise UserError("no tasks selected; use --suite, --tasks or --task-dir")
+        recipe = (definition.recipe if definition else Recipe()).replace(**self.recipe_overrides)
+        return plan(
+            resolve_methods(self.methods, suite),
+            tasks,
+            self.backbones or [definition.backbone if definition else PAPER_BACKBONE],
+            self.seeds or list(definition.seeds if definition else (0,)),
+            protocol=self.protocol,
+            pretrained=self.pretrained,
+            recipe=recipe,
+            settings=parse_settings(self.settings),
+            data_root=data_root_from(self.data_root),
+        )
 
 
 def resolve_tasks(
@@ -148,6 +200,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def trains_head_on_features(model, recipe: Recipe) -> bool:
+    """Only the classifier trains, on a frozen encoder kept in eval mode, with nothing augmented: then
+    the classifier's inputs never change and can be computed once (exact)."""
+    trainable = set(trainable_parameters(model))
+    return (
+        recipe.cache_features
+        and recipe.augment == "none"
+        and model.method.frozen_encoder_eval
+        and bool(trainable)
+        and trainable == head_parameter_names(model)
+    )
+
+
+def on_device_if_it_fits(data: TensorDataset, device: torch.device) -> TensorDataset:
+    """The decoded evaluation images on the GPU when they take under 40% of its free memory."""
+    if device.type != "cuda":
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.to(device) if data.images.numel() < 0.4 * free else data
+
+
 def training_data(recipe: Recipe, data: TaskData, info, mean, std, device: torch.device, progress=None):
     """Cached decoded images (no augmentation, the VTAB recipe), or a stream augmented every epoch."""
     size = info.preprocessing.image_size
@@ -194,12 +267,22 @@ def run_job(
     data_start = time.perf_counter()
     train = training_data(job.recipe, data, info, mean, std, device, progress)
     size, interpolation = info.preprocessing.image_size, info.preprocessing.interpolation
-    evaluation = TensorDataset.from_split(data.eval, size, interpolation, progress=progress)
+    evaluation = on_device_if_it_fits(TensorDataset.from_split(data.eval, size, interpolation, progress=progress), device)
     targets = {name: TensorDataset.from_split(t.split, size, interpolation, progress=progress) for name, t in data.targets.items()}
     data_seconds = time.perf_counter() - data_start
     normalizer = Normalizer(mean, std).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    trainee, feature_seconds = model, 0.0
+    if trains_head_on_features(model, job.recipe):  # linear probing: one encoder pass per image, not per epoch
+        start = time.perf_counter()
+        model.eval()
+        extract = classifier_input(model.backbone)
+        train = extract_features(extract, train, normalizer, device, job.recipe.eval_batch_size)
+        evaluation = extract_features(extract, evaluation, normalizer, device, job.recipe.eval_batch_size)
+        trainee, feature_seconds = model.head, time.perf_counter() - start
+    if job.recipe.compile:
+        trainee = torch.compile(trainee)
 
     epoch_log = run_dir / records.EPOCH_LOG
     epoch_log.write_text("")  # a resumed run replays its earlier epochs into the log
@@ -219,7 +302,7 @@ def run_job(
             )
 
     result = fit(
-        model, train, evaluation, normalizer, job.recipe, device=device, seed=job.seed,
+        trainee, train, evaluation, normalizer, job.recipe, device=device, seed=job.seed,
         evaluate_periodically=job.protocol == "paper", on_epoch=on_epoch, resume=resume,
         checkpoint_seconds=checkpoint_seconds,
     )  # fmt: skip
@@ -270,10 +353,13 @@ def run_job(
             "checkpoint_bytes": checkpoint.stat().st_size,
             "peak_memory_bytes": peak_memory_bytes(device),
             "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
+            "forward_flops": forward_flops(model, info.preprocessing.image_size, device),
+            "head_trained_on_cached_features": trainee is not model,
             "train_images_per_s": result.train_images_per_s,
             "eval_images_per_s": result.eval_images_per_s,
             "seconds": {
                 "data": data_seconds,
+                "features": feature_seconds,
                 "train": result.train_seconds,
                 "eval": result.eval_seconds,
                 "total": time.perf_counter() - wall_start,

@@ -37,7 +37,7 @@ def test_group_means_and_both_averages(tmp_path):
     runs = full_sweep("convpass", 0, 0.0) + full_sweep("convpass", 1, 2.0)
     write_report(runs, tmp_path)
     plots = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert [p.split("__")[0] for p in plots] == ["accuracy_vs_params", "groups", "groups"]
+    assert [p.split("__")[0] for p in plots] == ["accuracy_vs_cost", "accuracy_vs_params", "groups", "groups"]
     assert "groups__vtab__backbones.png" in plots
     (table,) = accuracy_tables(runs_frame(runs))
     cells = table.ours()["convpass"]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from petl_bench import cli, records
 
@@ -224,3 +225,38 @@ def test_two_processes_on_one_output_folder_do_not_collide(tmp_path, task, tiny_
     for record_file in out.rglob(records.RECORD):
         json.loads(record_file.read_text())
     assert not list(out.rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_cached_feature_linear_probe_equals_the_uncached_path(monkeypatch, capsys, tmp_path, task, tiny_plugin):
+    from safetensors.torch import load_file
+
+    heads = {}
+    for cache in ("true", "false"):
+        out = tmp_path / cache
+        code, _, stderr = run_cli(
+            monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "linear",
+            "--epochs", "1", "--set", "recipe.warmup_epochs=0", "--set", f"recipe.cache_features={cache}",
+            "--output", str(out), *TINY_RUN,
+        )  # fmt: skip
+        assert code == 0, stderr
+        (record,) = records.load_records(out)
+        assert record.cost["head_trained_on_cached_features"] == (cache == "true")
+        heads[cache] = (load_file(str(out / record.run_id / records.CHECKPOINT)), record.metrics["top1"])
+    for name in ("head.weight", "head.bias"):
+        torch.testing.assert_close(heads["true"][0][name], heads["false"][0][name], rtol=1e-4, atol=1e-5)
+    assert heads["true"][1] == heads["false"][1]
+
+
+def test_every_record_carries_its_efficiency_profile(monkeypatch, capsys, tmp_path, task, tiny_plugin):
+    out = tmp_path / "runs"
+    code, _, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
+                              "--methods", "convpass", "--epochs", "1", "--output", str(out), *TINY_RUN)  # fmt: skip
+    assert code == 0, stderr
+    (record,) = records.load_records(out)
+    cost = record.cost
+    for field in ("train_images_per_s", "eval_images_per_s", "peak_memory_bytes", "forward_flops", "trainable_params",
+                  "trainable_params_with_head", "checkpoint_bytes"):  # fmt: skip
+        assert cost[field] > 0, field
+    assert all(cost["seconds"][phase] > 0 for phase in ("data", "train", "eval", "total"))
+    # one 16x16 image through a 2-block width-32 ViT: at least the patch embedding and the MLPs
+    assert cost["forward_flops"] > 2 * 2 * 5 * 32 * 128

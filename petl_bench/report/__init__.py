@@ -18,7 +18,7 @@ from ..records import RunRecord
 from .accuracy import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, backbone_table
 from .dg import dg_tables
 from .fewshot import fewshot_tables, plot_fewshot
-from .plots import plot_accuracy_vs_params, plot_bars
+from .plots import plot_accuracy_vs_cost, plot_accuracy_vs_params, plot_bars
 from .table import Table, method_order, runs_frame
 
 FAMILIES = ("fewshot", "dg")  # suites with their own tables
@@ -46,6 +46,19 @@ def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
     order = {m: i for i, m in enumerate(method_order(grouped["method"]))}
     return grouped.sort_values(["suite", "backbone", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
+
+
+def method_costs(frame: pd.DataFrame, key: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Mean cost per method over the runs a table covers."""
+    runs = frame
+    for column, value in key.items():
+        runs = runs[runs[column] == value]
+    grouped = runs.groupby("method").agg(
+        trainable_params=("trainable_params", "mean"),
+        peak_memory_mb=("peak_memory_bytes", lambda v: v.mean() / 2**20),
+        train_images_per_s=("train_images_per_s", "mean"),
+    )
+    return grouped.to_dict(orient="index")
 
 
 def frame_markdown(frame: pd.DataFrame) -> str:
@@ -80,6 +93,9 @@ def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] =
     for table in tables:
         plots += [plot_accuracy_vs_params(table, out / f"accuracy_vs_params__{table.slug}.png")]
         plots += [plot_bars(table, out / f"groups__{table.slug}.png")]
+        if table.headline:
+            per_method = method_costs(frame, table.key)
+            plots += [plot_accuracy_vs_cost(table, per_method, out / f"accuracy_vs_cost__{table.slug}.png")]
     fewshot = [t for t in tables if t.key.get("suite") == "fewshot"]
     for backbone, protocol in {(t.key["backbone"], t.key["protocol"]) for t in fewshot}:
         panels = [t for t in fewshot if (t.key["backbone"], t.key["protocol"]) == (backbone, protocol)]

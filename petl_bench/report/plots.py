@@ -73,3 +73,31 @@ def plot_bars(table: Table, path: Path) -> Path | None:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+COSTS = (("trainable_params", "trainable parameters (symlog)"), ("peak_memory_mb", "peak memory (MiB)"),
+         ("train_images_per_s", "training images/s"))  # fmt: skip
+
+
+def plot_accuracy_vs_cost(table: Table, costs: dict[str, dict[str, float]], path: Path) -> Path | None:
+    """Accuracy against each cost of a run (parameters, memory, throughput), one point per method."""
+    points = [(row.method, headline(table, row.cells)) for row in table.rows if row.source == "ours"]
+    points = [(method, found) for method, found in points if found and method in costs]
+    if not points:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(COSTS), figsize=(4.2 * len(COSTS), 3.6))
+    for axis, (cost, label) in zip(axes, COSTS):
+        for method, (_, (mean, std, _)) in points:
+            axis.errorbar(costs[method][cost], mean, yerr=std or None, fmt="o", capsize=3)
+            axis.annotate(method, (costs[method][cost], mean), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        if cost == "trainable_params":
+            axis.set_xscale("symlog", linthresh=1e4)
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel(f"top-1 (%), {points[0][1][0]}")
+    figure.suptitle(table.title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,34 @@
+"""Sweeps outside this process: SLURM through submitit (its local cluster here) and the job ledger."""
+
+from __future__ import annotations
+
+import pytest
+
+from petl_bench import records
+
+from conftest import make_task_folder
+from test_run import TINY_RUN, run_cli
+
+pytest.importorskip("submitit")
+
+
+def test_slurm_executor_runs_each_run_once_and_skips_them_on_resubmission(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task = make_task_folder(tmp_path / "colours")
+    out = tmp_path / "runs"
+    args = ["run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "linear,lora", "--epochs", "1",
+            "--output", str(out), *TINY_RUN, "--executor", "slurm", "--slurm-cluster", "local", "--gpus-per-job", "0",
+            "--wait"]  # fmt: skip
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, stderr
+    assert "submitted 2 run(s) to local" in stdout and "2 of 2 run(s) have records" in stdout
+    assert sorted(r.method for r in records.load_records(out)) == ["linear", "lora"]
+    assert list((out / "slurm-logs").rglob("*.out")), "task logs live under the output folder"
+    code, stdout, _ = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and "submitted 0 run(s)" in stdout, "finished runs are the ledger: nothing to resubmit"
+
+
+def test_gpus_beyond_the_visible_ones_are_refused(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task = make_task_folder(tmp_path / "colours")
+    code, _, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
+                              "--methods", "linear", "--gpus", "2", "--output", str(tmp_path / "r"), *TINY_RUN)  # fmt: skip
+    assert code == 2 and "--gpus 2 asked for, but torch sees 0 CUDA device(s)" in stderr
