@@ -15,13 +15,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import make_jpeg_task, timed, write_csv
 from torch.utils.data import DataLoader, Dataset
 
 import petl_bench as pb
 from petl_bench.data import Normalizer, TensorDataset, read_split
 from petl_bench.runner import IMAGENET
-
-from common import make_jpeg_task, timed, write_csv
 
 
 class DecodeEveryEpoch(Dataset):
@@ -93,8 +92,8 @@ def main() -> None:
 
     rows = []
     for label, train in (("data only", False), ("training epoch", True)):
-        seconds_cached = timed(lambda: cached_epoch(train))
-        seconds_decoding = timed(lambda: decoding_epoch(train))
+        seconds_cached = timed(lambda train=train: cached_epoch(train))
+        seconds_decoding = timed(lambda train=train: decoding_epoch(train))
         rows.append([label, seconds_decoding, seconds_cached, seconds_decoding / seconds_cached])
     print(f"task: {len(split)} JPEGs from {folder}; {args.backbone} + {args.method} at {args.image_size}px on {device}")
     print(f"one-time decode into the cache: {decode_seconds:.2f} s")

@@ -17,18 +17,19 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_csv
 
 import petl_bench as pb
 from petl_bench.engine import autocast, parameter_groups
-
-from common import write_csv
 
 SKIP = {"zero_shot"}  # trains nothing
 
 
 def build(method: str, args) -> pb.PetlModel:
     overrides = {"task": "cifar"} if method == "noah" else {}  # NOAH needs a subnet: the published CIFAR-100 one
-    return pb.create_model(method, args.backbone, num_classes=100, pretrained="none", image_size=args.image_size, **overrides)
+    return pb.create_model(
+        method, args.backbone, num_classes=100, pretrained="none", image_size=args.image_size, **overrides
+    )
 
 
 def step_seconds(model: torch.nn.Module, args, device: torch.device, input_grad: bool) -> float:

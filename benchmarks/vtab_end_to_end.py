@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+from cache_epoch import DecodeEveryEpoch
+from common import make_jpeg_task, write_csv
 from torch.utils.data import DataLoader
 
 import petl_bench as pb
@@ -22,9 +24,6 @@ from petl_bench import records
 from petl_bench.engine import Recipe, lr_at_epoch
 from petl_bench.runner import plan, run_sweep
 from petl_bench.task import folder_task
-
-from cache_epoch import DecodeEveryEpoch
-from common import make_jpeg_task, write_csv
 
 
 def petl_bench_pipeline(task, args, recipe: Recipe, device: torch.device, output: Path) -> float:
@@ -87,7 +86,9 @@ def main() -> None:
     device = torch.device(args.device)
     workspace = Path(tempfile.mkdtemp(prefix="petl-bench-e2e-"))
     os.environ["PETL_BENCH_CACHE"] = str(workspace / "cache")  # petl-bench pays for its own decoding
-    folder = make_jpeg_task(Path(tempfile.gettempdir()) / f"petl-bench-vtab-task-{args.test_images}", test=args.test_images)
+    folder = make_jpeg_task(
+        Path(tempfile.gettempdir()) / f"petl-bench-vtab-task-{args.test_images}", test=args.test_images
+    )
     task = folder_task(folder)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
                     warmup_epochs=min(10, args.epochs // 10), eval_every=args.eval_every)  # fmt: skip

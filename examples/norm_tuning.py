@@ -1,7 +1,7 @@
 """A method in one file: train every LayerNorm's scale and shift (plus the classifier).
 
-    petl-bench params --plugin examples/norm_tuning.py --methods norm_tuning
-    petl-bench run --plugin examples/norm_tuning.py --methods norm_tuning,linear --suite demo
+petl-bench params --plugin examples/norm_tuning.py --methods norm_tuning
+petl-bench run --plugin examples/norm_tuning.py --methods norm_tuning,linear --suite demo
 """
 
 from dataclasses import dataclass

@@ -140,4 +140,3 @@ class ConvpassAttn(Convpass):
     Config = ConvpassAttnConfig
     task_defaults = {task: {"scale": s, "xavier_init": True} for task, s in _CONVPASS_ATTN_SCALES.items()}
     bypass_mlp = False
-

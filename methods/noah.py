@@ -204,7 +204,9 @@ class Supernet:
             block.adapter_mlp = block.adapter_mlp.shrink() if block.adapter_mlp.dim else None
             length = self.prompts.lengths[index]
             if length:
-                self.prompts.prompts[str(index)] = nn.Parameter(self.prompts.prompts[str(index)][:, :length].detach().clone())
+                self.prompts.prompts[str(index)] = nn.Parameter(
+                    self.prompts.prompts[str(index)][:, :length].detach().clone()
+                )
             else:
                 del self.prompts.prompts[str(index)]
         self.prompts.lengths = {}

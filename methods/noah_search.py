@@ -84,9 +84,17 @@ def mutate(rng: random.Random, parent: Subnet, space: SearchSpace, m_prob: float
     for sizes in (parent.prompt, parent.lora, parent.adapter):
         if rng.random() < m_prob:
             current = _depth_of(sizes)
-            new = rng.choice([d for d in space.depths if d <= len(sizes)] or [len(sizes)]) if rng.random() < s_prob else current
+            new = (
+                rng.choice([d for d in space.depths if d <= len(sizes)] or [len(sizes)])
+                if rng.random() < s_prob
+                else current
+            )
             if new > current:
-                sizes = sizes[:current] + tuple(rng.choice(space.sizes) for _ in range(new - current)) + (0,) * (len(sizes) - new)
+                sizes = (
+                    sizes[:current]
+                    + tuple(rng.choice(space.sizes) for _ in range(new - current))
+                    + (0,) * (len(sizes) - new)
+                )
             else:
                 sizes = sizes[:new] + (0,) * (len(sizes) - new)
         lists.append(tuple(sizes))
@@ -142,7 +150,9 @@ class Evolution:
     def _random_fill(self) -> None:
         missing = self.settings.population - len(self.candidates)
         space, depth = self.settings.space, self.depth
-        self.candidates += self._fill(lambda: random_subnet(self.rng, space, depth), missing, 100 * self.settings.population)
+        self.candidates += self._fill(
+            lambda: random_subnet(self.rng, space, depth), missing, 100 * self.settings.population
+        )
         if not self.top and not self.candidates:
             raise UserError(f"no subnet of the search space fits the budget of {self.settings.budget_m}M parameters")
 
@@ -248,7 +258,11 @@ def run_search(
     recipe = dataclasses.replace(settings.supernet_recipe, image_size=image_size or settings.supernet_recipe.image_size)
     seed_everything(seed)
     backbone_model, info = build_backbone(
-        backbone, pretrained, num_classes=data.num_classes, drop_path_rate=recipe.drop_path, image_size=recipe.image_size
+        backbone,
+        pretrained,
+        num_classes=data.num_classes,
+        drop_path_rate=recipe.drop_path,
+        image_size=recipe.image_size,
     )
     method = _SupernetMethod()
     model = attach_method(backbone_model, info, method, NoahConfig()).to(device)
@@ -305,4 +319,3 @@ def run_search(
     }
     records.write_atomic(subnet_file, json.dumps(result, indent=1))
     return subnet_file
-

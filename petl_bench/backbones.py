@@ -372,7 +372,9 @@ def _build_open_clip(
     visual = clip.visual
     transformer = getattr(visual, "transformer", None)
     if transformer is None or not hasattr(transformer, "resblocks"):
-        raise UserError(f"open_clip model '{model_name}' has no visual transformer; only ViT image towers are supported")
+        raise UserError(
+            f"open_clip model '{model_name}' has no visual transformer; only ViT image towers are supported"
+        )
     if not getattr(transformer, "batch_first", True):
         raise UserError(f"open_clip model '{model_name}' runs its transformer sequence-first; update open_clip_torch")
     model = ClipClassifier(visual, nn.Linear(visual.output_dim, num_classes) if num_classes else nn.Identity())

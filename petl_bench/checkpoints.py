@@ -93,6 +93,8 @@ def load_trainable(model: PetlModel, path: str | Path, format: str = "petl-bench
     with torch.no_grad():
         for name, parameter in params.items():
             if state[name].shape != parameter.shape:
-                raise UserError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(parameter.shape)}")
+                raise UserError(
+                    f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(parameter.shape)}"
+                )
             parameter.copy_(state[name])
     return model

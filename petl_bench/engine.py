@@ -99,7 +99,9 @@ def parameter_groups(model: nn.Module, scope: str) -> list[dict]:
 
 def autocast(device: torch.device):
     """bf16 autocast on CUDA, plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -171,8 +173,11 @@ def evaluate(
 
 @torch.no_grad()
 def extract_features(
-    features: Callable[[torch.Tensor], torch.Tensor], data: TensorDataset, normalizer: Normalizer,
-    device: torch.device, batch_size: int = 0,
+    features: Callable[[torch.Tensor], torch.Tensor],
+    data: TensorDataset,
+    normalizer: Normalizer,
+    device: torch.device,
+    batch_size: int = 0,
 ) -> TensorDataset:
     """What the classifier reads, for every image, computed once: exact for a frozen encoder in eval
     mode without augmentation (linear probing)."""
@@ -273,14 +278,18 @@ def fit(
     if not any(p.requires_grad for p in model.parameters()):  # nothing to train (zero-shot): evaluate only
         if evaluation is not None:
             start = time.perf_counter()
-            result.top1, result.eval_images_per_s = evaluate(model, evaluation, normalizer, device, recipe.eval_batch_size)
+            result.top1, result.eval_images_per_s = evaluate(
+                model, evaluation, normalizer, device, recipe.eval_batch_size
+            )
             result.eval_seconds = time.perf_counter() - start
         return result
     steps_per_epoch = len(train) // recipe.batch_size if recipe.drop_last else math.ceil(len(train) / recipe.batch_size)
     images_per_epoch = steps_per_epoch * recipe.batch_size if recipe.drop_last else len(train)
     if steps_per_epoch == 0:
         raise UserError(f"{len(train)} training images are fewer than one batch of {recipe.batch_size}")
-    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay_scope), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, recipe.weight_decay_scope), lr=recipe.lr, weight_decay=recipe.weight_decay
+    )
     order = torch.Generator().manual_seed(seed)
     first_epoch = 0
     if resume is not None and resume.is_file():
@@ -313,7 +322,9 @@ def fit(
         result.train_seconds += seconds
         log = EpochLog(epoch, lr, float(total_loss) / steps_per_epoch, images_per_epoch / seconds, seconds)
         last = epoch == recipe.epochs - 1
-        if evaluation is not None and (last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1)):
+        if evaluation is not None and (
+            last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1)
+        ):
             eval_start = time.perf_counter()
             log.top1, result.eval_images_per_s = evaluate(model, evaluation, normalizer, device, recipe.eval_batch_size)
             result.eval_seconds += time.perf_counter() - eval_start

@@ -28,7 +28,9 @@ def _worker(spec: SweepSpec, output: str, device: str, force: bool, checkpoint_s
         spec.jobs(), Path(output), device=torch.device(device), force=force, checkpoint_seconds=checkpoint_seconds,
         skip_unsupported=spec.skip_unsupported,
     )  # fmt: skip
-    log.info("%d trained, %d finished before, %d failed", len(summary.finished), len(summary.skipped), len(summary.failed))
+    log.info(
+        "%d trained, %d finished before, %d failed", len(summary.finished), len(summary.skipped), len(summary.failed)
+    )
 
 
 def run_on_gpus(spec: SweepSpec, output: Path, gpus: int, *, force: bool, checkpoint_seconds: float) -> None:
@@ -89,7 +91,9 @@ def submit(spec: SweepSpec, output: Path, options: SlurmOptions, *, force: bool,
     pending = [job for job in jobs if force or not records.is_finished(output / job.run_id)]
     if not pending:
         return []
-    executor = submitit.AutoExecutor(folder=output / "slurm-logs" / "%j", cluster=None if options.cluster == "slurm" else options.cluster)
+    executor = submitit.AutoExecutor(
+        folder=output / "slurm-logs" / "%j", cluster=None if options.cluster == "slurm" else options.cluster
+    )
     parameters = dict(timeout_min=options.time_minutes, gpus_per_node=options.gpus_per_job,
                       cpus_per_task=options.cpus_per_job, name="petl-bench", slurm_array_parallelism=options.array_parallelism)  # fmt: skip
     if options.partition:
@@ -110,4 +114,3 @@ def submit(spec: SweepSpec, output: Path, options: SlurmOptions, *, force: bool,
         if errors:
             raise RuntimeError("SLURM task(s) failed: " + "; ".join(errors))
     return submitted
-

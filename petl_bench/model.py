@@ -86,7 +86,9 @@ def parse_value(value: Any, annotation: Any, label: str) -> Any:
         return value
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    target = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else annotation
+    target = (
+        args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else annotation
+    )
     try:
         if target is bool:
             lowered = value.strip().lower()

@@ -43,7 +43,7 @@ class Registry(Generic[T]):
         """Register ``obj`` under ``name`` (default: its ``name`` attribute); usable as a decorator."""
 
         def add(target: T) -> T:
-            key = canonical(name or getattr(target, "name"))
+            key = canonical(name or target.name)
             if key in self._entries and self._entries[key] is not target:
                 raise ValueError(f"{self.kind} '{key}' is already registered")
             self._entries[key] = target

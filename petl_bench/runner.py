@@ -190,7 +190,9 @@ def plan(
             config = runner.make_config(task.name, **overrides)
             for backbone in backbones:
                 for seed in seeds:
-                    jobs.append(Job(runner.name, task, backbone, pretrained, seed, protocol, method_recipe, config, data_root))
+                    jobs.append(
+                        Job(runner.name, task, backbone, pretrained, seed, protocol, method_recipe, config, data_root)
+                    )
     return jobs
 
 
@@ -225,7 +227,9 @@ def training_data(recipe: Recipe, data: TaskData, info, mean, std, device: torch
     """Cached decoded images (no augmentation, the VTAB recipe), or a stream augmented every epoch."""
     size = info.preprocessing.image_size
     if recipe.augment == "none":
-        return TensorDataset.from_split(data.train, size, info.preprocessing.interpolation, progress=progress).to(device)
+        return TensorDataset.from_split(data.train, size, info.preprocessing.interpolation, progress=progress).to(
+            device
+        )
     return AugmentedStream(
         data.train, size, recipe.augment, mean, std, data.num_classes, rand_augment=recipe.rand_augment,
         random_erasing=recipe.random_erasing, mixup=recipe.mixup, cutmix=recipe.cutmix,
@@ -267,8 +271,13 @@ def run_job(
     data_start = time.perf_counter()
     train = training_data(job.recipe, data, info, mean, std, device, progress)
     size, interpolation = info.preprocessing.image_size, info.preprocessing.interpolation
-    evaluation = on_device_if_it_fits(TensorDataset.from_split(data.eval, size, interpolation, progress=progress), device)
-    targets = {name: TensorDataset.from_split(t.split, size, interpolation, progress=progress) for name, t in data.targets.items()}
+    evaluation = on_device_if_it_fits(
+        TensorDataset.from_split(data.eval, size, interpolation, progress=progress), device
+    )
+    targets = {
+        name: TensorDataset.from_split(t.split, size, interpolation, progress=progress)
+        for name, t in data.targets.items()
+    }
     data_seconds = time.perf_counter() - data_start
     normalizer = Normalizer(mean, std).to(device)
     if device.type == "cuda":
@@ -333,7 +342,10 @@ def run_job(
             "method": runner.config_identity(job.method_config),
             "task_defaults": dict(runner.task_defaults.get(task_key(job.task.name), {})),
             "recipe": dataclasses.asdict(job.recipe),
-            "normalization": {"mean": list(normalizer.mean.flatten().tolist()), "std": list(normalizer.std.flatten().tolist())},
+            "normalization": {
+                "mean": list(normalizer.mean.flatten().tolist()),
+                "std": list(normalizer.std.flatten().tolist()),
+            },
         },
         metrics={
             "top1": top1,
@@ -344,8 +356,10 @@ def run_job(
             "selection": records.SELECTION[job.protocol],
             "curve": curve,
             "targets": target_top1,
-            "class_mask": {name: ("subset" if t.classes and job.recipe.class_mask == "subset" else "all")
-                           for name, t in data.targets.items()},
+            "class_mask": {
+                name: ("subset" if t.classes and job.recipe.class_mask == "subset" else "all")
+                for name, t in data.targets.items()
+            },
         },
         cost={
             "trainable_params": without_head,
@@ -384,7 +398,9 @@ class SweepSummary:
     left_out: list[str] = field(default_factory=list)  # unsupported method/backbone pairs of a multi-backbone sweep
 
 
-def validate(jobs: list[Job], strict: bool, skip_unsupported: bool = False) -> tuple[dict[str, TaskData], list[Job], list[str]]:
+def validate(
+    jobs: list[Job], strict: bool, skip_unsupported: bool = False
+) -> tuple[dict[str, TaskData], list[Job], list[str]]:
     """Check every task's data and every method/backbone pair before anything trains.
 
     Returns the data, the jobs to run and the method/backbone pairs left out: with
@@ -458,7 +474,9 @@ def run_sweep(
                         log.error("run %s failed: %s", job.run_id, error)
                         records.write_atomic(
                             run_dir / records.FAILURE,
-                            json.dumps({"error": repr(error), "traceback": traceback.format_exc(), "at": records.now()}),
+                            json.dumps(
+                                {"error": repr(error), "traceback": traceback.format_exc(), "at": records.now()}
+                            ),
                         )
                         summary.failed.append((job.run_id, repr(error)))
         if progress:
@@ -491,4 +509,3 @@ def resolve_methods(text: str | None, suite: str | None) -> list[str]:
     if text.strip().lower() == "all":
         return METHODS.names()
     return [METHODS.resolve(name) for name in text.split(",") if name.strip()]
-

@@ -100,7 +100,9 @@ class FileListTask:
         if self.location is not None:
             return self.location
         if data_root is None:
-            raise UserError(f"task '{self.name}' needs a data root: pass --data-root PATH or set PETL_BENCH_DATA. {self.how_to_get}")
+            raise UserError(
+                f"task '{self.name}' needs a data root: pass --data-root PATH or set PETL_BENCH_DATA. {self.how_to_get}"
+            )
         names = (self.name, *self.aliases)
         candidates = [data_root / name for name in names]
         candidates += [data_root / parent / name for parent in self.parents for name in names]
@@ -112,7 +114,9 @@ class FileListTask:
 
     def read(self, folder: Path, list_name: str, strict: bool) -> Split:
         image_root = folder / self.image_dirs.get(list_name, self.image_dir)
-        split = read_split(Path(list_name).name.removesuffix(".txt"), folder / list_name, image_root, self.num_classes, self.how_to_get)
+        split = read_split(
+            Path(list_name).name.removesuffix(".txt"), folder / list_name, image_root, self.num_classes, self.how_to_get
+        )
         check_size(split, self.sizes.get(list_name), strict)
         return split
 

@@ -58,7 +58,9 @@ _SHAPES = {
 
 def sprite(shape: str, scale: float, orientation: float, x: float, y: float, canvas: int = 64) -> Image.Image:
     """One binary dSprites-style image: a white shape on black at the given latent values."""
-    rotation = np.array([[math.cos(orientation), -math.sin(orientation)], [math.sin(orientation), math.cos(orientation)]])
+    rotation = np.array(
+        [[math.cos(orientation), -math.sin(orientation)], [math.sin(orientation), math.cos(orientation)]]
+    )
     half = scale * canvas / 8
     centre = np.array([canvas / 8 + x * canvas * 3 / 4, canvas / 8 + y * canvas * 3 / 4])
     polygon = _SHAPES[shape] @ rotation.T * half + centre

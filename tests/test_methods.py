@@ -7,14 +7,24 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_SWIN, TINY_VIT, images, randomize_trainable, tiny_backbone, with_method
 
 import petl_bench as pb
 from petl_bench.errors import UserError
 from petl_bench.methods.building_blocks import AdaptedBlock, QuickGELU, Tap
 
-from conftest import TINY_SWIN, TINY_VIT, images, randomize_trainable, tiny_backbone, with_method
-
-ALL_METHODS = ["full", "linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora", "convpass", "convpass_attn"]
+ALL_METHODS = [
+    "full",
+    "linear",
+    "bitfit",
+    "vpt_shallow",
+    "vpt_deep",
+    "adapter",
+    "adaptformer",
+    "lora",
+    "convpass",
+    "convpass_attn",
+]
 ZERO_INIT = [("convpass", {}), ("convpass_attn", {}), ("adaptformer", {}), ("lora", {}), ("lora", {"variant": "qv"})]
 
 # What each method trains, named independently of the implementation (the head always trains).
@@ -330,7 +340,13 @@ def test_convpass_on_an_open_clip_visual_transformer(tiny_clip_name):
 
 @pytest.mark.parametrize(
     "method,spec",
-    [("vpt_deep", TINY_SWIN), ("adapter", TINY_SWIN), ("adaptformer", TINY_SWIN), ("lora", "clip"), ("convpass", "convnext")],
+    [
+        ("vpt_deep", TINY_SWIN),
+        ("adapter", TINY_SWIN),
+        ("adaptformer", TINY_SWIN),
+        ("lora", "clip"),
+        ("convpass", "convnext"),
+    ],
 )
 def test_unsupported_pairs_fail_with_a_clear_error(method, spec, tiny_clip_name):
     if spec == "clip":

@@ -10,20 +10,33 @@ from importlib.resources import files
 
 import pytest
 import torch
+from conftest import TINY_VIT, images, make_task_folder, randomize_trainable, tiny_backbone
+from tasks_fixture import VTAB_GROUPS
+from test_run import TINY_RUN, run_cli
 
 import petl_bench as pb
 from petl_bench import records
 from petl_bench.errors import UserError
 from petl_bench.methods.building_blocks import Bottleneck
 from petl_bench.methods.lora import FusedQKVLoRA
-from petl_bench.methods.noah import SUPER_DIM, NoahConfig, SlicedAdapter, SlicedLoRA, Subnet, Supernet, published_subnets
+from petl_bench.methods.noah import (
+    SUPER_DIM,
+    NoahConfig,
+    SlicedAdapter,
+    SlicedLoRA,
+    Subnet,
+    Supernet,
+    published_subnets,
+)
 from petl_bench.methods.noah_search import (
-    Evolution, SearchSettings, SearchSpace, crossover, mutate, random_subnet, run_search,
+    Evolution,
+    SearchSettings,
+    SearchSpace,
+    crossover,
+    mutate,
+    random_subnet,
+    run_search,
 )  # fmt: skip
-
-from conftest import TINY_VIT, images, make_task_folder, randomize_trainable, tiny_backbone
-from tasks_fixture import VTAB_GROUPS
-from test_run import TINY_RUN, run_cli
 
 
 def supernet_model(seed: int = 0):
@@ -128,7 +141,9 @@ def test_published_subnets_give_the_papers_parameter_counts():
 
 
 def test_params_cli_shows_the_per_task_noah_count(monkeypatch, capsys):
-    code, stdout, _ = run_cli(monkeypatch, capsys, "params", "--methods", "noah", "--task", "cifar100", "--format", "csv")
+    code, stdout, _ = run_cli(
+        monkeypatch, capsys, "params", "--methods", "noah", "--task", "cifar100", "--format", "csv"
+    )
     assert code == 0 and stdout.splitlines()[1].startswith("noah,vit_base_patch16_224.orig_in21k,320330,")
     code, _, stderr = run_cli(monkeypatch, capsys, "params", "--methods", "noah", "--format", "csv")
     assert code == 2 and "noah needs a subnet" in stderr
@@ -146,7 +161,9 @@ def test_mutation_and_crossover_follow_noah():
     for _ in range(20):
         child = mutate(rng, parent, space, m_prob=1.0, s_prob=1.0)
         for old, new in zip((parent.prompt, parent.lora, parent.adapter), (child.prompt, child.lora, child.adapter)):
-            kept = min(next((i for i, s in enumerate(new) if s == 0), 12), next((i for i, s in enumerate(old) if s == 0), 12))
+            kept = min(
+                next((i for i, s in enumerate(new) if s == 0), 12), next((i for i, s in enumerate(old) if s == 0), 12)
+            )
             assert new[:kept] == old[:kept]
     other = random_subnet(rng, space, 12)
     for _ in range(10):
@@ -203,6 +220,7 @@ def test_search_on_a_tiny_backbone_and_task_is_deterministic_and_retrains(monkey
         supernet_recipe=pb.engine.Recipe(epochs=2, batch_size=8, warmup_epochs=1, lr=5e-4, image_size=16),
         space=SearchSpace(sizes=(1, 2, 4), depths=(1, 2)),
     )  # fmt: skip
+
     def search(output):
         return run_search(task, backbone="tiny_test_vit", pretrained="none", data_root=None, output=output, seed=0,
                           settings=settings, device=torch.device("cpu"))  # fmt: skip
@@ -217,7 +235,9 @@ def test_search_on_a_tiny_backbone_and_task_is_deterministic_and_retrains(monkey
     assert found[0]["noah_counted_params"] <= 4500
     assert len(found[0]["history"]) == 2
     before = subnet_file.stat().st_mtime_ns
-    assert search(tmp_path / "b") == subnet_file and subnet_file.stat().st_mtime_ns == before, "a finished search is reused"
+    assert search(tmp_path / "b") == subnet_file and subnet_file.stat().st_mtime_ns == before, (
+        "a finished search is reused"
+    )
     code, _, stderr = run_cli(
         monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task.location), "--methods", "noah",
         "--epochs", "2", "--set", f"noah.subnet={subnet_file}", "--output", str(tmp_path / "runs"), *TINY_RUN,

@@ -48,6 +48,11 @@ def test_wheel_contains_methods_tasks_and_reference_data(tmp_path):
     )  # fmt: skip
     probe = "import petl_bench, petl_bench.methods, petl_bench.tasks; print(petl_bench.methods.__file__, len(petl_bench.METHODS.names()))"
     result = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, check=True
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.startswith(str(target)) and int(result.stdout.split()[1]) >= 10

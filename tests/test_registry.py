@@ -9,12 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import TINY_VIT, tiny_backbone
 
 import petl_bench as pb
 from petl_bench.errors import UserError
 from petl_bench.registry import Registry
-
-from conftest import TINY_VIT, tiny_backbone
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -54,7 +53,7 @@ def test_plugin_errors_are_user_errors(tmp_path):
 def test_entry_point_group_registers_third_party_methods(tmp_path, monkeypatch):
     (tmp_path / "third_party_petl.py").write_text(
         textwrap.dedent(
-            '''
+            """
             import petl_bench as pb
 
             class HeadOnly(pb.Method):
@@ -62,7 +61,7 @@ def test_entry_point_group_registers_third_party_methods(tmp_path, monkeypatch):
                 trains = "nothing"
                 def attach(self, model, info, config):
                     return []
-            '''
+            """
         )
     )
     dist = tmp_path / "third_party_petl-1.0.dist-info"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 
 import pytest
+from tasks_fixture import VTAB_GROUPS
 
 from petl_bench import records
-from petl_bench.report import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, runs_frame, write_report
 from petl_bench.errors import UserError
-
-from tasks_fixture import VTAB_GROUPS
+from petl_bench.report import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, runs_frame, write_report
 
 
 def record(method: str, task: str, seed: int, top1: float, params: int = 1000, suite: str = "vtab", protocol="final"):
@@ -42,9 +41,13 @@ def test_group_means_and_both_averages(tmp_path):
     (table,) = accuracy_tables(runs_frame(runs))
     cells = table.ours()["convpass"]
     natural = [50.0 + i for i in range(7)]
-    assert cells["cifar"] == (51.0, pytest.approx(2 ** 0.5), 2)
+    assert cells["cifar"] == (51.0, pytest.approx(2**0.5), 2)
     assert cells["natural"][0] == pytest.approx(sum(natural) / 7 + 1.0)
-    groups = [sum(50.0 + i for i in range(7)) / 7, sum(50.0 + i for i in range(7, 11)) / 4, sum(50.0 + i for i in range(11, 19)) / 8]
+    groups = [
+        sum(50.0 + i for i in range(7)) / 7,
+        sum(50.0 + i for i in range(7, 11)) / 4,
+        sum(50.0 + i for i in range(11, 19)) / 8,
+    ]
     assert cells[MEAN_OF_GROUPS][0] == pytest.approx(sum(groups) / 3 + 1.0)
     assert cells[MEAN_OF_TASKS][0] == pytest.approx(sum(50.0 + i for i in range(19)) / 19 + 1.0)
 
@@ -68,12 +71,18 @@ def test_missing_cells_are_shown_as_missing_never_invented(tmp_path):
     assert "| convpass | 0.001M |" in markdown and "–" in markdown and "(paper)" in markdown
     with open(tmp_path / "accuracy.csv") as handle:
         cells = list(csv.DictReader(handle))
-    ours = [c for c in cells if c["method"] == "convpass" and c["source"] == "ours" and c["table"].startswith("vtab on")]
-    assert not [c for c in ours if c["column"] in ("dmlab", "structured")] and len(ours) == 18 + 2  # tasks, natural, specialized
+    ours = [
+        c for c in cells if c["method"] == "convpass" and c["source"] == "ours" and c["table"].startswith("vtab on")
+    ]
+    assert (
+        not [c for c in ours if c["column"] in ("dmlab", "structured")] and len(ours) == 18 + 2
+    )  # tasks, natural, specialized
     assert [c for c in cells if c["source"] == "paper" and c["column"] == "dmlab"], "the paper row keeps its cells"
     with open(tmp_path / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 19 and {"method", "task", "backbone", "seed", "protocol", "top1", "trainable_params"} <= set(rows[0])
+    assert len(rows) == 19 and {"method", "task", "backbone", "seed", "protocol", "top1", "trainable_params"} <= set(
+        rows[0]
+    )
     # No method has an average, so there is no accuracy-vs-parameters point to plot.
     assert sorted(p.name.split("__")[0] for p in tmp_path.glob("*.png")) == ["groups", "groups"]
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_task_folder
 
 from petl_bench import cli, records
-
-from conftest import make_task_folder
 
 TINY_RUN = ["--backbone", "tiny_test_vit", "--pretrained", "none", "--batch-size", "8", "--set", "recipe.image_size=16"]
 
@@ -34,7 +33,11 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def cli_process(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "petl_bench.cli", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "petl_bench.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -53,9 +56,11 @@ def test_run_writes_records_and_a_rerun_skips_them(monkeypatch, capsys, tmp_path
     found = records.load_records(out)
     assert len(found) == 4
     record = next(r for r in found if r.method == "convpass")
-    assert record.protocol == "final" and record.metrics["eval_split"] == "test" and record.metrics["curve"] == [
-        {"epoch": 2, "top1": record.metrics["top1"]}
-    ]
+    assert (
+        record.protocol == "final"
+        and record.metrics["eval_split"] == "test"
+        and record.metrics["curve"] == [{"epoch": 2, "top1": record.metrics["top1"]}]
+    )
     assert record.hparams["method"]["scale"] == 1.0 and record.hparams["recipe"]["epochs"] == 3
     assert record.cost["trainable_params"] == 2 * 2 * ((2 * 8 + 1) * 32 + 9 * 64 + 16)
     assert record.cost["checkpoint_bytes"] > 0 and record.cost["peak_memory_bytes"] > 0
@@ -78,7 +83,9 @@ def test_run_writes_records_and_a_rerun_skips_them(monkeypatch, capsys, tmp_path
     assert (report / "report.md").is_file() and list(report.glob("accuracy_vs_params__*.png"))
 
 
-def test_paper_protocol_records_the_max_over_periodic_test_evaluations(monkeypatch, capsys, tmp_path, task, tiny_plugin):
+def test_paper_protocol_records_the_max_over_periodic_test_evaluations(
+    monkeypatch, capsys, tmp_path, task, tiny_plugin
+):
     out = tmp_path / "runs"
     code, _, stderr = run_cli(
         monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "lora",
@@ -164,9 +171,13 @@ def test_bad_data_exits_2_before_anything_trains(monkeypatch, capsys, tmp_path, 
 
 def test_vtab_without_data_says_how_to_get_it(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("PETL_BENCH_DATA", raising=False)
-    code, _, stderr = run_cli(monkeypatch, capsys, "run", "--suite", "vtab", "--methods", "linear", "--output", str(tmp_path))
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "run", "--suite", "vtab", "--methods", "linear", "--output", str(tmp_path)
+    )
     assert code == 2 and "needs a data root" in stderr and "NOAH" in stderr
-    code, _, stderr = run_cli(monkeypatch, capsys, "run", "--tasks", "cifar", "--data-root", str(tmp_path), "--output", str(tmp_path))
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "run", "--tasks", "cifar", "--data-root", str(tmp_path), "--output", str(tmp_path)
+    )
     assert code == 2 and "task 'cifar' not found under" in stderr
 
 

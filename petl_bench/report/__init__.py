@@ -34,16 +34,20 @@ def all_tables(frame: pd.DataFrame) -> list[Table]:
 
 def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Per suite, backbone and method: parameters, checkpoint size, memory, throughput, wall time."""
-    grouped = frame.groupby(["suite", "backbone", "method"], sort=False).agg(
-        runs=("run_id", "count"),
-        trainable_params=("trainable_params", "mean"),
-        trainable_params_with_head=("trainable_params_with_head", "mean"),
-        checkpoint_mb=("checkpoint_bytes", lambda v: v.mean() / 1e6),
-        peak_memory_mb=("peak_memory_bytes", lambda v: v.max() / 2**20),
-        train_images_per_s=("train_images_per_s", "mean"),
-        eval_images_per_s=("eval_images_per_s", "mean"),
-        wall_seconds_per_run=("wall_seconds", "mean"),
-    ).reset_index()
+    grouped = (
+        frame.groupby(["suite", "backbone", "method"], sort=False)
+        .agg(
+            runs=("run_id", "count"),
+            trainable_params=("trainable_params", "mean"),
+            trainable_params_with_head=("trainable_params_with_head", "mean"),
+            checkpoint_mb=("checkpoint_bytes", lambda v: v.mean() / 1e6),
+            peak_memory_mb=("peak_memory_bytes", lambda v: v.max() / 2**20),
+            train_images_per_s=("train_images_per_s", "mean"),
+            eval_images_per_s=("eval_images_per_s", "mean"),
+            wall_seconds_per_run=("wall_seconds", "mean"),
+        )
+        .reset_index()
+    )
     order = {m: i for i, m in enumerate(method_order(grouped["method"]))}
     return grouped.sort_values(["suite", "backbone", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
 
@@ -110,7 +114,20 @@ def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] =
     if "csv" in formats:
         buffer = io.StringIO()
         long = [row for table in tables for row in table.long_rows()]
-        columns = ["suite", "dataset", "backbone", "protocol", "class_mask", "table", "method", "source", "column", "mean", "std", "n"]
+        columns = [
+            "suite",
+            "dataset",
+            "backbone",
+            "protocol",
+            "class_mask",
+            "table",
+            "method",
+            "source",
+            "column",
+            "mean",
+            "std",
+            "n",
+        ]
         writer = csv.DictWriter(buffer, columns, restval="")
         writer.writeheader()
         writer.writerows(long)

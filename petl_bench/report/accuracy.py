@@ -130,11 +130,15 @@ def backbone_table(frame: pd.DataFrame) -> Table | None:
         params = runs.groupby("method")["trainable_params"].mean().to_dict()
         for method, cells in accuracy_cells(runs, layout).items():
             label = f"{backbone} / {method}" + ("" if protocol == "final" else f" ({protocol})")
-            rows.append(Row(label, {c: v for c, v in cells.items() if c in columns}, params.get(method), "ours", method))
+            rows.append(
+                Row(label, {c: v for c, v in cells.items() if c in columns}, params.get(method), "ours", method)
+            )
             short = PAPER_BACKBONES.get(backbone)
             for _, line in paper[(paper["model"] == short)].iterrows():
                 if PAPER_METHODS.get(line["method"]) == method:
-                    cells = {c: (float(line[c]), 0.0, 1) for c in columns[:3]} | {MEAN_OF_GROUPS: (float(line["average"]), 0.0, 1)}
+                    cells = {c: (float(line[c]), 0.0, 1) for c in columns[:3]} | {
+                        MEAN_OF_GROUPS: (float(line["average"]), 0.0, 1)
+                    }
                     rows.append(Row(f"{short} / {line['method']} (paper)", cells, None, "paper", method))
     return Table(
         title="VTAB-1K by backbone", slug="vtab__backbones", columns=columns, rows=rows, key={"suite": "vtab"},

@@ -40,7 +40,9 @@ def dg_tables(frame: pd.DataFrame) -> list[Table]:
                     row["target average"] = stats(list(complete.mean(axis=1)))
             cells[method] = row
         params = runs.groupby("method")["trainable_params"].mean().to_dict()
-        convention = "A and R: their 200 classes" if mask == "subset" else "A and R: all 1000 logits (NOAH's convention)"
+        convention = (
+            "A and R: their 200 classes" if mask == "subset" else "A and R: all 1000 logits (NOAH's convention)"
+        )
         tables.append(
             Table(
                 title=f"domain generalisation on {backbone}, protocol '{protocol}' ({convention})",

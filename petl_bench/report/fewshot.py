@@ -47,12 +47,15 @@ def fewshot_tables(frame: pd.DataFrame) -> list[Table]:
                 cells[method] = {_shot_column(int(k)): stats(list(v)) for k, v in chosen.groupby("shots")["top1"]}
             per_dataset[dataset] = cells
         for method in method_order(runs["method"]):
-            for (shot, split_seed, seed), group in runs[runs["method"] == method].groupby(["shots", "split_seed", "seed"]):
+            for (shot, _, _), group in runs[runs["method"] == method].groupby(["shots", "split_seed", "seed"]):
                 if set(group["task"]) >= set(datasets_all):  # the average needs every dataset
                     value = group.groupby("task")["top1"].mean().mean()
                     average[method].setdefault(_shot_column(int(shot)), []).append(value)
         params = runs.groupby("method")["trainable_params"].mean().to_dict()
-        sections = [*per_dataset.items(), (AVERAGE, {m: {c: stats(v) for c, v in s.items()} for m, s in average.items()})]
+        sections = [
+            *per_dataset.items(),
+            (AVERAGE, {m: {c: stats(v) for c, v in s.items()} for m, s in average.items()}),
+        ]
         for dataset, cells in sections:
             display = TASKS.get(dataset).description if dataset in TASKS else "average of the five datasets"
             tables.append(

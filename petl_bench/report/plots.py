@@ -32,7 +32,7 @@ def plot_accuracy_vs_params(table: Table, path: Path) -> Path | None:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for row, (column, (mean, std, _)) in ours:
+    for row, (_, (mean, std, _)) in ours:
         axis.errorbar(row.params, mean, yerr=std or None, fmt="o", capsize=3)
         axis.annotate(row.method, (row.params, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for row in table.rows:

@@ -101,7 +101,11 @@ class Table:
 
     def display_rows(self) -> list[dict[str, str]]:
         return [
-            {"method": row.label, "params": format_params(row.params), **{c: format_cell(row.cells.get(c)) for c in self.columns}}
+            {
+                "method": row.label,
+                "params": format_params(row.params),
+                **{c: format_cell(row.cells.get(c)) for c in self.columns},
+            }
             for row in self.rows
         ]
 
@@ -114,15 +118,25 @@ class Table:
 
     def long_rows(self) -> list[dict]:
         return [
-            {**self.key, "table": self.title, "method": row.method, "source": row.source, "column": column,
-             "mean": round(cell[0], 4), "std": round(cell[1], 4), "n": cell[2]}  # fmt: skip
+            {
+                **self.key,
+                "table": self.title,
+                "method": row.method,
+                "source": row.source,
+                "column": column,
+                "mean": round(cell[0], 4),
+                "std": round(cell[1], 4),
+                "n": cell[2],
+            }  # fmt: skip
             for row in self.rows
             for column, cell in row.cells.items()
             if column in self.columns
         ]
 
 
-def with_paper(ours: dict[str, dict[str, Stat]], paper: dict[str, dict[str, Stat]], params: dict, paper_params: dict) -> list[Row]:
+def with_paper(
+    ours: dict[str, dict[str, Stat]], paper: dict[str, dict[str, Stat]], params: dict, paper_params: dict
+) -> list[Row]:
     """Our rows, each followed by the paper's row for the same method where the paper has one."""
     rows = []
     for method, cells in ours.items():
