@@ -413,14 +413,28 @@ def _build_open_clip(
     return model, info
 
 
+TEMPLATE_SETS = ("openai80", "simple7")  # open_clip's ImageNet prompt ensembles
+
+
 @torch.no_grad()
 def init_classifier_from_text(model: nn.Module, info: BackboneInfo, class_names, template: str) -> None:
     """Zero-shot CLIP as a linear classifier: rows are ``logit_scale`` times the L2-normalised text
-    embeddings of ``template.format(name)``, bias 0, on L2-normalised image features. At init the
-    logits equal CLIP's zero-shot logits."""
+    embeddings of the class prompts, bias 0, on L2-normalised image features, so that at init the
+    logits equal CLIP's zero-shot logits. ``template`` is a format string ("a photo of a {}.") or an
+    open_clip ensemble ("openai80", "simple7": the mean of the normalised embeddings, renormalised)."""
     if info.encode_text is None:
         raise UserError(f"a classifier from class-name prompts needs a CLIP backbone, not '{info.name}'")
+    if template in TEMPLATE_SETS:
+        import open_clip
+
+        templates = open_clip.OPENAI_IMAGENET_TEMPLATES if template == "openai80" else open_clip.SIMPLE_IMAGENET_TEMPLATES
+        embeddings = torch.stack([info.encode_text([fill(name) for name in class_names]) for fill in templates])
+        text = nn.functional.normalize(embeddings.mean(0), dim=-1)
+    elif "{}" in template:
+        text = info.encode_text([template.format(name) for name in class_names])
+    else:
+        raise UserError(f"prompt template {template!r} needs a '{{}}' for the class name, or one of {TEMPLATE_SETS}")
     head = model.get_submodule(info.head_path)
-    head.weight.copy_(info.logit_scale * info.encode_text([template.format(name) for name in class_names]))
+    head.weight.copy_(info.logit_scale * text)
     head.bias.zero_()
     model.normalize = True

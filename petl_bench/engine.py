@@ -57,7 +57,7 @@ class Recipe:
     cache_features: bool = True  # linear probing without augmentation: train the head on features computed once
     compile: bool = False  # torch.compile the model (an option: measure before relying on it)
     head_init: str = "default"  # "default" (PyTorch Linear) or "text" (CLIP: class-name prompts, zero-shot)
-    prompt_template: str = "a photo of a {}."  # with head_init="text" (CoOp's single ImageNet template)
+    prompt_template: str = "a photo of a {}."  # head_init="text": CoOp's single template, or "openai80" / "simple7"
 
     def replace(self, **changes) -> "Recipe":
         """A copy with ``changes`` applied (CLI strings are parsed to the field types)."""

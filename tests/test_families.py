@@ -59,6 +59,14 @@ def test_zero_shot_classifier_equals_open_clip_zero_shot(tiny_clip_name):
         expected = clip.logit_scale.exp() * image @ text.T
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(model.head.bias, torch.zeros(len(names)))
+    init_classifier_from_text(model, info, names, "simple7")  # open_clip's 7-template ensemble
+    with torch.no_grad():
+        ensemble = torch.stack([clip.encode_text(tokenizer([t(n) for n in names]), normalize=True)
+                                for t in open_clip.SIMPLE_IMAGENET_TEMPLATES]).mean(0)  # fmt: skip
+        expected = clip.logit_scale.exp() * image @ torch.nn.functional.normalize(ensemble, dim=-1).T
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="needs a '{}'"):
+        init_classifier_from_text(model, info, names, "a photo")
 
 
 @needs_splits
