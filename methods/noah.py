@@ -223,12 +223,16 @@ class Noah(Method):
     Config = NoahConfig
     task_defaults = {task: {"subnet": f"{PUBLISHED_PREFIX}{task}"} for task in published_subnets()}
 
-    def attach(self, model, info, config):
+    def check_config(self, config: NoahConfig) -> None:
         if config.subnet is None:
             raise UserError(
                 "noah needs a subnet: a VTAB-1K task (its published subnet), --set noah.subnet=FILE, "
                 "or one found with 'petl-bench noah search'"
             )
+        Subnet.load(config.subnet)
+
+    def attach(self, model, info, config):
+        self.check_config(config)
         subnet = Subnet.load(config.subnet)
         supernet = Supernet(model, info, config)
         supernet.select(subnet)

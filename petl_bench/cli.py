@@ -281,7 +281,7 @@ def run_command(
     else:
         console.print(f"{len(finished)} of {len(jobs)} run(s) have records in {output}")
     if summary.left_out:
-        console.print(f"left out (unsupported): {', '.join(summary.left_out)}")
+        console.print(f"left out (cannot run): {', '.join(summary.left_out)}")
     for run_id, error in summary.failed:
         console.print(f"[red]failed[/] {run_id}: {error} (see {output / run_id / records.FAILURE})")
     if summary.failed:

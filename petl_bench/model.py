@@ -39,6 +39,9 @@ class Method:
         """Add or unfreeze modules on the frozen ``model``; return the parameters to train (head excluded)."""
         raise NotImplementedError
 
+    def check_config(self, config: Any) -> None:
+        """Raise UserError when ``config`` cannot run (checked before any training starts)."""
+
     def config_identity(self, config: Any) -> dict[str, Any]:
         """What identifies a run's method settings (records and run ids); files are resolved to content."""
         return dataclasses.asdict(config)

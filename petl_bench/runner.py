@@ -2,7 +2,7 @@
 
 The job ledger is the run folders themselves (see :mod:`petl_bench.records`): a job whose record
 exists is skipped unless forced, one that another process is running (it holds the lock) is left
-to it, and anything else runs from the start.
+to it, and anything else runs, continuing from its saved training state when it has one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from . import records
-from .backbones import CLIP, build_backbone, classifier_input, init_classifier_from_text
+from .backbones import (
+    CLIP,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_backbone,
+    classifier_input,
+    init_classifier_from_text,
+)
 from .checkpoints import save_trainable
 from .data import AugmentedStream, Normalizer, TensorDataset
 from .engine import EpochLog, Recipe, evaluate, extract_features, fit, forward_flops, peak_memory_bytes
@@ -32,7 +39,7 @@ from .registry import METHODS, SUITES, TASKS
 from .task import FileListTask, TaskData, folder_task
 
 log = logging.getLogger(__name__)
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def parse_settings(items: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -105,7 +112,8 @@ class SweepSpec:
 
     @property
     def skip_unsupported(self) -> bool:
-        return len(self.backbones) > 1
+        """Several backbones, or every method: leave out the pairs that cannot run instead of failing."""
+        return len(self.backbones) > 1 or self.methods is None or self.methods.strip().lower() == "all"
 
     def jobs(self) -> list[Job]:
         from .backbones import PAPER_BACKBONE
@@ -415,26 +423,31 @@ def validate(
     for job in jobs:
         if job.backbone not in infos:
             infos[job.backbone] = build_backbone(job.backbone, "none", num_classes=1)[1]
-        method = get_method(job.method)
         try:
-            method.check_backbone(infos[job.backbone])
+            check_job(job, infos[job.backbone], data[job.task.key])
         except UserError as error:
             if not skip_unsupported:
                 raise
-            pair = f"{job.method} on {job.backbone}"
-            if pair not in left_out:
-                log.warning("left out: %s", error)
-                left_out.append(pair)
+            pair = f"{job.method} on {job.backbone} / {job.task.key}"
+            log.warning("left out %s: %s", pair, error)
+            left_out.append(pair)
             continue
-        if job.recipe.head_init == "text" and (infos[job.backbone].kind != CLIP or not data[job.task.key].class_names):
-            raise UserError(
-                f"recipe.head_init=text needs a CLIP backbone and a task with class names "
-                f"(got {job.backbone} on {job.task.name})"
-            )
-        if not method.trains_head and job.recipe.head_init != "text":
-            raise UserError(f"method '{method.name}' trains nothing; it needs recipe.head_init=text (the dg suite's)")
         runnable.append(job)
     return data, runnable, left_out
+
+
+def check_job(job: Job, info, data: TaskData) -> None:
+    """A UserError when ``job`` cannot run: method/backbone pair, method settings, classifier init."""
+    method = get_method(job.method)
+    method.check_backbone(info)
+    method.check_config(job.method_config)
+    if job.recipe.head_init == "text" and (info.kind != CLIP or not data.class_names):
+        raise UserError(
+            f"recipe.head_init=text needs a CLIP backbone and a task with class names "
+            f"(got {job.backbone} on {job.task.name})"
+        )
+    if not method.trains_head and job.recipe.head_init != "text":
+        raise UserError(f"method '{method.name}' trains nothing; it needs recipe.head_init=text (the dg suite's)")
 
 
 def run_sweep(
@@ -448,7 +461,8 @@ def run_sweep(
     checkpoint_seconds: float = 60.0,
     skip_unsupported: bool = False,
 ) -> SweepSummary:
-    """Run every job that has no record yet (all of them with ``force``)."""
+    """Run every job that has no record yet (all of them with ``force``); see :func:`validate` for
+    ``skip_unsupported``."""
     data, jobs, left_out = validate(jobs, strict, skip_unsupported)
     summary = SweepSummary(left_out=left_out)
     overall = progress.add_task("runs", total=len(jobs)) if progress else None

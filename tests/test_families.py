@@ -190,7 +190,7 @@ def test_backbone_baselines_in_one_command(monkeypatch, capsys, tmp_path, tiny_p
         "--set", "recipe.image_size=56", "--output", str(out),
     )  # fmt: skip
     assert code == 0, stderr
-    assert "left out (unsupported): convpass on tiny_test_convnext" in " ".join(stdout.split())
+    assert "left out (cannot run): convpass on tiny_test_convnext / cifar" in " ".join(stdout.split())
     found = {(r.backbone, r.method) for r in records.load_records(out)}
     assert len(found) == 8 and ("tiny_test_swin", "convpass") in found and ("tiny_test_convnext", "full") in found
     report = tmp_path / "report"

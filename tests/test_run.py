@@ -271,3 +271,15 @@ def test_every_record_carries_its_efficiency_profile(monkeypatch, capsys, tmp_pa
     assert all(cost["seconds"][phase] > 0 for phase in ("data", "train", "eval", "total"))
     # one 16x16 image through a 2-block width-32 ViT: at least the patch embedding and the MLPs
     assert cost["forward_flops"] > 2 * 2 * 5 * 32 * 128
+
+
+def test_all_methods_leaves_out_what_cannot_run_here(monkeypatch, capsys, tmp_path, task, tiny_plugin):
+    out = tmp_path / "runs"
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
+                                   "--methods", "all", "--epochs", "1", "--output", str(out), *TINY_RUN)  # fmt: skip
+    assert code == 0, stderr
+    text = " ".join(stdout.split())
+    assert "zero_shot on tiny_test_vit / colours" in text and "noah on tiny_test_vit / colours" in text
+    methods = {r.method for r in records.load_records(out)}
+    assert methods == {"full", "linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora",
+                       "convpass", "convpass_attn"}  # fmt: skip
