@@ -59,6 +59,21 @@ class Recipe:
     head_init: str = "default"  # "default" (PyTorch Linear) or "text" (CLIP: class-name prompts, zero-shot)
     prompt_template: str = "a photo of a {}."  # head_init="text": CoOp's single template, or "openai80" / "simple7"
 
+    CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "normalization": ("imagenet", "backbone"),
+        "weight_decay_scope": ("all", "skip_1d"),
+        "augment": ("none", "deit", "crop_flip"),
+        "class_mask": ("subset", "all"),
+        "head_init": ("default", "text"),
+    }
+
+    def __post_init__(self) -> None:
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UserError(f"recipe.{name} is {getattr(self, name)!r}; choose from: {', '.join(choices)}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise UserError("recipe.epochs must be >= 0 and recipe.batch_size >= 1")
+
     def replace(self, **changes) -> "Recipe":
         """A copy with ``changes`` applied (CLI strings are parsed to the field types)."""
         types = typing.get_type_hints(Recipe)

@@ -8,6 +8,7 @@ trainable. Everything the runner, the CLI and user training loops need goes thro
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, ClassVar, Iterable, Mapping
 
@@ -84,27 +85,24 @@ def task_key(task: str | None) -> str | None:
 
 
 def parse_value(value: Any, annotation: Any, label: str) -> Any:
-    """Coerce a CLI string to the dataclass field's type; other values pass through."""
+    """Coerce a CLI string to the dataclass field's type (``X | None`` accepts "none"); other values pass."""
     if not isinstance(value, str):
         return value
-    origin = typing.get_origin(annotation)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    target = (
-        args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else annotation
-    )
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if members:
+        if value.strip().lower() == "none" and type(None) in members:
+            return None
+        annotation = next(member for member in members if member is not type(None))
     try:
-        if target is bool:
+        if annotation is bool:
             lowered = value.strip().lower()
             if lowered not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(value)
             return lowered in ("true", "1", "yes")
-        if target in (int, float):
-            return target(value)
-        if typing.get_origin(target) in (tuple, list):
-            element = typing.get_args(target)[0]
-            return typing.get_origin(target)(element(v) for v in value.split(",") if v.strip())
+        if annotation in (int, float):
+            return annotation(value)
     except ValueError:
-        raise UserError(f"cannot read {label}={value!r} as {getattr(target, '__name__', target)}") from None
+        raise UserError(f"cannot read {label}={value!r} as {annotation.__name__}") from None
     return value
 
 

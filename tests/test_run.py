@@ -117,6 +117,8 @@ BAD_INPUTS = [
     (["--protocol", "best"], "unknown protocol 'best'; choose from: final, paper, tune"),
     (["--set", "convpass.bogus=1"], "method 'convpass' has no hyperparameter 'bogus'"),
     (["--set", "recipe.bogus=1"], "unknown recipe setting bogus"),
+    (["--set", "recipe.augment=fancy"], "recipe.augment is 'fancy'; choose from: none, deit, crop_flip"),
+    (["--set", "recipe.epochs=many"], "cannot read recipe.epochs='many' as int"),
     (["--set", "noequals"], "--set expects SCOPE.KEY=VALUE"),
     (["--seeds", "a,b"], "--seeds takes comma-separated integers"),
     (["--device", "tpu"], "unknown device 'tpu'"),
