@@ -427,7 +427,9 @@ def init_classifier_from_text(model: nn.Module, info: BackboneInfo, class_names,
     if template in TEMPLATE_SETS:
         import open_clip
 
-        templates = open_clip.OPENAI_IMAGENET_TEMPLATES if template == "openai80" else open_clip.SIMPLE_IMAGENET_TEMPLATES
+        templates = (
+            open_clip.OPENAI_IMAGENET_TEMPLATES if template == "openai80" else open_clip.SIMPLE_IMAGENET_TEMPLATES
+        )
         embeddings = torch.stack([info.encode_text([fill(name) for name in class_names]) for fill in templates])
         text = nn.functional.normalize(embeddings.mean(0), dim=-1)
     elif "{}" in template:

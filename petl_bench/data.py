@@ -96,9 +96,12 @@ def check_size(split: Split, expected: int | None, strict: bool) -> None:
 
 def _decode(job: tuple[str, int, int, str]) -> np.ndarray:
     path, height, width, interpolation = job
-    with Image.open(path) as image:
-        image = image.convert("RGB").resize((width, height), INTERPOLATIONS[interpolation])
-        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((width, height), INTERPOLATIONS[interpolation])
+            return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"cannot decode image {path}: {error} (a corrupt or truncated download?)") from None
 
 
 def _cache_key(split: Split, size: tuple[int, int], interpolation: str) -> str:
@@ -109,6 +112,25 @@ def _cache_key(split: Split, size: tuple[int, int], interpolation: str) -> str:
         stat = path.stat()
         digest.update(f"{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
+
+
+def _decode_into(path: Path, split: Split, size: tuple[int, int], interpolation: str, workers, progress) -> None:
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(split), 3, size[0], size[1]))
+    jobs = [(str(file), size[0], size[1], interpolation) for file in split.files()]
+    task = progress.add_task(f"decoding {split.name} ({len(jobs)} images)", total=len(jobs)) if progress else None
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(jobs) >= 256:
+        with ProcessPoolExecutor(workers) as pool:
+            for index, decoded in enumerate(pool.map(_decode, jobs, chunksize=64)):
+                array[index] = decoded
+                if progress and index % 64 == 0:
+                    progress.update(task, completed=index)
+    else:
+        for index, job in enumerate(jobs):
+            array[index] = _decode(job)
+    array.flush()
+    if progress:
+        progress.remove_task(task)
 
 
 def decoded_images(
@@ -125,29 +147,17 @@ def decoded_images(
     folder.mkdir(parents=True, exist_ok=True)
     key = _cache_key(split, size, interpolation)
     target = folder / f"{key}.npy"
-    shape = (len(split), 3, size[0], size[1])
     if not target.exists():
         temporary = folder / f".{key}.{os.getpid()}.tmp.npy"
-        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
-        jobs = [(str(path), size[0], size[1], interpolation) for path in split.files()]
-        task = progress.add_task(f"decoding {split.name} ({len(jobs)} images)", total=len(jobs)) if progress else None
-        workers = workers or min(8, os.cpu_count() or 1)
-        if workers > 1 and len(jobs) >= 256:
-            with ProcessPoolExecutor(workers) as pool:
-                results = pool.map(_decode, jobs, chunksize=64)
-                for index, decoded in enumerate(results):
-                    array[index] = decoded
-                    if progress and index % 64 == 0:
-                        progress.update(task, completed=index)
-        else:
-            for index, job in enumerate(jobs):
-                array[index] = _decode(job)
-        array.flush()
-        del array
-        if progress:
-            progress.remove_task(task)
+        try:
+            _decode_into(temporary, split, size, interpolation, workers, progress)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         os.replace(temporary, target)
-        (folder / f"{key}.json").write_text(json.dumps({"list_file": str(split.list_file), "shape": shape}))
+        (folder / f"{key}.json").write_text(
+            json.dumps({"list_file": str(split.list_file), "images": len(split), "size": size})
+        )
     return torch.from_numpy(np.load(target, mmap_mode="c"))
 
 

@@ -114,3 +114,13 @@ def test_real_cifar10_lists_validate():
     task = folder_task(OFFLINE_DATA / "cifar10_vtab1k_style")
     data = task.splits(None, "final")
     assert task.num_classes == 10 and len(data.train) == 1000 and len(data.eval) == 1000
+
+
+def test_a_corrupt_image_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("PETL_BENCH_CACHE", str(tmp_path / "cache"))
+    folder = make_task_folder(tmp_path / "task", train=8, test=4)
+    split = read_split("train", folder / "train800val200.txt", folder, 4)
+    (folder / split.paths[3]).write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(UserError, match=r"cannot decode image .*000003.jpg"):
+        decoded_images(split, (8, 8), "bicubic")
+    assert not list((tmp_path / "cache" / "decoded").glob("*.npy")), "nothing half-written looks cached"
