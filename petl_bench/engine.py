@@ -59,6 +59,8 @@ class Recipe:
     head_init: str = "default"  # "default" (PyTorch Linear) or "text" (CLIP: class-name prompts, zero-shot)
     prompt_template: str = "a photo of a {}."  # head_init="text": CoOp's single template, or "openai80" / "simple7"
 
+    # How a run executes, not what it computes: recorded, but not part of a run's identity.
+    EXECUTION: typing.ClassVar[tuple[str, ...]] = ("eval_batch_size", "workers", "cache_features", "compile")
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "normalization": ("imagenet", "backbone"),
         "weight_decay_scope": ("all", "skip_1d"),
@@ -73,6 +75,10 @@ class Recipe:
                 raise UserError(f"recipe.{name} is {getattr(self, name)!r}; choose from: {', '.join(choices)}")
         if self.epochs < 0 or self.batch_size < 1:
             raise UserError("recipe.epochs must be >= 0 and recipe.batch_size >= 1")
+
+    def identity(self) -> dict:
+        """The settings that decide a run's result (the execution settings left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION}
 
     def replace(self, **changes) -> "Recipe":
         """A copy with ``changes`` applied (CLI strings are parsed to the field types)."""

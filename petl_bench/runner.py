@@ -80,7 +80,7 @@ class Job:
             "pretrained": self.pretrained,
             "seed": self.seed,
             "protocol": self.protocol,
-            "recipe": dataclasses.asdict(self.recipe),
+            "recipe": self.recipe.identity(),
         }
 
     @property

@@ -116,3 +116,17 @@ def test_an_interrupted_fit_resumes_to_exactly_the_uninterrupted_result(tmp_path
     assert [e.epoch for e in replayed] == [0, 1, 2, 3, 4]
     assert [e.loss for e in resumed.epochs] == [e.loss for e in expected.epochs]
     assert resumed.top1 == expected.top1
+
+
+def test_execution_settings_do_not_change_a_runs_identity():
+    from petl_bench.runner import plan
+    from petl_bench.task import FileListTask
+
+    task = FileListTask(name="t", suite="custom", num_classes=3)
+
+    def run_id(**changes):
+        (job,) = plan(["lora"], [task], ["tiny"], [0], protocol="final", pretrained="none", recipe=Recipe(**changes))
+        return job.run_id
+
+    assert run_id() == run_id(workers=16, eval_batch_size=512, compile=True, cache_features=False)
+    assert run_id() != run_id(lr=5e-4) and run_id() != run_id(augment="deit")
