@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from petl_bench.engine import Recipe
 from petl_bench.errors import UserError
 from petl_bench.registry import register_suite, register_task
-from petl_bench.task import EvalTarget, FileListTask, ListNames, Suite, TaskData
+from petl_bench.task import EvalTarget, FileListTask, Suite, TaskData
+
+from .fewshot import FewShotTask
 
 log = logging.getLogger(__name__)
 
-SPLIT_SEEDS = (0, 1, 2)
 HOW_TO_GET = (
     "Prepare ImageNet and its variants as in CoOp's DATASETS.md with NOAH's lists "
     "(github.com/ZhangYuanhan-AI/NOAH, data/few-shot/imagenet/annotations)."
@@ -42,17 +43,12 @@ def imagenet_class_names() -> tuple[str, ...]:
 
 
 @dataclass
-class DomainGeneralizationTask(FileListTask):
-    """16-shot ImageNet source with ImageNet val as the main test and the four shifted targets."""
+class DomainGeneralizationTask(FewShotTask):
+    """16-shot ImageNet (NOAH's few-shot lists) with ImageNet val as the main test and the four
+    shifted targets evaluated in the same run."""
 
-    def variants(self, shots=None, split_seeds=None) -> list[FileListTask]:
-        out = []
-        for split_seed in split_seeds or SPLIT_SEEDS:
-            train = f"annotations/train_meta.list.num_shot_16.seed_{split_seed}"
-            lists = ListNames(train=train, val="annotations/val_meta.list", trainval=train,
-                              test="annotations/val_meta.list")  # fmt: skip
-            out.append(dataclasses.replace(self, lists=lists, variant={"shots": 16, "split_seed": split_seed}))
-        return out
+    shot_choices: tuple[int, ...] = (16,)
+    test_list: str = "annotations/val_meta.list"
 
     def splits(self, data_root, protocol, strict=False) -> TaskData:
         data = super().splits(data_root, protocol, strict)

@@ -26,15 +26,17 @@ HOW_TO_GET = (
 
 @dataclass
 class FewShotTask(FileListTask):
-    """One fine-grained dataset; ``variants`` gives one task per (shots, split seed)."""
+    """A dataset with NOAH's few-shot lists; ``variants`` gives one task per (shots, split seed)."""
+
+    shot_choices: tuple[int, ...] = SHOTS
+    test_list: str = "annotations/test_meta.list"
 
     def variants(self, shots=None, split_seeds=None) -> list[FileListTask]:
         out = []
-        for shot in shots or SHOTS:
+        for shot in shots or self.shot_choices:
             for split_seed in split_seeds or SPLIT_SEEDS:
                 train = f"annotations/train_meta.list.num_shot_{shot}.seed_{split_seed}"
-                lists = ListNames(train=train, val="annotations/val_meta.list", trainval=train,
-                                  test="annotations/test_meta.list")  # fmt: skip
+                lists = ListNames(train=train, val="annotations/val_meta.list", trainval=train, test=self.test_list)
                 out.append(dataclasses.replace(self, lists=lists, variant={"shots": shot, "split_seed": split_seed}))
         return out
 
