@@ -26,13 +26,11 @@ from pathlib import Path
 import torch
 
 from petl_bench import records
-from petl_bench.backbones import build_backbone
 from petl_bench.checkpoints import load_trainable, save_trainable
-from petl_bench.data import Normalizer, TensorDataset
 from petl_bench.engine import Recipe, evaluate, fit
 from petl_bench.errors import UserError
-from petl_bench.model import Method, attach_method
-from petl_bench.runner import normalization, seed_everything
+from petl_bench.model import Method
+from petl_bench.runner import prepare
 
 from .noah import SUPER_DIM, NoahConfig, Subnet, Supernet
 
@@ -256,21 +254,10 @@ def run_search(
     folder.mkdir(parents=True, exist_ok=True)
     data = task.splits(data_root, "tune")
     recipe = dataclasses.replace(settings.supernet_recipe, image_size=image_size or settings.supernet_recipe.image_size)
-    seed_everything(seed)
-    backbone_model, info = build_backbone(
-        backbone,
-        pretrained,
-        num_classes=data.num_classes,
-        drop_path_rate=recipe.drop_path,
-        image_size=recipe.image_size,
-    )
     method = _SupernetMethod()
-    model = attach_method(backbone_model, info, method, NoahConfig()).to(device)
-    supernet = method.supernet
-    size, interpolation = info.preprocessing.image_size, info.preprocessing.interpolation
-    train = TensorDataset.from_split(data.train, size, interpolation, progress=progress).to(device)
-    val = TensorDataset.from_split(data.eval, size, interpolation, progress=progress)
-    normalizer = Normalizer(*normalization(recipe, info)).to(device)
+    prepared = prepare(method, NoahConfig(), backbone, pretrained, recipe, data, seed, device, progress)
+    model, info, supernet = prepared.model, prepared.model.info, method.supernet
+    train, val, normalizer = prepared.train, prepared.evaluation, prepared.normalizer
 
     weights = folder / "supernet.safetensors"
     if weights.is_file():

@@ -34,7 +34,16 @@ from .checkpoints import save_trainable
 from .data import AugmentedStream, Normalizer, TensorDataset
 from .engine import EpochLog, Recipe, evaluate, extract_features, fit, forward_flops, peak_memory_bytes
 from .errors import UserError
-from .model import count_trainable, create_model, get_method, head_parameter_names, task_key, trainable_parameters
+from .model import (
+    Method,
+    PetlModel,
+    attach_method,
+    count_trainable,
+    get_method,
+    head_parameter_names,
+    task_key,
+    trainable_parameters,
+)
 from .registry import METHODS, SUITES, TASKS
 from .task import FileListTask, TaskData, folder_task
 
@@ -253,6 +262,49 @@ def normalization(recipe: Recipe, info) -> tuple[tuple[float, ...], tuple[float,
     raise UserError(f"unknown recipe.normalization '{recipe.normalization}'; choose imagenet or backbone")
 
 
+@dataclass
+class Prepared:
+    """A model with its method attached, on the device, and its data ready."""
+
+    model: PetlModel
+    train: TensorDataset | AugmentedStream
+    evaluation: TensorDataset
+    targets: dict[str, TensorDataset]
+    normalizer: Normalizer
+    seconds: float  # spent preparing the data
+
+
+def prepare(
+    method: Method, config: Any, backbone: str, pretrained: str, recipe: Recipe, data: TaskData, seed: int,
+    device: torch.device, progress=None,
+) -> Prepared:  # fmt: skip
+    """Seed, build the backbone, attach the method (classifier from prompts if asked), prepare the data."""
+    seed_everything(seed)
+    network, info = build_backbone(
+        backbone,
+        pretrained,
+        num_classes=data.num_classes,
+        drop_path_rate=recipe.drop_path,
+        image_size=recipe.image_size,
+    )
+    model = attach_method(network, info, method, config)
+    if recipe.head_init == "text":
+        init_classifier_from_text(model.backbone, info, data.class_names or (), recipe.prompt_template)
+    model = model.to(device)
+    mean, std = normalization(recipe, info)
+    start = time.perf_counter()
+    size, interpolation = info.preprocessing.image_size, info.preprocessing.interpolation
+    train = training_data(recipe, data, info, mean, std, device, progress)
+    evaluation = on_device_if_it_fits(
+        TensorDataset.from_split(data.eval, size, interpolation, progress=progress), device
+    )
+    targets = {
+        name: TensorDataset.from_split(target.split, size, interpolation, progress=progress)
+        for name, target in data.targets.items()
+    }
+    return Prepared(model, train, evaluation, targets, Normalizer(mean, std).to(device), time.perf_counter() - start)
+
+
 def run_job(
     job: Job, run_dir: Path, data: TaskData, device: torch.device, progress=None, checkpoint_seconds: float = 60.0
 ) -> records.RunRecord:
@@ -261,33 +313,12 @@ def run_job(
     The training state is saved to ``resume.pt`` at most every ``checkpoint_seconds``; a run that was
     interrupted continues from it."""
     started, wall_start = records.now(), time.perf_counter()
-    seed_everything(job.seed)
-    model = create_model(
-        job.method,
-        job.backbone,
-        num_classes=data.num_classes,
-        pretrained=job.pretrained,
-        drop_path_rate=job.recipe.drop_path,
-        image_size=job.recipe.image_size,
-        **dataclasses.asdict(job.method_config),
+    runner = get_method(job.method)
+    prepared = prepare(
+        runner, job.method_config, job.backbone, job.pretrained, job.recipe, data, job.seed, device, progress
     )
-    info = model.info
-    if job.recipe.head_init == "text":
-        init_classifier_from_text(model.backbone, info, data.class_names or (), job.recipe.prompt_template)
-    model = model.to(device)
-    mean, std = normalization(job.recipe, info)
-    data_start = time.perf_counter()
-    train = training_data(job.recipe, data, info, mean, std, device, progress)
-    size, interpolation = info.preprocessing.image_size, info.preprocessing.interpolation
-    evaluation = on_device_if_it_fits(
-        TensorDataset.from_split(data.eval, size, interpolation, progress=progress), device
-    )
-    targets = {
-        name: TensorDataset.from_split(t.split, size, interpolation, progress=progress)
-        for name, t in data.targets.items()
-    }
-    data_seconds = time.perf_counter() - data_start
-    normalizer = Normalizer(mean, std).to(device)
+    model, info, normalizer = prepared.model, prepared.model.info, prepared.normalizer
+    train, evaluation, targets, data_seconds = prepared.train, prepared.evaluation, prepared.targets, prepared.seconds
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainee, feature_seconds = model, 0.0
@@ -333,7 +364,6 @@ def run_job(
     without_head, with_head = count_trainable(model)
     curve = result.curve
     top1 = max(point["top1"] for point in curve) if job.protocol == "paper" and curve else result.top1
-    runner = get_method(job.method)
     record = records.RunRecord(
         run_id=job.run_id,
         method=job.method,
