@@ -249,6 +249,10 @@ def run_command(
     )  # fmt: skip
     jobs = spec.jobs()
     if executor == "slurm":
+        try:
+            import submitit  # noqa: F401
+        except ModuleNotFoundError:
+            raise UserError("--executor slurm needs submitit: pip install 'petl-bench[slurm]'") from None
         runner.validate(jobs, strict, spec.skip_unsupported)
         options = executors.SlurmOptions(slurm_cluster, partition, time_minutes, gpus_per_job, cpus_per_job,
                                          array_parallelism, wait)  # fmt: skip

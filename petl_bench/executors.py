@@ -91,9 +91,10 @@ def submit(spec: SweepSpec, output: Path, options: SlurmOptions, *, force: bool,
     pending = [job for job in jobs if force or not records.is_finished(output / job.run_id)]
     if not pending:
         return []
-    executor = submitit.AutoExecutor(
-        folder=output / "slurm-logs" / "%j", cluster=None if options.cluster == "slurm" else options.cluster
-    )
+    try:  # name the cluster: submitit would otherwise fall back to running locally without saying so
+        executor = submitit.AutoExecutor(folder=output / "slurm-logs" / "%j", cluster=options.cluster)
+    except (RuntimeError, ValueError) as error:  # e.g. no srun on this machine
+        raise UserError(f"cannot submit to {options.cluster}: {error}") from None
     parameters = dict(timeout_min=options.time_minutes, gpus_per_node=options.gpus_per_job,
                       cpus_per_task=options.cpus_per_job, name="petl-bench", slurm_array_parallelism=options.array_parallelism)  # fmt: skip
     if options.partition:

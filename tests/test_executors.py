@@ -31,3 +31,10 @@ def test_gpus_beyond_the_visible_ones_are_refused(monkeypatch, capsys, tmp_path,
     code, _, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
                               "--methods", "linear", "--gpus", "2", "--output", str(tmp_path / "r"), *TINY_RUN)  # fmt: skip
     assert code == 2 and "--gpus 2 asked for, but torch sees 0 CUDA device(s)" in stderr
+
+
+def test_slurm_without_a_cluster_is_a_clear_error(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task = make_task_folder(tmp_path / "colours")
+    code, _, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
+                              "--methods", "linear", "--executor", "slurm", "--output", str(tmp_path / "r"), *TINY_RUN)  # fmt: skip
+    assert code == 2 and "cannot submit to slurm" in stderr and "srun" in stderr
