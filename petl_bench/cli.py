@@ -136,10 +136,8 @@ def params_command(
     configs = [runner.make_config(task) for runner in runners]
     base, info = build_backbone(backbone, "none", num_classes=num_classes)
     rows, skipped = [], []
-    for runner in runners:
-        runner.check_backbone(info)
     for runner, config in zip(runners, configs):
-        try:
+        try:  # attach_method checks the method/backbone pair first
             model = attach_method(copy.deepcopy(base), copy.deepcopy(info), runner, config)
         except UserError as error:
             if methods:  # asked for by name: the error is the answer

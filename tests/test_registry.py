@@ -74,3 +74,16 @@ def test_entry_point_group_registers_third_party_methods(tmp_path, monkeypatch):
     assert method.__name__ == "HeadOnly"
     model = pb.attach_method(*tiny_backbone(TINY_VIT), method(), method().make_config())
     assert pb.count_trainable(model)[0] == 0
+
+
+def test_params_without_methods_counts_every_method_that_runs_on_the_backbone(monkeypatch, capsys):
+    from test_run import run_cli
+
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "params", "--format", "csv")
+    assert code == 0, stderr
+    counts = {line.split(",")[0]: int(line.split(",")[2]) for line in stdout.splitlines()[1:]}
+    assert counts == {
+        "full": 85_798_656, "linear": 0, "bitfit": 102_912, "vpt_shallow": 7_680, "vpt_deep": 92_160,
+        "adapter": 156_768, "adaptformer": 156_768, "lora": 294_912, "convpass": 327_552, "convpass_attn": 163_776,
+    }  # fmt: skip
+    assert "not counted: zero_shot" in stderr and "not counted: noah" in stderr
