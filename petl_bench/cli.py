@@ -66,9 +66,9 @@ def render(rows: list[dict], title: str, fmt: str) -> None:
         writer.writerows(rows)
         sys.stdout.write(buffer.getvalue())
     elif fmt == "md":
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
-        sys.stdout.write("\n".join(lines) + "\n")
+        from .report.table import markdown_table
+
+        sys.stdout.write(markdown_table(columns, [[str(row[c]) for c in columns] for row in rows]))
     else:
         table = Table(title=title)
         for column in columns:

@@ -19,7 +19,7 @@ from .accuracy import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, backbone_t
 from .dg import dg_tables
 from .fewshot import fewshot_tables, plot_fewshot
 from .plots import plot_accuracy_vs_cost, plot_accuracy_vs_params, plot_bars
-from .table import Table, method_order, runs_frame
+from .table import Table, markdown_table, method_order, runs_frame
 
 FAMILIES = ("fewshot", "dg")  # suites with their own tables
 
@@ -66,12 +66,11 @@ def method_costs(frame: pd.DataFrame, key: dict[str, str]) -> dict[str, dict[str
 
 
 def frame_markdown(frame: pd.DataFrame) -> str:
-    header = list(frame.columns)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in frame.iterrows():
-        cells = [f"{v:,.1f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v)) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [
+        [f"{v:,.1f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v)) for v in row]
+        for _, row in frame.iterrows()
+    ]
+    return markdown_table(list(frame.columns), rows)
 
 
 def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] = ("md", "csv")) -> list[Path]:

@@ -70,6 +70,13 @@ def format_params(count: float | None) -> str:
     return MISSING if count is None or pd.isna(count) else f"{count / 1e6:.3f}M"
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with one header row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def slug(*parts: str) -> str:
     return "__".join(str(p).replace(":", "-").replace("/", "-").replace(" ", "-") for p in parts)
 
@@ -112,9 +119,8 @@ class Table:
     def markdown(self) -> str:
         header = ["method", "params", *self.columns]
         lines = [f"### {self.title}", ""] + ([self.note, ""] if self.note else [])
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row[c] for c in header) + " |" for row in self.display_rows()]
-        return "\n".join(lines) + "\n"
+        body = markdown_table(header, [[row[c] for c in header] for row in self.display_rows()])
+        return "\n".join(lines) + "\n" + body
 
     def long_rows(self) -> list[dict]:
         return [
