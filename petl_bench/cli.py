@@ -252,8 +252,10 @@ def run_command(
         except ModuleNotFoundError:
             raise UserError("--executor slurm needs submitit: pip install 'petl-bench[slurm]'") from None
         runner.validate(jobs, strict, spec.skip_unsupported)
-        options = executors.SlurmOptions(slurm_cluster, partition, time_minutes, gpus_per_job, cpus_per_job,
-                                         array_parallelism, wait)  # fmt: skip
+        options = executors.SlurmOptions(
+            cluster=slurm_cluster, partition=partition, time_minutes=time_minutes, gpus_per_job=gpus_per_job,
+            cpus_per_job=cpus_per_job, array_parallelism=array_parallelism, wait=wait,
+        )  # fmt: skip
         submitted = executors.submit(spec, output, options, force=force, checkpoint_seconds=checkpoint_seconds)
         console.print(f"submitted {len(submitted)} run(s) to {slurm_cluster}; logs in {output / 'slurm-logs'}")
         if not wait:
