@@ -8,7 +8,9 @@ no augmentation. fp32 on CPU, bf16 autocast on CUDA.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -27,6 +29,8 @@ from .data import Normalizer, TensorDataset
 from .errors import UserError
 from .model import parse_value
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Recipe:
@@ -36,7 +40,8 @@ class Recipe:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_epochs: int = 10
+    warmup_epochs: int | None = None  # None: warmup_fraction of the epochs (10 at the paper's 100)
+    warmup_fraction: float = 0.1
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     drop_path: float = 0.1
@@ -56,7 +61,8 @@ class Recipe:
     class_mask: str = "subset"  # targets covering part of the classes (ImageNet-A/-R): "subset" logits or "all"
     cache_features: bool = True  # linear probing without augmentation: train the head on features computed once
     compile: bool = False  # torch.compile the model (an option: measure before relying on it)
-    head_init: str = "default"  # "default" (PyTorch Linear) or "text" (CLIP: class-name prompts, zero-shot)
+    head_init: str | None = None  # None: the method's; "default" (PyTorch Linear), "trunc_normal" (std 0.02,
+    # zero bias: NOAH's reset_classifier) or "text" (CLIP: class-name prompts, zero-shot)
     prompt_template: str = "a photo of a {}."  # head_init="text": CoOp's single template, or "openai80" / "simple7"
 
     # How a run executes, not what it computes: recorded, but not part of a run's identity.
@@ -66,34 +72,71 @@ class Recipe:
         "weight_decay_scope": ("all", "skip_1d"),
         "augment": ("none", "deit", "crop_flip"),
         "class_mask": ("subset", "all"),
-        "head_init": ("default", "text"),
+        "head_init": (None, "default", "trunc_normal", "text"),
     }
+    # name -> (smallest allowed, largest allowed, whether the largest is excluded); None: no bound.
+    BOUNDS: typing.ClassVar[dict[str, tuple]] = {
+        "epochs": (1, None, False), "batch_size": (1, None, False), "eval_every": (1, None, False),
+        "eval_batch_size": (0, None, False), "workers": (0, None, False), "warmup_epochs": (0, None, False),
+        "image_size": (1, None, False), "lr": (0.0, None, False), "weight_decay": (0.0, None, False),
+        "warmup_lr": (0.0, None, False), "min_lr": (0.0, None, False), "warmup_fraction": (0.0, 1.0, False),
+        "drop_path": (0.0, 1.0, True), "label_smoothing": (0.0, 1.0, True), "random_erasing": (0.0, 1.0, False),
+        "mixup": (0.0, None, False), "cutmix": (0.0, None, False),
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         for name, choices in self.CHOICES.items():
             if getattr(self, name) not in choices:
-                raise UserError(f"recipe.{name} is {getattr(self, name)!r}; choose from: {', '.join(choices)}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise UserError("recipe.epochs must be >= 0 and recipe.batch_size >= 1")
+                shown = ", ".join(str(c) for c in choices if c is not None)
+                raise UserError(f"recipe.{name} is {getattr(self, name)!r}; choose from: {shown}")
+        for name, bounds in self.BOUNDS.items():
+            check_bounds(f"recipe.{name}", getattr(self, name), *bounds)
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up epochs: ``warmup_epochs`` when set, else ``warmup_fraction`` of ``epochs`` (rounded half up)."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return int(math.floor(self.warmup_fraction * self.epochs + 0.5))
 
     def identity(self) -> dict:
-        """The settings that decide a run's result (the execution settings left out)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION}
+        """The settings that decide a run's result (the execution settings left out). The warm-up is
+        identified by its resolved length, so the paper's 100-epoch recipe keeps the identity it had
+        when the warm-up was a fixed 10 epochs."""
+        identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION}
+        identity["warmup_epochs"] = self.warmup
+        del identity["warmup_fraction"]
+        if identity["head_init"] is None:  # unresolved (the runner resolves it per method): the old default
+            identity["head_init"] = "default"
+        return identity
 
     def replace(self, **changes) -> "Recipe":
         """A copy with ``changes`` applied (CLI strings are parsed to the field types)."""
         types = typing.get_type_hints(Recipe)
         unknown = sorted(set(changes) - set(types))
         if unknown:
-            raise UserError(f"unknown recipe setting {', '.join(unknown)}; settings: {', '.join(types)}")
+            settings = [f.name for f in dataclasses.fields(Recipe)]
+            raise UserError(f"unknown recipe setting {', '.join(unknown)}; settings: {', '.join(settings)}")
         return dataclasses.replace(self, **{k: parse_value(v, types[k], f"recipe.{k}") for k, v in changes.items()})
+
+
+def check_bounds(label: str, value, low, high, high_excluded: bool) -> None:
+    """A UserError unless ``value`` is None or a finite number within [low, high] (or [low, high))."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{label} must be a finite number, got {value!r}")
+    above = high is not None and (value >= high if high_excluded else value > high)
+    if value < low or above:
+        span = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_excluded else ']'}"
+        raise UserError(f"{label} must be {span}, got {value!r}")
 
 
 def scheduled_lr(recipe: Recipe, t: int) -> float:
     """timm ``CosineLRScheduler(t_initial=epochs, warmup_t, warmup_lr_init, lr_min)`` at step ``t``:
     linear warm-up, then cosine on the raw step count (no warm-up offset)."""
-    if t < recipe.warmup_epochs:
-        return recipe.warmup_lr + t * (recipe.lr - recipe.warmup_lr) / recipe.warmup_epochs
+    if t < recipe.warmup:
+        return recipe.warmup_lr + t * (recipe.lr - recipe.warmup_lr) / recipe.warmup
     if t >= recipe.epochs:
         return recipe.min_lr
     return recipe.min_lr + 0.5 * (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * t / recipe.epochs))
@@ -230,45 +273,112 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoot
     return nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
+RESUME_FORMAT = "petl-bench-resume/2"
+
+
+def _numpy_state() -> dict:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached": float(cached)}  # fmt: skip
+
+
+def _set_numpy_state(state: dict) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["kind"], keys, state["position"], state["has_gauss"], state["cached"]))
+
+
 def _save_state(path: Path, epoch: int, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> None:
-    """Everything needed to continue training after ``epoch`` exactly as if never interrupted."""
+    """Everything needed to continue training after ``epoch`` exactly as if never interrupted, as
+    tensors and plain values only: the file loads with ``torch.load(weights_only=True)``, which runs
+    no code whatever the file holds."""
+    version, mt_state, gauss = random.getstate()
     state = {
+        "format": RESUME_FORMAT,
         "epoch": epoch,
         "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
         "order": order.get_state(),
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+        "numpy_rng": _numpy_state(),
         "result": dataclasses.asdict(result),
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
-def _restore_state(path: Path, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> int:
-    """Load a state written by :func:`_save_state`; returns the first epoch still to train."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def _snapshot(model: nn.Module, optimizer, order: torch.Generator) -> dict:
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "order": order.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+    }
+
+
+def _apply_state(state: dict, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> int:
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise ValueError(f"not a {RESUME_FORMAT} training state")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(state["params"]):
-        raise UserError(f"{path} was written by a different model; delete it to start the run afresh")
+    saved = state["params"]
+    if set(params) != set(saved) or any(params[n].shape != saved[n].shape for n in params):
+        raise ValueError("it was written by a different model")
+    epoch = state["epoch"]
+    if not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"bad epoch {epoch!r}")
+    epochs = [EpochLog(**entry) for entry in state["result"]["epochs"]]
     with torch.no_grad():
         for name, parameter in params.items():
-            parameter.copy_(state["params"][name])
+            parameter.copy_(saved[name])
     optimizer.load_state_dict(state["optimizer"])
     order.set_state(state["order"])
     torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
+    if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    random.setstate(state["python_rng"])
-    np.random.set_state(state["numpy_rng"])
-    saved = state["result"]
-    result.epochs = [EpochLog(**entry) for entry in saved["epochs"]]
-    result.train_seconds, result.eval_seconds = saved["train_seconds"], saved["eval_seconds"]
-    result.eval_images_per_s = saved["eval_images_per_s"]
-    return state["epoch"] + 1
+    version, mt_state, gauss = state["python_rng"]
+    random.setstate((version, tuple(int(v) for v in mt_state.tolist()), gauss))
+    _set_numpy_state(state["numpy_rng"])
+    result.epochs = epochs
+    result.train_seconds = float(state["result"]["train_seconds"])
+    result.eval_seconds = float(state["result"]["eval_seconds"])
+    result.eval_images_per_s = float(state["result"]["eval_images_per_s"])
+    return epoch + 1
+
+
+def _restore_state(path: Path, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> int:
+    """Continue from a state written by :func:`_save_state`; returns the first epoch still to train.
+
+    The file is loaded with ``weights_only=True``: a crafted pickle is refused, never run. A file that
+    cannot be used (crafted, garbage, truncated, another model's) is moved aside with a warning and
+    the run starts afresh, exactly as a run that never had one."""
+    before = _snapshot(model, optimizer, order)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return _apply_state(state, model, optimizer, order, result)
+    except Exception as error:  # noqa: BLE001 - any unusable file: start afresh
+        rejected = path.with_name(path.name + ".rejected")
+        os.replace(path, rejected)
+        log.warning("discarded the saved training state %s (%s: %s); moved to %s, the run starts afresh",
+                    path, type(error).__name__, str(error)[:200], rejected.name)  # fmt: skip
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in before["params"]:
+                    parameter.copy_(before["params"][name])
+        optimizer.load_state_dict(before["optimizer"])
+        order.set_state(before["order"])
+        torch.set_rng_state(before["torch_rng"])
+        random.setstate(before["python_rng"])
+        np.random.set_state(before["numpy_rng"])
+        result.epochs, result.train_seconds, result.eval_seconds, result.eval_images_per_s = [], 0.0, 0.0, 0.0
+        return 0
 
 
 def fit(
