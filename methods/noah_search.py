@@ -229,7 +229,7 @@ class _SupernetMethod(Method):
 def search_folder(output: Path, task: str, backbone: str, seed: int, settings: SearchSettings, pretrained: str) -> Path:
     identity = json.dumps([task, backbone, seed, pretrained, dataclasses.asdict(settings)], sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
-    return output / "noah-search" / f"{task}__{backbone.replace(':', '-')}__s{seed}__{digest}"
+    return output / "noah-search" / f"{records.safe_name(task)}__{records.safe_name(backbone)}__s{seed}__{digest}"
 
 
 def run_search(

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
 from contextlib import contextmanager
@@ -81,19 +83,105 @@ def write_atomic(path: Path, text: str) -> None:
     """Write via a private temporary file and rename: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:
     write_atomic(run_dir / RECORD, record.to_json())
 
 
+_NAMES = ("run_id", "method", "task", "suite", "backbone", "protocol")
+_COSTS = ("trainable_params", "trainable_params_with_head", "checkpoint_bytes", "peak_memory_bytes",
+          "train_images_per_s", "eval_images_per_s")  # fmt: skip
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_record(text: str) -> RunRecord:
+    """A record from its JSON text; ValueError (saying what is wrong) unless it parses and has every
+    field a report reads, with the right types."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"not a JSON object but a {type(data).__name__}")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"schema version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    for name in _NAMES:
+        value = data.get(name)
+        if not isinstance(value, str) or not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError(f"field {name!r} is not a plain non-empty string: {value!r}"[:200])
+    if not isinstance(data.get("seed"), int) or isinstance(data.get("seed"), bool):
+        raise ValueError(f"field 'seed' is not an integer: {data.get('seed')!r}")
+    for name in ("hparams", "metrics", "cost", "environment"):
+        if not isinstance(data.get(name), dict):
+            raise ValueError(f"field {name!r} is not an object")
+    metrics, cost = data["metrics"], data["cost"]
+    if not _number(metrics.get("top1")):
+        raise ValueError(f"metrics.top1 is not a number: {metrics.get('top1')!r}")
+    if not isinstance(metrics.get("eval_split"), str):
+        raise ValueError("metrics.eval_split is missing")
+    missing = [name for name in _COSTS if not _number(cost.get(name))]
+    if missing or not isinstance(cost.get("seconds"), dict) or not _number(cost["seconds"].get("total")):
+        raise ValueError(f"cost fields missing or not numbers: {', '.join(missing) or 'seconds.total'}")
+    if not all(isinstance(v, str) for v in data.get("notes", [])) or not isinstance(data.get("task_variant", {}), dict):
+        raise ValueError("notes or task_variant malformed")
+    return RunRecord.from_dict(data)
+
+
+def read_record(path: Path) -> RunRecord:
+    """The record at ``path``; ValueError when it cannot be read, parsed or validated."""
+    try:
+        return parse_record(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(str(error)) from None
+
+
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / RECORD).is_file()
+    """A valid record exists. A record that does not parse and validate (truncated, hand-edited) is
+    moved aside to ``record.json.invalid`` with a warning, so the run trains again."""
+    path = run_dir / RECORD
+    if not path.is_file():
+        return False
+    try:
+        read_record(path)
+        return True
+    except ValueError as error:
+        aside = path.with_name(RECORD + ".invalid")
+        log.warning("%s is not a valid record (%s); moved to %s, the run will train again", path, error, aside.name)
+        try:
+            os.replace(path, aside)
+        except OSError:
+            pass
+        return False
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one path component: runs of anything but letters, digits and ``._=+-`` become ``-``;
+    no leading dot, never empty, at most 80 characters (longer names end in a digest of the whole)."""
+    name = _UNSAFE.sub("-", text).lstrip(".-") or "x"
+    if len(name) > 80:
+        name = name[:69] + "-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+    return name
+
+
+def run_folder(output: Path, run_id: str) -> Path:
+    """``output/<run_id>``, refusing anything that would land outside ``output``."""
+    folder = output / run_id
+    if _UNSAFE.search(run_id) or run_id.startswith(".") or not folder.resolve().is_relative_to(output.resolve()):
+        raise UserError(f"run id {run_id!r} is not a safe folder name")
+    return folder
 
 
 @contextmanager
@@ -113,21 +201,30 @@ def run_lock(run_dir: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_writable(folder: Path, option: str) -> None:
+    """A UserError when ``folder`` (or, if it does not exist yet, its nearest existing parent) is not a
+    writable folder. Creates nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {folder}: {existing} is not writable")
+
+
 def load_records(results: Path) -> list[RunRecord]:
     """Every finished run under ``results`` (searched recursively)."""
     if not results.exists():
         raise UserError(f"no results folder {results}; run 'petl-bench run' first or pass --results")
+    if not results.is_dir():
+        raise UserError(f"--results {results} is not a folder")
     records = []
     for path in sorted(results.rglob(RECORD)):
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            log.warning("skipping unreadable record %s: %s", path, error)
-            continue
-        if data.get("schema_version") != SCHEMA_VERSION:
-            log.warning("skipping %s: schema version %s, expected %s", path, data.get("schema_version"), SCHEMA_VERSION)
-            continue
-        records.append(RunRecord.from_dict(data))
+            records.append(read_record(path))
+        except ValueError as error:
+            log.warning("skipping %s: %s", path, error)
     return records
 
 

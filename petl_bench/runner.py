@@ -95,8 +95,8 @@ class Job:
     @property
     def run_id(self) -> str:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:10]
-        backbone = self.backbone.replace(":", "-").replace("/", "-")
-        return f"{self.task.key}__{self.method}__{backbone}__s{self.seed}__{self.protocol}__{digest}"
+        names = "__".join(records.safe_name(name) for name in (self.task.key, self.method, self.backbone))
+        return f"{names}__s{self.seed}__{records.safe_name(self.protocol)}__{digest}"
 
 
 @dataclass
@@ -188,6 +188,9 @@ def plan(
     """The cross product, with each method's per-task defaults and ``--set`` overrides resolved."""
     settings = settings or {}
     recipe = recipe.replace(**settings.get("recipe", {}))
+    bad_seeds = [seed for seed in seeds if not 0 <= seed < 2**32]
+    if bad_seeds:
+        raise UserError(f"seeds must be integers in [0, 2**32), got {', '.join(map(str, bad_seeds))}")
     jobs = []
     for method in methods:
         runner = get_method(method)
@@ -360,6 +363,8 @@ def run_job(
     for name, target in data.targets.items():
         classes = target.classes if job.recipe.class_mask == "subset" else None
         target_top1[name] = evaluate(model, targets[name], normalizer, device, job.recipe.eval_batch_size, classes)[0]
+    if result.top1 is None or not len(evaluation):
+        raise RuntimeError("the run evaluated no image; no record is written")
     checkpoint = save_trainable(model, run_dir / records.CHECKPOINT)
     without_head, with_head = count_trainable(model)
     curve = result.curve
@@ -448,6 +453,7 @@ def validate(
     for job in jobs:
         if job.task.key not in data:
             data[job.task.key] = job.task.splits(job.data_root, job.protocol, strict=strict)
+        check_batch(job, data[job.task.key])
     infos: dict[str, Any] = {}
     runnable, left_out = [], []
     for job in jobs:
@@ -464,6 +470,17 @@ def validate(
             continue
         runnable.append(job)
     return data, runnable, left_out
+
+
+def check_batch(job: Job, data: TaskData) -> None:
+    """Fewer training images than one batch (with drop_last, as the recipe) is an error before any
+    model is built or image decoded."""
+    images, batch = len(data.train), job.recipe.batch_size
+    if job.recipe.drop_last and images < batch and get_method(job.method).trains_head:
+        raise UserError(
+            f"task '{job.task.key}' has {images} training images ({data.train.list_file.name}), fewer than one "
+            f"batch of {batch}; pass --batch-size {max(1, min(images, batch))} or fewer"
+        )
 
 
 def check_job(job: Job, info, data: TaskData) -> None:
@@ -497,7 +514,7 @@ def run_sweep(
     summary = SweepSummary(left_out=left_out)
     overall = progress.add_task("runs", total=len(jobs)) if progress else None
     for job in jobs:
-        run_dir = output / job.run_id
+        run_dir = records.run_folder(output, job.run_id)
         if records.is_finished(run_dir) and not force:
             summary.skipped.append(job.run_id)
         else:
