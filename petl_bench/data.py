@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +30,37 @@ log = logging.getLogger(__name__)
 
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 MISSING_SHOWN = 5
+LABEL = re.compile(r"-?[0-9]+")  # ASCII digits only: '²'.isdigit() is True, int('²') fails
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def cache_dir() -> Path:
-    """Where decoded images, converted weights and generated demo data live."""
-    return Path(os.environ.get("PETL_BENCH_CACHE", Path.home() / ".cache" / "petl-bench")).expanduser()
+    """Where decoded images, converted weights and generated demo data live (``$PETL_BENCH_CACHE``)."""
+    folder = Path(os.environ.get("PETL_BENCH_CACHE", Path.home() / ".cache" / "petl-bench")).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"the cache {folder} (PETL_BENCH_CACHE) is not a folder")
+    return folder
+
+
+def cache_subdir(name: str) -> Path:
+    """A folder under the cache, created; a clear error when it cannot be."""
+    folder = cache_dir() / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the cache folder {folder}: {error.strerror} (set PETL_BENCH_CACHE)") from None
+    return folder
+
+
+def ensure_free_space(folder: Path, needed: int, what: str) -> None:
+    """A UserError, before writing, when ``folder``'s filesystem has less than ``needed`` bytes free
+    (a memory-mapped file on a full filesystem kills the process with SIGBUS, without a message)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.05 + (16 << 20):
+        raise UserError(
+            f"not enough free space for {what}: {needed / 2**20:,.0f} MiB needed, {free / 2**20:,.0f} MiB free "
+            f"in {folder} (set PETL_BENCH_CACHE to a larger disk)"
+        )
 
 
 @dataclass(frozen=True)
@@ -56,12 +85,18 @@ def read_split(name: str, list_file: Path, root: Path, num_classes: int | None, 
     hint = f" {how_to_get}" if how_to_get else ""
     if not list_file.is_file():
         raise UserError(f"missing list file {list_file}.{hint}")
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first path
+    except UnicodeDecodeError as error:
+        raise UserError(f"{list_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise UserError(f"cannot read {list_file}: {error.strerror}") from None
     paths, labels = [], []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rstrip().rsplit(maxsplit=1)  # paths may contain spaces: split on the last one
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not LABEL.fullmatch(parts[1]):
             raise UserError(f"{list_file}:{number}: malformed line {line!r}; expected '<image path> <integer label>'")
         label = int(parts[1])
         if num_classes is not None and not 0 <= label < num_classes:
@@ -94,11 +129,22 @@ def check_size(split: Split, expected: int | None, strict: bool) -> None:
     log.warning(message)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB image; 16-bit (and 32-bit integer) greyscale is scaled to 8 bits, not clipped to white
+    as ``convert("RGB")`` does (65535 -> 255, 30000 -> 117)."""
+    if image.mode in SIXTEEN_BIT:
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else values.max()
+        scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 def _decode(job: tuple[str, int, int, str]) -> np.ndarray:
     path, height, width, interpolation = job
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB").resize((width, height), INTERPOLATIONS[interpolation])
+            image = to_rgb(image).resize((width, height), INTERPOLATIONS[interpolation])
             return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f"cannot decode image {path}: {error} (a corrupt or truncated download?)") from None
@@ -106,12 +152,23 @@ def _decode(job: tuple[str, int, int, str]) -> np.ndarray:
 
 def _cache_key(split: Split, size: tuple[int, int], interpolation: str) -> str:
     digest = hashlib.sha256()
-    digest.update(f"v1|{size}|{interpolation}|{split.root.resolve()}\n".encode())
+    digest.update(f"v2|{size}|{interpolation}|{split.root.resolve()}\n".encode())
     digest.update(split.list_file.read_bytes())
     for path in split.files():
         stat = path.stat()
         digest.update(f"{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
+
+
+def _die_with_parent() -> None:
+    """Decode workers end when the process that started them dies, even by kill -9 (Linux)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _decode_into(path: Path, split: Split, size: tuple[int, int], interpolation: str, workers, progress) -> None:
@@ -120,7 +177,11 @@ def _decode_into(path: Path, split: Split, size: tuple[int, int], interpolation:
     task = progress.add_task(f"decoding {split.name} ({len(jobs)} images)", total=len(jobs)) if progress else None
     workers = workers or min(8, os.cpu_count() or 1)
     if workers > 1 and len(jobs) >= 256:
-        with ProcessPoolExecutor(workers) as pool:
+        # from a fork server, not forked from here: workers inherit no file descriptor (a run's lock among them), and they
+        # die with this process, so a kill -9 leaves nothing holding the run
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent) as pool:
             for index, decoded in enumerate(pool.map(_decode, jobs, chunksize=64)):
                 array[index] = decoded
                 if progress and index % 64 == 0:
@@ -128,9 +189,61 @@ def _decode_into(path: Path, split: Split, size: tuple[int, int], interpolation:
     else:
         for index, job in enumerate(jobs):
             array[index] = _decode(job)
+            if progress and index % 64 == 0:
+                progress.update(task, completed=index)
     array.flush()
+    del array
     if progress:
         progress.remove_task(task)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete ``.<name>.<pid>.tmp*`` files whose writing process is gone (killed mid-write)."""
+    for path in folder.glob(".*.tmp*"):
+        match = re.search(r"\.(\d+)\.tmp", path.name)
+        if match and not _alive(int(match.group(1))):
+            log.info("removing %s, left by a process that died while writing it", path)
+            path.unlink(missing_ok=True)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()  # cache files checked in this process: (path, size, mtime)
+
+
+def _load_verified(target: Path, sidecar: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached array when its sidecar's checksum and shape match, else None (with a warning)."""
+    try:
+        meta = json.loads(sidecar.read_text())
+        stat = target.stat()
+        stamp = (str(target), stat.st_size, stat.st_mtime_ns)
+        if stamp not in _VERIFIED:
+            if meta.get("sha256") != file_digest(target):
+                raise ValueError("checksum mismatch")
+            _VERIFIED.add(stamp)
+        array = np.load(target, mmap_mode="c")
+        if tuple(array.shape) != shape or array.dtype != np.uint8:
+            raise ValueError(f"shape {array.shape}, expected {shape}")
+        return array
+    except (OSError, ValueError) as error:
+        log.warning("cache entry %s is damaged (%s); decoding the images again", target, error)
+        return None
 
 
 def decoded_images(
@@ -139,26 +252,45 @@ def decoded_images(
     """The split's images as a uint8 tensor (N, 3, H, W), decoded once and memory-mapped from the cache.
 
     The cache key covers the list file's content, the image files' sizes and modification times, the
-    size and the interpolation. Concurrent writers each write a private file and rename it into place.
+    size and the interpolation. Each entry's sha256 is stored beside it and checked on first use in a
+    process; a damaged entry is decoded again. Concurrent writers each write a private file and rename
+    it into place.
     """
     if interpolation not in INTERPOLATIONS:
         raise UserError(f"unknown interpolation '{interpolation}'; choose from: {', '.join(INTERPOLATIONS)}")
-    folder = cache_dir() / "decoded"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = cache_subdir("decoded")
     key = _cache_key(split, size, interpolation)
-    target = folder / f"{key}.npy"
-    if not target.exists():
-        temporary = folder / f".{key}.{os.getpid()}.tmp.npy"
-        try:
-            _decode_into(temporary, split, size, interpolation, workers, progress)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+    target, sidecar = folder / f"{key}.npy", folder / f"{key}.json"
+    shape = (len(split), 3, size[0], size[1])
+    if target.exists() and sidecar.exists():
+        array = _load_verified(target, sidecar, shape)
+        if array is not None:
+            return torch.from_numpy(array)
+    remove_stale_temporaries(folder)
+    ensure_free_space(folder, int(np.prod(shape)), f"the decoded images of {split.list_file}")
+    temporary = folder / f".{key}.{os.getpid()}.tmp.npy"
+    try:
+        _decode_into(temporary, split, size, interpolation, workers, progress)
+        checksum = file_digest(temporary)
         os.replace(temporary, target)
-        (folder / f"{key}.json").write_text(
-            json.dumps({"list_file": str(split.list_file), "images": len(split), "size": size})
-        )
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    meta = {"list_file": str(split.list_file), "images": len(split), "size": list(size), "sha256": checksum}
+    write_text_atomic(sidecar, json.dumps(meta))
+    stat = target.stat()
+    _VERIFIED.add((str(target), stat.st_size, stat.st_mtime_ns))
     return torch.from_numpy(np.load(target, mmap_mode="c"))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -226,7 +358,7 @@ class _AugmentedFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         with Image.open(self.split.root / self.split.paths[index]) as image:
-            return self.transform(image.convert("RGB")), self.split.labels[index]
+            return self.transform(to_rgb(image)), self.split.labels[index]
 
 
 @dataclass
