@@ -199,10 +199,20 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
         except (KeyError, ValueError, RuntimeError) as error:
             raise UserError(f"{path} does not match the architecture: {error}") from error
         return
-    state = load_state_dict(str(path))
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as error:  # noqa: BLE001 - whatever the file holds, the answer is the same
+        raise UserError(
+            f"{path} is not a readable checkpoint of tensors ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        state = filter_fn(state, model)
+        try:
+            state = filter_fn(state, model)
+        except Exception as error:  # noqa: BLE001
+            raise UserError(f"{path} does not match the architecture ({type(error).__name__}: {error})") from None
     head_path = _module_path(model, model.get_classifier())
     head_keys = {f"{head_path}.weight", f"{head_path}.bias"}
     state = {key: value for key, value in state.items() if key not in head_keys}

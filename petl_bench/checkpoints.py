@@ -64,7 +64,10 @@ def _read(path: Path, format: str) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError) as error:
             raise UserError(f"{path} is not a readable safetensors checkpoint: {error}") from error
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a crafted or broken file: refused, never run
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a state dict of tensors (the official Convpass release format)")
     return {key.removeprefix("module."): value for key, value in state.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import io
 import json
 import logging
@@ -245,6 +246,7 @@ def run_command(
         settings=list(settings or []), data_root=str(data_root) if data_root else None,
         plugins=[str(p) for p in plugin or []],
     )  # fmt: skip
+    records.check_writable(output, "--output")
     jobs = spec.jobs()
     if executor == "slurm":
         try:
@@ -301,6 +303,7 @@ def report_command(
     """Tables (Markdown, CSV), runs.csv and PNG plots from the run records."""
     from .report import write_report
 
+    records.check_writable(out, "--out")
     run_records = records.load_records(results)
     written = write_report(run_records, out, tuple(split_names(fmt)))
     print_tables(run_records)
@@ -389,24 +392,51 @@ def noah_search_command(
     print_tables([r for r in records.load_records(output) if r.run_id == jobs[0].run_id])
 
 
+def _exception_types(name: str) -> tuple[type, ...]:
+    """``name`` ("Abort", "Exit", "ClickException") as click and as the installed typer define it:
+    typer 0.29 bundles its own click, whose exceptions are not click's."""
+    found = {getattr(click.exceptions, name)}
+    for module in ("typer", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            found.add(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+ABORT, EXIT, CLICK_ERROR = _exception_types("Abort"), _exception_types("Exit"), _exception_types("ClickException")
+
+
+def fail(message: str, code: int = 2) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    """Entry point. Exit codes: 0 done; 1 a run failed; 2 a usage or data error (one ``error:`` line);
+    130 interrupted (Ctrl-C). ``--debug`` shows tracebacks instead."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
-    except UserError as error:
+        code = app(standalone_mode=False)
+    except (UserError, OSError) as error:
         if debug:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        Console(stderr=True).print("aborted")
+        if isinstance(error, OSError):
+            where = f": {error.filename}" if error.filename else ""
+            fail(f"{error.strerror or error}{where}")
+        fail(str(error))
+    except (KeyboardInterrupt, *ABORT):
+        Console(stderr=True).print("interrupted; rerun the same command to continue where it stopped")
         sys.exit(130)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except click.exceptions.Exit as exit_:
+    except CLICK_ERROR as error:
+        if debug:
+            raise
+        context = getattr(error, "ctx", None)
+        hint = f" (see '{context.command_path} --help')" if context is not None else ""
+        fail(f"{error.format_message()}{hint}", getattr(error, "exit_code", 2) or 2)
+    except EXIT as exit_:
         sys.exit(exit_.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .accuracy import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, backbone_t
 from .dg import dg_tables
 from .fewshot import fewshot_tables, plot_fewshot
 from .plots import plot_accuracy_vs_cost, plot_accuracy_vs_params, plot_bars
-from .table import Table, markdown_table, method_order, runs_frame
+from .table import Table, csv_safe, csv_safe_frame, markdown_table, method_order, runs_frame
 
 FAMILIES = ("fewshot", "dg")  # suites with their own tables
 
@@ -90,7 +90,7 @@ def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] =
         (out / name).write_text(text)
         written.append(out / name)
 
-    frame.to_csv(out / "runs.csv", index=False)
+    csv_safe_frame(frame).to_csv(out / "runs.csv", index=False)
     written.append(out / "runs.csv")
     plots = []
     for table in tables:
@@ -129,7 +129,7 @@ def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] =
         ]
         writer = csv.DictWriter(buffer, columns, restval="")
         writer.writeheader()
-        writer.writerows(long)
+        writer.writerows({key: csv_safe(value) for key, value in row.items()} for row in long)
         write("accuracy.csv", buffer.getvalue())
-        write("cost.csv", costs.to_csv(index=False))
+        write("cost.csv", csv_safe_frame(costs).to_csv(index=False))
     return written

@@ -73,11 +73,9 @@ def fewshot_tables(frame: pd.DataFrame) -> list[Table]:
 
 def plot_fewshot(tables: list[Table], path: Path) -> Path | None:
     """One panel per dataset: top-1 vs shots, a line and ± std band per method, the paper dashed."""
-    import matplotlib
+    from .plots import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     tables = [t for t in tables if any(row.cells for row in t.rows if row.source == "ours")]
     if not tables:
         return None

@@ -11,6 +11,7 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # names from records are plain text, never mathtext
     import matplotlib.pyplot as plt
 
     return plt

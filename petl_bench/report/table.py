@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..records import RunRecord
+from ..records import RunRecord, safe_name
 from ..registry import METHODS
 
 MISSING = "–"
@@ -70,15 +71,38 @@ def format_params(count: float | None) -> str:
     return MISSING if count is None or pd.isna(count) else f"{count / 1e6:.3f}M"
 
 
+def escape_markdown(text: str) -> str:
+    """Text from records as inert Markdown: no HTML, no links or images, no table breaks, one line."""
+    text = html.escape(str(text), quote=False)
+    for char in "\\|[]`":
+        text = text.replace(char, "\\" + char)
+    return " ".join(text.split())
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table with one header row."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    """A Markdown table with one header row; every cell escaped."""
+    lines = ["| " + " | ".join(map(escape_markdown, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(escape_markdown, row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value):
+    """A CSV cell a spreadsheet will not run: text starting like a formula gets a leading apostrophe
+    (numbers, negative ones included, are left alone)."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_safe_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.map(csv_safe)
+
+
 def slug(*parts: str) -> str:
-    return "__".join(str(p).replace(":", "-").replace("/", "-").replace(" ", "-") for p in parts)
+    return "__".join(safe_name(str(p)) for p in parts)
 
 
 @dataclass
@@ -118,7 +142,7 @@ class Table:
 
     def markdown(self) -> str:
         header = ["method", "params", *self.columns]
-        lines = [f"### {self.title}", ""] + ([self.note, ""] if self.note else [])
+        lines = [f"### {escape_markdown(self.title)}", ""] + ([escape_markdown(self.note), ""] if self.note else [])
         body = markdown_table(header, [[row[c] for c in header] for row in self.display_rows()])
         return "\n".join(lines) + "\n" + body
 
