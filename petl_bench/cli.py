@@ -407,6 +407,9 @@ def _exception_types(name: str) -> tuple[type, ...]:
 ABORT, EXIT, CLICK_ERROR = _exception_types("Abort"), _exception_types("Exit"), _exception_types("ClickException")
 
 
+INTERRUPTED = 130
+
+
 def fail(message: str, code: int = 2) -> None:
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(code)
@@ -426,8 +429,7 @@ def main() -> None:
             fail(f"{error.strerror or error}{where}")
         fail(str(error))
     except (KeyboardInterrupt, *ABORT):
-        Console(stderr=True).print("interrupted; rerun the same command to continue where it stopped")
-        sys.exit(130)
+        code = INTERRUPTED
     except CLICK_ERROR as error:
         if debug:
             raise
@@ -435,7 +437,9 @@ def main() -> None:
         hint = f" (see '{context.command_path} --help')" if context is not None else ""
         fail(f"{error.format_message()}{hint}", getattr(error, "exit_code", 2) or 2)
     except EXIT as exit_:
-        sys.exit(exit_.exit_code)
+        code = exit_.exit_code
+    if code == INTERRUPTED:  # typer turns Ctrl-C into this code itself
+        Console(stderr=True).print("interrupted; rerun the same command to continue where it stopped")
     sys.exit(code if isinstance(code, int) else 0)
 
 
