@@ -10,14 +10,17 @@ is a fresh ``nn.Linear`` with PyTorch's default init, as the Convpass code's ``r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -122,7 +125,8 @@ def build_backbone(
             name,
             PAPER_BACKBONE,
         )
-    weights, source_label = _resolve_weights(pretrained, source)
+    with preserved_rng():  # a one-time download or conversion must not shift the run's random streams
+        weights, source_label = _resolve_weights(pretrained, source)
     kwargs = dict(source.model_kwargs if source else {})
     kwargs.update(model_kwargs, num_classes=num_classes, drop_path_rate=drop_path_rate)
     try:
@@ -146,6 +150,19 @@ def build_backbone(
     if source:
         info.notes = source.notes
     return model, info
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block without changing torch's, numpy's or Python's global random state, so that what
+    happens only on a cold cache (weights converted or downloaded once) cannot change a seeded run."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _create_timm(name: str, pretrained: bool, image_size: int | None, kwargs: dict) -> nn.Module:
