@@ -174,8 +174,9 @@ class Evolution:
             self.generation += 1
             if self.state is not None:
                 self._save(self.state)
-            if progress:
-                progress.update(task, advance=1, description=f"NOAH evolution: best val {self._acc(best):.1f}")
+            if progress:  # the best so far, this generation's children included (what the pick would be)
+                leader = min(self.top + self.candidates, key=self._key)
+                progress.update(task, advance=1, description=f"NOAH evolution: best val {self._acc(leader):.2f}")
         ranked = sorted({dataclasses.astuple(c): c for c in self.top + self.candidates}.values(), key=self._key)
         return ranked[0]
 

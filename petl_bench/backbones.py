@@ -16,6 +16,8 @@ import functools
 import hashlib
 import logging
 import random
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -129,6 +131,8 @@ def build_backbone(
         weights, source_label = _resolve_weights(pretrained, source)
     kwargs = dict(source.model_kwargs if source else {})
     kwargs.update(model_kwargs, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    if image_size:  # an asked-for size replaces a registered backbone's native one
+        kwargs.pop("img_size", None)
     try:
         model = _create_timm(timm_name, weights == "hub", image_size, kwargs)
     except (OSError, RuntimeError, ValueError) as error:
@@ -163,6 +167,40 @@ def preserved_rng():
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def check_hub_reachable(name: str, timeout: float = 5.0) -> None:
+    """A UserError within seconds when ``name``'s pretrained weights are not in the Hugging Face cache
+    and the hub cannot be reached (offline, timm would retry for about a minute, logging every try)."""
+    if name.startswith(OPEN_CLIP_PREFIX) or name in BACKBONES:
+        return
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+        from huggingface_hub import constants, try_to_load_from_cache
+    except (RuntimeError, ImportError):
+        return
+    if cfg is None or not cfg.hf_hub_id:
+        return
+    repo = cfg.hf_hub_id
+    if any(isinstance(try_to_load_from_cache(repo, filename), str) for filename in HUB_FILES):
+        return
+    advice = "pass a local weights file with --pretrained PATH, or --pretrained none for random weights"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(
+            f"the weights of '{name}' ({repo}) are not in the Hugging Face cache and HF_HUB_OFFLINE is set; {advice}"
+        )
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise UserError(
+            f"cannot reach {constants.ENDPOINT} to download the weights of '{name}' "
+            f"({error.strerror or type(error).__name__}); {advice}"
+        ) from None
 
 
 def _create_timm(name: str, pretrained: bool, image_size: int | None, kwargs: dict) -> nn.Module:

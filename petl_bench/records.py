@@ -145,9 +145,9 @@ def read_record(path: Path) -> RunRecord:
         raise ValueError(str(error)) from None
 
 
-def is_finished(run_dir: Path) -> bool:
+def is_finished(run_dir: Path, repair: bool = True) -> bool:
     """A valid record exists. A record that does not parse and validate (truncated, hand-edited) is
-    moved aside to ``record.json.invalid`` with a warning, so the run trains again."""
+    moved aside to ``record.json.invalid`` with a warning (unless not ``repair``), so the run trains again."""
     path = run_dir / RECORD
     if not path.is_file():
         return False
@@ -155,6 +155,8 @@ def is_finished(run_dir: Path) -> bool:
         read_record(path)
         return True
     except ValueError as error:
+        if not repair:
+            return False
         aside = path.with_name(RECORD + ".invalid")
         log.warning("%s is not a valid record (%s); moved to %s, the run will train again", path, error, aside.name)
         try:

@@ -16,7 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from .backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     build_backbone,
+    check_hub_reachable,
     classifier_input,
     init_classifier_from_text,
 )
@@ -134,10 +135,17 @@ class SweepSpec:
         if self.protocol not in PROTOCOLS:
             raise UserError(f"unknown protocol '{self.protocol}'; choose from: {', '.join(PROTOCOLS)}")
         suite = self.suite if self.suite or self.tasks or self.task_dirs else "demo"
-        definition = SUITES.get(suite) if suite else None
         tasks = resolve_tasks(suite, self.tasks, [Path(d) for d in self.task_dirs], self.shots, self.split_seeds)
         if not tasks:
             raise UserError("no tasks selected; use --suite, --tasks or --task-dir")
+        suites = {task.suite for task in tasks}
+        if suite is None and len(suites) == 1 and next(iter(suites)) in SUITES:  # --tasks of one suite: its defaults
+            suite = next(iter(suites))
+        definition = SUITES.get(suite) if suite else None
+        if not self.backbones:
+            chosen = definition.backbone if definition else PAPER_BACKBONE
+            log.warning("no --backbone given: using %s (%s)", chosen, f"the {suite} suite's" if definition
+                        else "the paper's ViT-B/16; pass --backbone for another")  # fmt: skip
         recipe = (definition.recipe if definition else Recipe()).replace(**self.recipe_overrides)
         return plan(
             resolve_methods(self.methods, suite),
@@ -309,8 +317,9 @@ def prepare(
 
 
 def run_job(
-    job: Job, run_dir: Path, data: TaskData, device: torch.device, progress=None, checkpoint_seconds: float = 60.0
-) -> records.RunRecord:
+    job: Job, run_dir: Path, data: TaskData, device: torch.device, progress=None, checkpoint_seconds: float = 60.0,
+    overall=None,
+) -> records.RunRecord:  # fmt: skip
     """Train and evaluate one job, writing its checkpoint, epoch log and (last) its record.
 
     The training state is saved to ``resume.pt`` at most every ``checkpoint_seconds``; a run that was
@@ -329,8 +338,9 @@ def run_job(
         start = time.perf_counter()
         model.eval()
         extract = classifier_input(model.backbone)
-        train = extract_features(extract, train, normalizer, device, job.recipe.eval_batch_size)
-        evaluation = extract_features(extract, evaluation, normalizer, device, job.recipe.eval_batch_size)
+        batch = job.recipe.eval_batch_size
+        train = extract_features(extract, train, normalizer, device, batch, progress, "features of train")
+        evaluation = extract_features(extract, evaluation, normalizer, device, batch, progress, "features of eval")
         trainee, feature_seconds = model.head, time.perf_counter() - start
     if job.recipe.compile:
         trainee = torch.compile(trainee)
@@ -344,6 +354,8 @@ def run_job(
         with open(epoch_log, "a") as handle:
             handle.write(json.dumps(dataclasses.asdict(entry)) + "\n")
         if progress:
+            if overall is not None:
+                progress.update(overall, advance=1)
             accuracy = f" top1 {entry.top1:.1f}" if entry.top1 is not None else ""
             progress.update(
                 bar,
@@ -384,7 +396,12 @@ def run_job(
         hparams={
             "method": runner.config_identity(job.method_config),
             "task_defaults": dict(runner.task_defaults.get(task_key(job.task.name), {})),
-            "recipe": dataclasses.asdict(job.recipe),
+            "recipe": {
+                **dataclasses.asdict(job.recipe),
+                "warmup_epochs": job.recipe.warmup,
+                "image_size": info.preprocessing.image_size[0],
+            },
+            "input_size": list(info.preprocessing.image_size),
             "normalization": {
                 "mean": list(normalizer.mean.flatten().tolist()),
                 "std": list(normalizer.std.flatten().tolist()),
@@ -441,26 +458,40 @@ class SweepSummary:
     left_out: list[str] = field(default_factory=list)  # unsupported method/backbone pairs of a multi-backbone sweep
 
 
-def validate(
-    jobs: list[Job], strict: bool, skip_unsupported: bool = False
-) -> tuple[dict[str, TaskData], list[Job], list[str]]:
+@dataclass
+class Checked:
+    """A sweep after every check: the data of each task, the jobs that can run, the pairs left out and
+    a description of each backbone at each input size."""
+
+    data: dict[str, TaskData]
+    jobs: list[Job]
+    left_out: list[str]
+    infos: dict[tuple[str, int | None], Any]
+
+    def info(self, job: Job):
+        return self.infos[(job.backbone, job.recipe.image_size)]
+
+
+def validate(jobs: list[Job], strict: bool, skip_unsupported: bool = False) -> Checked:
     """Check every task's data and every method/backbone pair before anything trains.
 
-    Returns the data, the jobs to run and the method/backbone pairs left out: with
-    ``skip_unsupported`` (a sweep over several backbones) an unsupported pair is left out with a
+    With ``skip_unsupported`` (a sweep over several backbones) an unsupported pair is left out with a
     warning instead of failing the sweep."""
     data = {}
     for job in jobs:
         if job.task.key not in data:
             data[job.task.key] = job.task.splits(job.data_root, job.protocol, strict=strict)
         check_batch(job, data[job.task.key])
-    infos: dict[str, Any] = {}
+    infos: dict[tuple[str, int | None], Any] = {}
     runnable, left_out = [], []
     for job in jobs:
-        if job.backbone not in infos:
-            infos[job.backbone] = build_backbone(job.backbone, "none", num_classes=1)[1]
+        key = (job.backbone, job.recipe.image_size)
+        if key not in infos:
+            if job.pretrained == "hub":
+                check_hub_reachable(job.backbone)
+            infos[key] = build_backbone(job.backbone, "none", num_classes=1, image_size=job.recipe.image_size)[1]
         try:
-            check_job(job, infos[job.backbone], data[job.task.key])
+            check_job(job, infos[key], data[job.task.key])
         except UserError as error:
             if not skip_unsupported:
                 raise
@@ -469,7 +500,45 @@ def validate(
             left_out.append(pair)
             continue
         runnable.append(job)
-    return data, runnable, left_out
+    return Checked(data, runnable, left_out, infos)
+
+
+def plan_rows(checked: Checked, output: Path) -> list[dict[str, Any]]:
+    """One row per run of the sweep: what it is and whether it is finished (for ``--dry-run``)."""
+    rows = []
+    for job in checked.jobs:
+        size = checked.info(job).preprocessing.image_size
+        rows.append({
+            "method": job.method, "task": job.task.key, "backbone": job.backbone, "seed": job.seed,
+            "protocol": job.protocol, "image_size": f"{size[0]}x{size[1]}", "epochs": job.recipe.epochs,
+            "batch": job.recipe.batch_size, "train_images": len(checked.data[job.task.key].train),
+            "status": "finished" if records.is_finished(output / job.run_id, repair=False) else "to run", "run_id": job.run_id,
+        })  # fmt: skip
+    return rows
+
+
+def plan_summary(checked: Checked, output: Path) -> str:
+    """One line before a sweep starts: runs, input sizes and the estimated compute (a training step
+    costs about three forward passes; the backbone's forward FLOPs at the run's input size)."""
+    from .engine import forward_flops
+
+    rows = plan_rows(checked, output)
+    todo = [(job, row) for job, row in zip(checked.jobs, rows) if row["status"] == "to run"]
+    flops: dict[tuple[str, int | None], int] = {}
+    total = 0.0
+    for job, row in todo:
+        key = (job.backbone, job.recipe.image_size)
+        if key not in flops:
+            network, info = build_backbone(job.backbone, "none", num_classes=1, image_size=job.recipe.image_size)
+            flops[key] = forward_flops(network, info.preprocessing.image_size, torch.device("cpu"))
+        evaluated = len(checked.data[job.task.key].eval)
+        total += flops[key] * (3 * row["train_images"] * row["epochs"] + evaluated)
+    sizes = ", ".join(sorted({row["image_size"] for row in rows})) or "-"
+    finished = len(rows) - len(todo)
+    return (
+        f"plan: {len(todo)} run(s) to train, {finished} finished; input {sizes}; "
+        f"estimated {total / 1e12:,.1f} TFLOP (3 x forward x images x epochs)"
+    )
 
 
 def check_batch(job: Job, data: TaskData) -> None:
@@ -507,42 +576,66 @@ def run_sweep(
     progress=None,
     checkpoint_seconds: float = 60.0,
     skip_unsupported: bool = False,
+    checked: Checked | None = None,
+    on_finished: Callable[[records.RunRecord], None] | None = None,
 ) -> SweepSummary:
     """Run every job that has no record yet (all of them with ``force``); see :func:`validate` for
-    ``skip_unsupported``."""
-    data, jobs, left_out = validate(jobs, strict, skip_unsupported)
-    summary = SweepSummary(left_out=left_out)
-    overall = progress.add_task("runs", total=len(jobs)) if progress else None
-    for job in jobs:
+    ``skip_unsupported``. ``checked``: the result of :func:`validate` when the caller ran it already.
+    The overall bar counts epochs, so its time estimate follows the training actually left."""
+    checked = checked or validate(jobs, strict, skip_unsupported)
+    summary = SweepSummary(left_out=checked.left_out)
+    todo = [job for job in checked.jobs if force or not records.is_finished(records.run_folder(output, job.run_id))]
+    total = sum(job.recipe.epochs for job in todo)
+    overall = progress.add_task(f"runs 0/{len(todo)}", total=total) if progress and todo else None
+    done = 0
+    for job in checked.jobs:
         run_dir = records.run_folder(output, job.run_id)
         if records.is_finished(run_dir) and not force:
             summary.skipped.append(job.run_id)
-        else:
-            with records.run_lock(run_dir) as acquired:
-                if not acquired:
-                    summary.busy.append(job.run_id)
-                elif records.is_finished(run_dir) and not force:
-                    summary.skipped.append(job.run_id)
-                else:
-                    (run_dir / records.FAILURE).unlink(missing_ok=True)
-                    try:
-                        summary.finished.append(
-                            run_job(job, run_dir, data[job.task.key], device, progress, checkpoint_seconds)
-                        )
-                    except (UserError, KeyboardInterrupt):
-                        raise
-                    except Exception as error:  # one broken run must not stop a 450-run sweep
-                        log.error("run %s failed: %s", job.run_id, error)
-                        records.write_atomic(
-                            run_dir / records.FAILURE,
-                            json.dumps(
-                                {"error": repr(error), "traceback": traceback.format_exc(), "at": records.now()}
-                            ),
-                        )
-                        summary.failed.append((job.run_id, repr(error)))
-        if progress:
-            progress.update(overall, advance=1)
+            continue
+        with records.run_lock(run_dir) as acquired:
+            if not acquired:
+                summary.busy.append(job.run_id)
+            elif records.is_finished(run_dir) and not force:
+                summary.skipped.append(job.run_id)
+            else:
+                record = _run_one(job, run_dir, checked.data[job.task.key], device, progress, checkpoint_seconds,
+                                  summary, overall)  # fmt: skip
+                if record is not None and on_finished:
+                    on_finished(record)
+        done += 1
+        if overall is not None:
+            progress.update(overall, description=f"runs {done}/{len(todo)}")
     return summary
+
+
+def _run_one(job, run_dir, data, device, progress, checkpoint_seconds, summary, overall) -> records.RunRecord | None:
+    """Run ``job`` holding its lock; a failure is written to ``failed.json`` and the sweep goes on."""
+    (run_dir / records.FAILURE).unlink(missing_ok=True)
+    try:
+        record = run_job(job, run_dir, data, device, progress, checkpoint_seconds, overall)
+        summary.finished.append(record)
+        return record
+    except (UserError, KeyboardInterrupt):
+        remove_if_empty(run_dir)
+        raise
+    except Exception as error:  # one broken run must not stop a 450-run sweep
+        log.error("run %s failed: %s", job.run_id, error)
+        failure = {"error": repr(error), "traceback": traceback.format_exc(), "at": records.now()}
+        records.write_atomic(run_dir / records.FAILURE, json.dumps(failure))
+        summary.failed.append((job.run_id, repr(error)))
+        return None
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but its lock and an empty epoch log (a run stopped
+    before its first epoch), so a failed first try leaves no clutter."""
+    leftovers = {path.name: path for path in run_dir.iterdir()}
+    log_file = leftovers.get(records.EPOCH_LOG)
+    if set(leftovers) <= {".lock", records.EPOCH_LOG} and (log_file is None or log_file.stat().st_size == 0):
+        for path in leftovers.values():
+            path.unlink(missing_ok=True)
+        run_dir.rmdir()
 
 
 def pick_device(name: str) -> torch.device:

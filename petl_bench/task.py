@@ -86,6 +86,10 @@ class FileListTask:
     image_dirs: dict[str, str] = field(default_factory=dict)  # per list file, overriding image_dir
     variant: dict[str, int] = field(default_factory=dict)  # e.g. {"shots": 4, "split_seed": 1}
 
+    def evaluation_sets(self) -> list[str]:
+        """What a run of this task is evaluated on (``final`` protocol), for ``petl-bench tasks``."""
+        return [f"{Path(self.lists.test).name} (trained on {Path(self.lists.trainval).name})"]
+
     def variants(self, shots: list[int] | None = None, split_seeds: list[int] | None = None) -> list["FileListTask"]:
         """The concrete tasks a run trains on (few-shot tasks expand to shots x split seeds)."""
         return [self]

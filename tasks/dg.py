@@ -50,6 +50,9 @@ class DomainGeneralizationTask(FewShotTask):
     shot_choices: tuple[int, ...] = (16,)
     test_list: str = "annotations/val_meta.list"
 
+    def evaluation_sets(self) -> list[str]:
+        return ["ImageNet val (trained on 16 shots per class)", *(f"{name} (same run)" for name in TARGETS)]
+
     def splits(self, data_root, protocol, strict=False) -> TaskData:
         data = super().splits(data_root, protocol, strict)
         targets = {}

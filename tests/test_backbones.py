@@ -139,8 +139,15 @@ def test_demo_backbone_converts_and_matches_onnxruntime():
     with safe_open(str(path), "pt") as handle:
         assert float(handle.metadata()["max_abs_diff_vs_onnxruntime"]) < demo_backbone.VERIFY_TOLERANCE
         assert "not the stock DINOv2" in handle.metadata()["notes"]
-    native, _ = pb.build_backbone(demo_backbone.NAME, num_classes=4)
-    assert sum(p.numel() for n, p in native.named_parameters() if not n.startswith("head.")) == 22_056_192
+    native, native_info = pb.build_backbone(demo_backbone.NAME, num_classes=4)
+    assert native_info.preprocessing.image_size == (224, 224), "a quick try on a CPU runs at 224, not 518"
+    # 22,056,192 with DINOv2's 37x37 position table; 1 + 16x16 entries at 224
+    assert (
+        sum(p.numel() for n, p in native.named_parameters() if not n.startswith("head."))
+        == 22_056_192 - (1369 - 256) * 384
+    )
+    large, large_info = pb.build_backbone(demo_backbone.NAME, num_classes=4, image_size=518)
+    assert large_info.grids[0] == (37, 37) and large.pos_embed.shape[1] == 1 + 37 * 37
     model, info = pb.build_backbone(demo_backbone.NAME, num_classes=4, image_size=56)
     assert info.grids[0] == (4, 4) and "saliency" in info.notes
     assert model(torch.randn(2, 3, 56, 56)).shape == (2, 4)

@@ -19,7 +19,7 @@ from .accuracy import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, backbone_t
 from .dg import dg_tables
 from .fewshot import fewshot_tables, plot_fewshot
 from .plots import plot_accuracy_vs_cost, plot_accuracy_vs_params, plot_bars
-from .table import Table, csv_safe, csv_safe_frame, markdown_table, method_order, runs_frame
+from .table import Table, csv_safe, csv_safe_frame, escape_markdown, markdown_table, method_order, runs_frame
 
 FAMILIES = ("fewshot", "dg")  # suites with their own tables
 
@@ -32,18 +32,32 @@ def all_tables(frame: pd.DataFrame) -> list[Table]:
     return tables + ([backbones] if backbones else []) + fewshot_tables(frame) + dg_tables(frame)
 
 
+def count_range(values: pd.Series) -> str:
+    """A parameter count as an integer, or its range over tasks when it differs (per-task defaults)."""
+    low, high = int(values.min()), int(values.max())
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
+def speed_measures(cached: pd.Series) -> str:
+    if cached.all():
+        return "classifier on cached features (linear probing)"
+    return "full model" if not cached.any() else "mixed"
+
+
 def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Per suite, backbone and method: parameters, checkpoint size, memory, throughput, wall time."""
     grouped = (
         frame.groupby(["suite", "backbone", "method"], sort=False)
         .agg(
             runs=("run_id", "count"),
-            trainable_params=("trainable_params", "mean"),
-            trainable_params_with_head=("trainable_params_with_head", "mean"),
+            trainable_params=("trainable_params", count_range),
+            trainable_params_with_head=("trainable_params_with_head", count_range),
             checkpoint_mb=("checkpoint_bytes", lambda v: v.mean() / 1e6),
             peak_memory_mb=("peak_memory_bytes", lambda v: v.max() / 2**20),
+            peak_memory_kind=("peak_memory_kind", lambda v: ", ".join(sorted(set(v.dropna())))),
             train_images_per_s=("train_images_per_s", "mean"),
             eval_images_per_s=("eval_images_per_s", "mean"),
+            speeds_measure=("cached_features", speed_measures),
             wall_seconds_per_run=("wall_seconds", "mean"),
         )
         .reset_index()
@@ -52,17 +66,56 @@ def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return grouped.sort_values(["suite", "backbone", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
 
 
-def method_costs(frame: pd.DataFrame, key: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Mean cost per method over the runs a table covers."""
+def method_costs(frame: pd.DataFrame, key: dict[str, str]) -> dict[str, dict]:
+    """Mean cost per method over the runs a table covers, with what the measures are."""
     runs = frame
     for column, value in key.items():
-        runs = runs[runs[column] == value]
+        if column in runs:
+            runs = runs[runs[column] == value]
     grouped = runs.groupby("method").agg(
         trainable_params=("trainable_params", "mean"),
         peak_memory_mb=("peak_memory_bytes", lambda v: v.mean() / 2**20),
+        peak_memory_kind=("peak_memory_kind", lambda v: ", ".join(sorted(set(v.dropna())))),
         train_images_per_s=("train_images_per_s", "mean"),
+        cached_features=("cached_features", "any"),
     )
     return grouped.to_dict(orient="index")
+
+
+def _values(runs: pd.DataFrame, column: str) -> str:
+    values = sorted({str(v) for v in runs[column].dropna()})
+    return ", ".join(values) if values else "?"
+
+
+def settings_note(frame: pd.DataFrame, key: dict[str, str]) -> str:
+    """What a table's runs were trained with: recipe, seeds, input size, weights and their notes."""
+    runs = frame
+    for column, value in key.items():
+        if column in runs:
+            runs = runs[runs[column] == value]
+    if runs.empty:
+        return ""
+    notes = _values(runs, "weights_notes") if runs["weights_notes"].astype(bool).any() else ""
+    return (
+        f"Settings: protocol {_values(runs, 'protocol')}; epochs {_values(runs, 'epochs')}; lr {_values(runs, 'lr')}; "
+        f"batch {_values(runs, 'batch_size')}; input {_values(runs, 'image_size')} px; seeds {_values(runs, 'seed')}; "
+        f"weights {_values(runs, 'pretrained')}" + (f" ({notes})" if notes else "") + "."
+    )
+
+
+COLUMNS_LEGEND = (
+    "Cells are top-1 accuracy (%) on the evaluation split, the mean over seeds (± the sample standard "
+    "deviation when there are several); `–` is a run that does not exist. `params` counts the trainable "
+    "parameters without the classifier. Group columns average the group's tasks; `mean of groups` "
+    "averages the group means (the Convpass paper's average), `mean of tasks` the tasks. Rows marked "
+    "`(paper)` are published numbers, printed beside ours."
+)
+COST_LEGEND = (
+    "`trainable_params`: without / with the classifier (a range when per-task settings differ). "
+    "`peak_memory_mb`: see `peak_memory_kind` (a CPU's process peak RSS grows over a sweep and compares "
+    "poorly across methods). Speeds are images/s; `speeds_measure` says what ran: the full model, or "
+    "only the classifier on cached features (linear probing, not comparable with the others)."
+)
 
 
 def frame_markdown(frame: pd.DataFrame) -> str:
@@ -105,9 +158,10 @@ def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] =
         plots.append(plot_fewshot(panels, out / f"fewshot__{panels[0].slug.split('__', 2)[2]}.png"))
     written += [path for path in plots if path]
     if "md" in formats:
-        parts = ["# petl-bench report", "", f"{len(frame)} runs.", "", "## Accuracy (top-1 %)", ""]
-        parts += [table.markdown() for table in tables]
-        parts += ["## Cost", "", frame_markdown(costs), "## Plots", ""]
+        parts = ["# petl-bench report", "", f"{len(frame)} runs.", "", "## Accuracy (top-1 %)", "", COLUMNS_LEGEND, ""]
+        for table in tables:
+            parts += [table.markdown(), escape_markdown(settings_note(frame, table.key)), ""]
+        parts += ["## Cost", "", COST_LEGEND, "", frame_markdown(costs), "## Plots", ""]
         parts += [f"![{path.stem}]({path.name})" for path in plots if path]
         write("report.md", "\n".join(parts) + "\n")
     if "csv" in formats:

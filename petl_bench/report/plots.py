@@ -76,20 +76,35 @@ def plot_bars(table: Table, path: Path) -> Path | None:
     return path
 
 
-COSTS = (("trainable_params", "trainable parameters (symlog)"), ("peak_memory_mb", "peak memory (MiB)"),
-         ("train_images_per_s", "training images/s"))  # fmt: skip
+def cost_panels(costs: dict[str, dict]) -> list[tuple[str, str, set[str]]]:
+    """(cost, axis label, methods drawn) for the measures that compare like with like: memory only when
+    it is per run (CUDA max allocated, not a CPU process's peak RSS), training speed only for methods
+    that run the full model (not linear probing on cached features)."""
+    everyone = set(costs)
+    panels = [("trainable_params", "trainable parameters (symlog)", everyone)]
+    if costs and all(c.get("peak_memory_kind") == "cuda max allocated" for c in costs.values()):
+        panels.append(("peak_memory_mb", "peak memory, CUDA max allocated (MiB)", everyone))
+    full = {method for method, c in costs.items() if not c.get("cached_features")}
+    if full:
+        panels.append(("train_images_per_s", "training images/s (full model)", full))
+    return panels
 
 
-def plot_accuracy_vs_cost(table: Table, costs: dict[str, dict[str, float]], path: Path) -> Path | None:
-    """Accuracy against each cost of a run (parameters, memory, throughput), one point per method."""
+def plot_accuracy_vs_cost(table: Table, costs: dict[str, dict], path: Path) -> Path | None:
+    """Accuracy against each comparable cost of a run (parameters; per-run memory; throughput of the
+    full model), one point per method."""
     points = [(row.method, headline(table, row.cells)) for row in table.rows if row.source == "ours"]
     points = [(method, found) for method, found in points if found and method in costs]
     if not points:
         return None
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(COSTS), figsize=(4.2 * len(COSTS), 3.6))
-    for axis, (cost, label) in zip(axes, COSTS):
+    panels = cost_panels({method: costs[method] for method, _ in points})
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    axes = axes[0]
+    for axis, (cost, label, drawn) in zip(axes, panels):
         for method, (_, (mean, std, _)) in points:
+            if method not in drawn:
+                continue
             axis.errorbar(costs[method][cost], mean, yerr=std or None, fmt="o", capsize=3)
             axis.annotate(method, (costs[method][cost], mean), textcoords="offset points", xytext=(4, 3), fontsize=7)
         if cost == "trainable_params":

@@ -16,7 +16,8 @@ Stat = tuple[float, float, int]  # mean, std (sample, 0 for one value), count
 RUN_COLUMNS = [
     "method", "task", "backbone", "seed", "protocol", "top1", "trainable_params", "trainable_params_with_head",
     "checkpoint_bytes", "peak_memory_bytes", "train_images_per_s", "eval_images_per_s", "wall_seconds", "suite",
-    "group", "eval_split", "shots", "split_seed", "class_mask", "pretrained", "run_id",
+    "group", "eval_split", "shots", "split_seed", "class_mask", "pretrained", "run_id", "peak_memory_kind",
+    "cached_features", "epochs", "lr", "batch_size", "image_size", "weights_notes",
 ]  # fmt: skip
 # Method names in the paper's tables -> registered names.
 PAPER_METHODS = {
@@ -31,6 +32,7 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
     rows = []
     for r in records:
         masks = set(r.metrics.get("class_mask", {}).values())
+        recipe = r.hparams.get("recipe", {}) if isinstance(r.hparams.get("recipe"), dict) else {}
         row = {
             "method": r.method, "task": r.task, "backbone": r.backbone, "seed": r.seed, "protocol": r.protocol,
             "top1": r.metrics["top1"], "trainable_params": r.cost["trainable_params"],
@@ -40,7 +42,10 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
             "wall_seconds": r.cost["seconds"]["total"], "suite": r.suite, "group": r.group or "",
             "eval_split": r.metrics["eval_split"], "shots": r.task_variant.get("shots"),
             "split_seed": r.task_variant.get("split_seed"), "class_mask": "subset" if "subset" in masks else ("all" if masks else ""),
-            "pretrained": r.pretrained, "run_id": r.run_id,
+            "pretrained": r.pretrained, "run_id": r.run_id, "peak_memory_kind": r.cost.get("peak_memory_kind", ""),
+            "cached_features": bool(r.cost.get("head_trained_on_cached_features", False)),
+            "epochs": recipe.get("epochs"), "lr": recipe.get("lr"), "batch_size": recipe.get("batch_size"),
+            "image_size": recipe.get("image_size"), "weights_notes": " ".join(r.notes),
         }  # fmt: skip
         row.update({f"top1_{name}": value for name, value in r.metrics.get("targets", {}).items()})
         rows.append(row)
