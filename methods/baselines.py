@@ -1,6 +1,14 @@
-"""The reference points every table needs: full finetuning, linear probing, BitFit."""
+"""The reference points every table needs: full finetuning, linear probing, BitFit.
+
+Their numbers in the Convpass table come from VPT's code (KMnP/vpt) and VPT's recipe (SGD, per-task
+learning rate), with VPT's ``MLP`` head (src/models/mlp.py: weight kaiming_normal(fan_out, a=0), bias
+-log(99)). Here they run the Convpass recipe, so their classifier keeps PyTorch's default, as every
+method the Convpass code trains; ``--set recipe.head_init=vpt`` gives VPT's head (see ``vpt.py``).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -67,14 +75,27 @@ def bias_parameters(model: nn.Module) -> list[nn.Parameter]:
     return found
 
 
+@dataclass
+class BitFitConfig:
+    encoder_eval: bool = True  # VPT's tinytl-bias: the encoder is in eval mode while its biases train
+
+
 @register_method
 class BitFit(Method):
-    """BitFit: only the biases train, LayerNorm and patch-embedding biases included."""
+    """BitFit: only the biases train, LayerNorm and patch-embedding biases included.
+
+    As the code behind the Convpass table's row (VPT's ``tinytl-bias`` transfer type): the encoder is
+    frozen-marked and switched to eval mode on every training forward, so no drop-path and no dropout
+    act while the biases train (``encoder_eval=True``, the default; ``false`` trains with them)."""
 
     name = "bitfit"
     citation = "Ben Zaken et al., BitFit, ACL 2022 (VPT's 'Bias' / TinyTL-bias baseline)"
     trains = "all bias terms (attention, MLP, LayerNorm, patch embedding)"
     kinds = ALL_KINDS
+    Config = BitFitConfig
+
+    def encoder_eval(self, config: BitFitConfig) -> bool:
+        return config.encoder_eval
 
     def attach(self, model, info, config):
         return bias_parameters(model)

@@ -148,7 +148,8 @@ class PromptedBlocks(nn.Module):
     """Runs a block sequence with learnable prompt tokens spliced into the token sequence.
 
     Before block ``i`` that has prompts, the prompt slots of the previous block (if any) are replaced
-    by ``dropout(prompts[i])``; blocks without prompts carry the previous prompt outputs along. Prompts
+    by ``dropout(prompts[i])``, expanded over the batch first so each image gets its own dropout mask
+    (VPT's and NOAH's code); blocks without prompts carry the previous prompt outputs along. Prompts
     sit after the ``insert_at`` prefix tokens (VPT) or, with ``insert_at=None``, at the end of the
     sequence (NOAH). The final prompt outputs are removed, so the norm, pooling and classifier see the
     original token layout and can never pool over prompts.
@@ -173,7 +174,7 @@ class PromptedBlocks(nn.Module):
         """Replace ``current`` prompt tokens by ``prompt`` (None: remove them)."""
         parts = []
         if prompt is not None:
-            parts.append(self.dropout(prompt).expand(x.shape[0], -1, -1))
+            parts.append(self.dropout(prompt.expand(x.shape[0], -1, -1)))  # a mask per image, as VPT and NOAH
         if self.insert_at is None:
             return torch.cat([x[:, : x.shape[1] - current], *parts], dim=1)
         start = self.insert_at
@@ -188,6 +189,30 @@ class PromptedBlocks(nn.Module):
                 current = prompt.shape[1]
             x = block(x)
         return self._splice(x, current, None) if current else x
+
+
+INIT_CHOICES = ("official", "module")
+
+
+def vit_linear_init_(modules: list[nn.Module]) -> None:
+    """What timm's ``VisionTransformer.init_weights`` (``self.apply(_init_vit_weights)``) does to every
+    ``nn.Linear`` in ``modules``: weight trunc_normal(std 0.02, cut at +-2 absolute), bias zero. NOAH
+    builds its adapters and LoRA inside the ViT and calls it afterwards, so its runs start from this,
+    not from the modules' own init."""
+    from timm.layers import trunc_normal_
+
+    for module in modules:
+        for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
+            trunc_normal_(linear.weight, std=0.02)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+
+def check_init(method: str, init: str) -> None:
+    if init not in INIT_CHOICES:
+        from petl_bench.errors import UserError
+
+        raise UserError(f"{method}.init is {init!r}; choose from: {', '.join(INIT_CHOICES)}")
 
 
 def prompt_init_bound(info: BackboneInfo) -> float:

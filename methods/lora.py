@@ -4,6 +4,14 @@
 down matrix A and one up matrix B onto all of q, k and v, input dropout, no scaling.
 ``variant="qv"`` is the q/v-only LoRA the Convpass paper's text describes (the authors' later code):
 separate q and v branches, dropout after the down projection, scale s. Parameter counts are equal.
+
+Effective init (``init="official"``, the default, for the ``qkv`` variant): NOAH builds LoRA's A and B
+as ``nn.Linear`` inside its ViT and then runs timm's ``init_weights`` (``self.apply(_init_vit_weights)``),
+which overwrites both with trunc_normal(std 0.02): in the runs behind the table B is **not** zero and
+LoRA does not start as the identity. The classifier is NOAH's ``reset_classifier``: trunc_normal(0.02),
+zero bias. ``init="module"`` is the module-level init users expect (A kaiming_uniform(a=sqrt(5)), B
+zero: the identity at init); the ``qv`` variant always uses it. Source: ZhangYuanhan-AI/NOAH,
+model/supernet_vision_transformer_timm.py (``Attention.__init__``, ``init_weights``).
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from petl_bench.backbones import SWIN, VIT
 from petl_bench.errors import UserError
 from petl_bench.model import Method
 from petl_bench.registry import register_method
+
+from .building_blocks import check_init, vit_linear_init_
 
 
 def low_rank(width: int, rank: int, out_features: int, dropout: float, dropout_first: bool) -> nn.Sequential:
@@ -74,6 +84,7 @@ class LoRAConfig:
     dropout: float = 0.1
     variant: str = "qkv"  # "qkv" (NOAH, the table's numbers) or "qv" (the paper text)
     scale: float = 1.0  # used by the "qv" variant only; NOAH's LoRA has no scaling
+    init: str = "official"  # "official": NOAH's runs (A, B trunc_normal 0.02); "module": zero B (identity)
 
 
 @register_method
@@ -85,10 +96,15 @@ class LoRA(Method):
     trains = "rank-r update of every qkv projection (r * (d + 3d) parameters per block)"
     kinds = (VIT, SWIN)
     Config = LoRAConfig
+    head_init = "trunc_normal"
 
-    def attach(self, model, info, config):
+    def check_config(self, config):
+        check_init(self.name, config.init)
         if config.variant not in ("qkv", "qv"):
             raise UserError(f"lora.variant must be 'qkv' or 'qv', not {config.variant!r}")
+
+    def attach(self, model, info, config):
+        self.check_config(config)
         params: list[nn.Parameter] = []
         for path in info.block_paths:
             attention = model.get_submodule(path).attn
@@ -96,6 +112,8 @@ class LoRA(Method):
                 wrapped = FusedQKVLoRA(attention.qkv, config.rank, config.dropout)
             else:
                 wrapped = QVLoRA(attention.qkv, config.rank, config.dropout, config.scale)
+            if config.init == "official" and config.variant == "qkv":
+                vit_linear_init_([wrapped.lora])
             attention.qkv = wrapped
             params += wrapped.delta_parameters()
         return params

@@ -7,6 +7,14 @@ after the MLP. Modules are allocated at the super size (100) and sliced to the s
 super-size initialisation sliced down, as the original does. ``noah`` retrains a subnet (the
 published VTAB-1K subnets by default) from the pretrained backbone; ``petl-bench noah search``
 finds one (see ``noah_search.py``).
+
+Effective init (``init="official"``, the default): NOAH's ``VisionTransformer.__init__`` builds the
+blocks with their LoRA and adapter ``nn.Linear`` modules and then runs timm's ``init_weights``
+(``self.apply(_init_vit_weights)``): every one of them becomes trunc_normal(std 0.02) with zero bias
+(LoRA's B is not zero). The prompt tokens are ``nn.Parameter`` s, untouched by it: xavier_uniform, as
+here. The classifier is NOAH's ``reset_classifier``: trunc_normal(0.02), zero bias. ``init="module"``
+keeps the modules' own init (LoRA B zero, adapter xavier). Source: ZhangYuanhan-AI/NOAH,
+model/supernet_vision_transformer_timm.py.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from petl_bench.model import Method
 from petl_bench.registry import register_method
 
 from .adapter import noah_adapter
-from .building_blocks import AdaptedBlock, Bottleneck, PromptedBlocks, Tap
+from .building_blocks import AdaptedBlock, Bottleneck, PromptedBlocks, Tap, check_init, vit_linear_init_
 from .lora import FusedQKVLoRA
 
 CITATION = "Zhang et al., Neural Prompt Search (NOAH), arXiv:2206.04673"
@@ -150,6 +158,7 @@ class NoahConfig:
     lora_dropout: float = 0.1
     adapter_dropout: float = 0.1
     super_dim: int = SUPER_DIM
+    init: str = "official"  # "official": NOAH's runs (every Linear trunc_normal 0.02); "module": modules' own
 
 
 class Supernet:
@@ -169,6 +178,8 @@ class Supernet:
             model.set_submodule(path, wrapped)
             self.loras.append(lora)
             self.blocks.append(wrapped)
+        if config.init == "official":  # at the super size, before any slicing, as NOAH's init_weights
+            vit_linear_init_([lora.lora for lora in self.loras] + [block.adapter_mlp for block in self.blocks])
         prompts = {}
         for index, width in enumerate(info.widths):
             prompt = torch.empty(1, config.super_dim, width)
@@ -221,9 +232,11 @@ class Noah(Method):
     citation = CITATION
     trains = "per-block prompts, LoRA and adapter of the subnet's sizes (NOAH)"
     Config = NoahConfig
+    head_init = "trunc_normal"
     task_defaults = {task: {"subnet": f"{PUBLISHED_PREFIX}{task}"} for task in published_subnets()}
 
     def check_config(self, config: NoahConfig) -> None:
+        check_init(self.name, config.init)
         if config.subnet is None:
             raise UserError(
                 "noah needs a subnet: a VTAB-1K task (its published subnet), --set noah.subnet=FILE, "

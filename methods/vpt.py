@@ -1,4 +1,14 @@
-"""Visual Prompt Tuning (Jia et al. 2022): learnable tokens after the cls token, shallow or deep."""
+"""Visual Prompt Tuning (Jia et al. 2022): learnable tokens after the cls token, shallow or deep.
+
+Effective init, as VPT's code (KMnP/vpt): prompts uniform(-b, b) with b = sqrt(6 / (3 * patch^2 + d))
+(src/models/vit_prompt/vit.py); nothing re-initialises them later. Prompt dropout is drawn per image
+(the prompts are expanded over the batch, then dropped), and the frozen encoder is in eval mode while
+training. The classifier keeps PyTorch's default here: VPT's own head (an ``MLP`` without hidden layer,
+src/models/mlp.py: weight kaiming_normal(fan_out, a=0), bias -log(99)) belongs to VPT's recipe (SGD with
+a per-task learning rate up to 50), which the published numbers come from and this harness does not
+run; under the Convpass recipe (AdamW 1e-3) its std sqrt(2 / classes) stalls short runs (linear probing,
+2 classes, 5 epochs: 49% vs 86%). ``--set recipe.head_init=vpt`` gives it.
+"""
 
 from __future__ import annotations
 

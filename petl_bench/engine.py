@@ -61,7 +61,7 @@ class Recipe:
     class_mask: str = "subset"  # targets covering part of the classes (ImageNet-A/-R): "subset" logits or "all"
     cache_features: bool = True  # linear probing without augmentation: train the head on features computed once
     compile: bool = False  # torch.compile the model (an option: measure before relying on it)
-    head_init: str | None = None  # None: the method's; "default" (PyTorch Linear), "trunc_normal" (std 0.02,
+    head_init: str | None = None  # None: the method's; "default" (PyTorch Linear), "vpt", "trunc_normal" (std 0.02,
     # zero bias: NOAH's reset_classifier) or "text" (CLIP: class-name prompts, zero-shot)
     prompt_template: str = "a photo of a {}."  # head_init="text": CoOp's single template, or "openai80" / "simple7"
 
@@ -72,7 +72,7 @@ class Recipe:
         "weight_decay_scope": ("all", "skip_1d"),
         "augment": ("none", "deit", "crop_flip"),
         "class_mask": ("subset", "all"),
-        "head_init": (None, "default", "trunc_normal", "text"),
+        "head_init": (None, "default", "trunc_normal", "vpt", "text"),
     }
     # name -> (smallest allowed, largest allowed, whether the largest is excluded); None: no bound.
     BOUNDS: typing.ClassVar[dict[str, tuple]] = {
@@ -94,10 +94,11 @@ class Recipe:
 
     @property
     def warmup(self) -> int:
-        """Warm-up epochs: ``warmup_epochs`` when set, else ``warmup_fraction`` of ``epochs`` (rounded half up)."""
+        """Warm-up epochs: ``warmup_epochs`` when set, else ``warmup_fraction`` of ``epochs`` rounded down
+        (10 at the paper's 100; 0 at 5, where the official stepping would spend 2 of 5 epochs at 1e-6)."""
         if self.warmup_epochs is not None:
             return self.warmup_epochs
-        return int(math.floor(self.warmup_fraction * self.epochs + 0.5))
+        return int(math.floor(self.warmup_fraction * self.epochs + 1e-9))
 
     def identity(self) -> dict:
         """The settings that decide a run's result (the execution settings left out). The warm-up is

@@ -8,10 +8,12 @@ trainable. Everything the runner, the CLI and user training loops need goes thro
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, ClassVar, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from .backbones import PAPER_BACKBONE, VIT, BackboneInfo, build_backbone
@@ -35,6 +37,7 @@ class Method:
     task_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}  # per-task overrides used by the paper
     trains_head: ClassVar[bool] = True  # False: the classifier stays as built (zero-shot evaluation)
     frozen_encoder_eval: ClassVar[bool] = False  # True: the frozen encoder stays in eval mode in training (VPT)
+    head_init: ClassVar[str] = "default"  # the classifier init of the runs behind the method's published numbers
 
     def attach(self, model: nn.Module, info: BackboneInfo, config: Any) -> Iterable[nn.Parameter]:
         """Add or unfreeze modules on the frozen ``model``; return the parameters to train (head excluded)."""
@@ -46,6 +49,10 @@ class Method:
     def config_identity(self, config: Any) -> dict[str, Any]:
         """What identifies a run's method settings (records and run ids); files are resolved to content."""
         return dataclasses.asdict(config)
+
+    def encoder_eval(self, config: Any) -> bool:
+        """Whether the frozen encoder stays in eval mode while training (no drop-path or dropout)."""
+        return self.frozen_encoder_eval
 
     def set_train_mode(self, model: "PetlModel", mode: bool) -> None:
         """Called after ``model.train(mode)`` (and the frozen-encoder rule); for modules of the method's own."""
@@ -125,7 +132,7 @@ class PetlModel(nn.Module):
 
     def train(self, mode: bool = True) -> "PetlModel":
         super().train(mode)
-        if mode and self.method.frozen_encoder_eval:
+        if mode and self.method.encoder_eval(self.config):
             self.backbone.eval()
         self.method.set_train_mode(self, mode)
         return self
@@ -135,13 +142,42 @@ class PetlModel(nn.Module):
         return self.backbone.get_submodule(self.info.head_path)
 
 
-def attach_method(backbone: nn.Module, info: BackboneInfo, method: Method, config: Any) -> PetlModel:
-    """Freeze ``backbone``, attach ``method``, make the method's parameters and the classifier trainable."""
+HEAD_INITS = ("default", "trunc_normal", "vpt", "text")
+
+
+@torch.no_grad()
+def init_classifier(head: nn.Linear, how: str) -> None:
+    """The classifier's initial values. ``default``: PyTorch's Linear init (timm's reset_classifier, the
+    Convpass code); ``trunc_normal``: weight trunc_normal(std 0.02), bias 0 (NOAH's reset_classifier);
+    ``vpt``: VPT's MLP head, weight kaiming_normal(fan_out, a=0), bias -log(99) (its ``special_bias``);
+    ``text``: set afterwards from class-name prompts (CLIP)."""
+    if how in ("default", "text"):
+        return
+    if how == "trunc_normal":
+        from timm.layers import trunc_normal_
+
+        trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+    elif how == "vpt":
+        nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+        nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+    else:
+        raise UserError(f"unknown classifier init {how!r}; choose from: {', '.join(HEAD_INITS)}")
+
+
+def attach_method(
+    backbone: nn.Module, info: BackboneInfo, method: Method, config: Any, head_init: str | None = None
+) -> PetlModel:
+    """Freeze ``backbone``, attach ``method``, make the method's parameters and the classifier trainable.
+    The classifier is initialised as ``head_init`` says, by default as the method's published runs."""
     method.check_backbone(info)
     backbone.requires_grad_(False)
     for parameter in method.attach(backbone, info, config):
         parameter.requires_grad_(True)
-    backbone.get_submodule(info.head_path).requires_grad_(method.trains_head)
+    head = backbone.get_submodule(info.head_path)
+    if isinstance(head, nn.Linear) and method.trains_head:
+        init_classifier(head, head_init or method.head_init)
+    head.requires_grad_(method.trains_head)
     return PetlModel(backbone, info, method, config)
 
 

@@ -213,6 +213,11 @@ def plan(
                 f"recipe settings: {', '.join(sorted(recipe_fields))}"
             )
         method_recipe = recipe.replace(**{k: v for k, v in scoped.items() if k not in config_fields})
+        method_recipe = method_recipe.replace(head_init=method_recipe.head_init or runner.head_init)
+        if method_recipe.warmup_epochs is not None and method_recipe.warmup_epochs >= method_recipe.epochs:
+            log.warning("%s: recipe.warmup_epochs=%d is not below epochs=%d: the learning rate never leaves the "
+                        "warm-up (leave warmup_epochs unset for 10%% of the epochs)", runner.name,
+                        method_recipe.warmup_epochs, method_recipe.epochs)  # fmt: skip
         overrides = {k: v for k, v in scoped.items() if k in config_fields}
         for task in tasks:
             config = runner.make_config(task.name, **overrides)
@@ -237,7 +242,7 @@ def trains_head_on_features(model, recipe: Recipe) -> bool:
     return (
         recipe.cache_features
         and recipe.augment == "none"
-        and model.method.frozen_encoder_eval
+        and model.method.encoder_eval(model.config)
         and bool(trainable)
         and trainable == head_parameter_names(model)
     )
@@ -298,7 +303,7 @@ def prepare(
         drop_path_rate=recipe.drop_path,
         image_size=recipe.image_size,
     )
-    model = attach_method(network, info, method, config)
+    model = attach_method(network, info, method, config, recipe.head_init)
     if recipe.head_init == "text":
         init_classifier_from_text(model.backbone, info, data.class_names or (), recipe.prompt_template)
     model = model.to(device)

@@ -59,9 +59,98 @@ def test_the_same_run_gives_the_same_record_on_a_cold_and_a_warm_cache(tmp_path,
         ], f"{first.method}: the epoch losses differ between a cold and a warm cache"
 
 
-@pytest.mark.parametrize("epochs,warmup", [(100, 10), (5, 1), (10, 1), (30, 3), (1, 0)])
+@pytest.mark.parametrize("epochs,warmup", [(100, 10), (5, 0), (10, 1), (19, 1), (30, 3), (1, 0)])
 def test_warmup_is_ten_percent_of_the_schedule_and_keeps_the_paper_identity(epochs, warmup):
     assert Recipe(epochs=epochs).warmup == warmup
     assert Recipe(epochs=7, warmup_epochs=2).warmup == 2
     paper = Recipe().identity()
     assert paper["warmup_epochs"] == 10 and "warmup_fraction" not in paper
+
+
+# --- plan before work, output in logs -------------------------------------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from test_run import TINY_RUN, run_cli  # noqa: E402
+
+
+def _args(tiny_plugin, task, out, *extra):
+    return ["run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--output", str(out), *TINY_RUN, *extra]
+
+
+def test_dry_run_lists_every_run_and_trains_nothing(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    sweep = ["--methods", "linear,lora", "--seeds", "0,1", "--epochs", "2"]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *_args(tiny_plugin, task, out, *sweep, "--dry-run"))
+    assert code == 0, stderr
+    assert stdout.count("to run") == 4 and "16x16" in stdout and "plan: 4 run(s) to train" in stderr
+    assert not out.exists() or not any(out.iterdir()), "a dry run writes nothing"
+    assert run_cli(monkeypatch, capsys, *_args(tiny_plugin, task, out, "--methods", "linear", "--epochs", "2"))[0] == 0
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *_args(tiny_plugin, task, out, *sweep, "--dry-run"))
+    assert stdout.count("to run") == 3 and stdout.count("finished") == 1 and "1 finished" in stderr
+
+
+def test_a_log_gets_plain_progress_lines_and_one_line_per_finished_run(tmp_path, tiny_plugin):
+    task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "petl_bench.cli", *_args(tiny_plugin, task, out, "--methods", "linear,lora",
+                                                         "--epochs", "3")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("plan: 2 run(s) to train") for line in lines)
+    assert sum(line.startswith("finished ") and "top-1" in line for line in lines) == 2
+    assert any("runs 2/2" in line and "6/6" in line for line in lines), "the overall progress reaches its end"
+    assert "\x1b[" not in result.stderr, "no terminal control codes in a log"
+
+
+def test_image_size_and_warmup_are_recorded_resolved(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    args = [
+        a for a in _args(tiny_plugin, task, out, "--methods", "linear", "--epochs", "5") if a != "recipe.image_size=16"
+    ]
+    args.remove("--set")
+    assert run_cli(monkeypatch, capsys, *args, "--image-size", "24")[0] == 0
+    (record,) = records.load_records(out)
+    assert record.hparams["input_size"] == [24, 24] and record.hparams["recipe"]["image_size"] == 24
+    assert record.hparams["recipe"]["warmup_epochs"] == 0 and record.hparams["recipe"]["head_init"] == "default"
+
+
+def test_version_and_an_unreachable_hub_fail_fast(tmp_path):
+    from petl_bench import __version__
+
+    version = subprocess.run([sys.executable, "-m", "petl_bench.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and __version__ in version.stdout
+    env = {**__import__("os").environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    task = make_task_folder(tmp_path / "colours")
+    start = __import__("time").monotonic()
+    result = subprocess.run([sys.executable, "-m", "petl_bench.cli", "run", "--task-dir", str(task), "--methods",
+                             "linear", "--backbone", "vit_tiny_patch16_224", "--batch-size", "8", "--output",
+                             str(tmp_path / "runs")],
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "cannot reach http://127.0.0.1:9" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and __import__("time").monotonic() - start < 30
+    assert not (tmp_path / "runs").exists()
+
+
+def test_params_with_a_task_counts_that_tasks_classifier(monkeypatch, capsys):
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "params", "--methods", "noah", "--task", "dmlab",
+                                   "--format", "csv")  # fmt: skip
+    assert code == 0, stderr
+    row = stdout.splitlines()[1].split(",")
+    assert int(row[3]) - int(row[2]) == 768 * 6 + 6, "dmlab has 6 classes"
+
+
+def test_cost_table_prints_integer_counts_and_what_speeds_measure(tmp_path):
+    from test_report import record
+
+    runs = [record("convpass", "cifar", 0, 50.0, params=1000), record("convpass", "dtd", 0, 50.0, params=2000),
+            record("linear", "cifar", 0, 40.0, params=0)]  # fmt: skip
+    runs[2].cost["head_trained_on_cached_features"] = True
+    costs = pb.report.cost_frame(pb.report.runs_frame(runs)).set_index("method")
+    assert costs.loc["convpass", "trainable_params"] == "1,000–2,000" and costs.loc["linear", "trainable_params"] == "0"
+    assert costs.loc["linear", "speeds_measure"].startswith("classifier on cached features")
+    assert costs.loc["convpass", "speeds_measure"] == "full model"
