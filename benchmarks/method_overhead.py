@@ -25,6 +25,37 @@ from petl_bench.engine import autocast, parameter_groups
 SKIP = {"zero_shot"}  # trains nothing
 
 
+class NoahStyleLoRA(torch.nn.Module):
+    """NOAH's Attention LoRA written out as its forward does it (benchmark only): the qkv projection,
+    then ``F.linear(F.linear(dropout(x), A), B)`` added to it. Measures what NOAH's own LoRA pays."""
+
+    def __init__(self, qkv: torch.nn.Linear, rank: int = 8, dropout: float = 0.1):
+        super().__init__()
+        self.qkv = qkv
+        self.a = torch.nn.Parameter(torch.randn(rank, qkv.in_features) * 0.02)
+        self.b = torch.nn.Parameter(torch.randn(qkv.out_features, rank) * 0.02)
+        self.drop = torch.nn.Dropout(dropout)
+
+    def forward(self, x):
+        delta = torch.nn.functional.linear(torch.nn.functional.linear(self.drop(x), self.a), self.b)
+        return self.qkv(x) + delta
+
+
+def noah_style_lora(args) -> pb.PetlModel:
+    model = build("linear", args)
+    model.method.frozen_encoder_eval = False
+    for block in model.backbone.blocks:
+        block.attn.qkv = NoahStyleLoRA(block.attn.qkv)
+    return model
+
+
+DIAGNOSTICS = {  # rows that explain a ratio, not methods
+    "lora dropout=0": lambda args: pb.create_model("lora", args.backbone, num_classes=100, pretrained="none",
+                                                   image_size=args.image_size, dropout=0.0),
+    "NOAH-style lora": noah_style_lora,
+}  # fmt: skip
+
+
 def build(method: str, args) -> pb.PetlModel:
     overrides = {"task": "cifar"} if method == "noah" else {}  # NOAH needs a subnet: the published CIFAR-100 one
     return pb.create_model(
@@ -99,6 +130,11 @@ def main() -> None:
         rows.append([method, seconds, ratio])
         print(f"{method:16} {seconds:9.4f} {ratio:8.3f}  {note}")
         del model
+    if "lora" in methods:
+        for name, make in DIAGNOSTICS.items():
+            seconds = step_seconds(make(args), args, device, input_grad=False)
+            rows.append([name, seconds, seconds / floor])
+            print(f"{name:16} {seconds:9.4f} {seconds / floor:8.3f}  diagnostic")
     write_csv(args.csv, ["method", "step_seconds", "ratio_to_floor"], rows)
 
 

@@ -37,6 +37,7 @@ class AdaptFormer(Method):
     citation = "Chen et al., AdaptFormer, NeurIPS 2022"
     trains = "1 parallel bottleneck per block beside the MLP (2hd + h + d parameters each)"
     Config = AdaptFormerConfig
+    search_space = {"scale": (0.01, 0.1, 1, 10)}
 
     def attach(self, model, info, config):
         return adapt_blocks(

@@ -27,6 +27,7 @@ class FullFinetune(Method):
     citation = "full finetuning; numbers in the Convpass table from Jia et al., VPT, ECCV 2022"
     trains = "every backbone parameter"
     kinds = ALL_KINDS
+    recipe_grid = {"lr": (1e-5, 1e-4), "weight_decay": (1e-4, 1e-3)}  # a PETL learning rate breaks it
 
     def attach(self, model, info, config):
         return list(model.parameters())
@@ -43,6 +44,7 @@ class LinearProbe(Method):
     trains = "nothing but the classifier"
     kinds = ALL_KINDS
     frozen_encoder_eval = True
+    recipe_grid = {"lr": (1e-3, 1e-2, 1e-1), "weight_decay": (1e-4, 1e-3)}
 
     def attach(self, model, info, config):
         return []
@@ -58,6 +60,7 @@ class ZeroShot(Method):
     trains = "nothing, not even the classifier"
     kinds = (CLIP,)
     trains_head = False
+    recipe_grid = {}  # nothing trains: nothing to tune
 
     def attach(self, model, info, config):
         return []

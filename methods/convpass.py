@@ -107,6 +107,7 @@ class Convpass(Method):
     kinds = (VIT, SWIN, CLIP)
     Config = ConvpassConfig
     task_defaults = {task: {"scale": s, "xavier_init": x} for task, (s, x) in _CONVPASS_TASKS.items()}
+    search_space = {"scale": (0.01, 0.1, 1, 10, 100), "xavier_init": (True, False)}  # the paper's own search
     bypass_mlp = True
 
     def attach(self, model, info, config):
@@ -139,4 +140,5 @@ class ConvpassAttn(Convpass):
     trains = "1 conv bypass per block, parallel to MHSA"
     Config = ConvpassAttnConfig
     task_defaults = {task: {"scale": s, "xavier_init": True} for task, s in _CONVPASS_ATTN_SCALES.items()}
+    search_space = {"scale": (0.01, 0.1, 1, 10, 100)}
     bypass_mlp = False

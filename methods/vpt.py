@@ -53,6 +53,7 @@ class VPTShallow(Method):
     citation = CITATION
     trains = "l prompt tokens before block 0 (l * d parameters)"
     Config = VPTConfig
+    search_space = {"tokens": (1, 5, 10, 50, 100, 200)}
     deep = False
     frozen_encoder_eval = True
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import importlib
 import io
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import click
 import typer
@@ -204,117 +206,263 @@ def print_tables(run_records: list, fmt: str = "table") -> None:
             render(table.display_rows(), table.title, "table")
 
 
-@app.command("run")
-def run_command(
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods, or 'all' (default: the suite's)."),
-    suite: Optional[str] = typer.Option(None, help="vtab, demo, ... (default: demo, unless --tasks/--task-dir)."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated registered tasks (default: the suite's)."),
-    task_dir: Optional[list[Path]] = typer.Option(
-        None, "--task-dir", help="Folder with train/test list files (repeatable)."
-    ),
-    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the suite's)."),
-    backbones: Optional[str] = typer.Option(None, help="Comma-separated backbones, each crossed with every method."),
-    pretrained: str = typer.Option("hub", help="hub, none, or a weights file."),
-    data_root: Optional[Path] = typer.Option(None, help="Data folder (default: $PETL_BENCH_DATA)."),
-    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: the suite's)."),
-    shots: Optional[str] = typer.Option(None, help="Few-shot: comma-separated shots (default 1,2,4,8,16)."),
-    split_seeds: Optional[str] = typer.Option(
-        None, "--split-seeds", help="Few-shot / dg: split list seeds (default 0,1,2)."
-    ),
-    epochs: Optional[int] = typer.Option(None, help="Override recipe.epochs."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override recipe.batch_size."),
-    lr: Optional[float] = typer.Option(None, help="Override recipe.lr."),
-    image_size: Optional[int] = typer.Option(
-        None, "--image-size", help="Input size in pixels (default: the suite's, else the backbone's native size)."
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs (finished or to run) and exit."),
-    protocol: str = typer.Option(
-        "final", help="final (last epoch, honest), paper (max over test evals), tune (train -> val)."
-    ),
-    output: Path = typer.Option(Path("results/runs"), help="Where run folders go."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    force: bool = typer.Option(False, help="Rerun finished runs."),
-    strict: bool = typer.Option(False, help="Fail (not warn) when a split has an unexpected size."),
-    checkpoint_seconds: float = typer.Option(
-        60.0, help="Save the training state at most this often (resume after a crash)."
-    ),
-    settings: Optional[list[str]] = typer.Option(
-        None, "--set", help="SCOPE.KEY=VALUE, e.g. convpass.scale=10, recipe.lr=5e-4, lora.lr=5e-4."
-    ),
-    executor: str = typer.Option("local", help="local (this process, or one per GPU with --gpus) or slurm (submitit)."),
-    gpus: int = typer.Option(1, help="local: worker processes, one per visible GPU."),
-    slurm_cluster: str = typer.Option("slurm", help="submitit cluster: slurm, or local/debug to try it without one."),
-    partition: Optional[str] = typer.Option(None, help="SLURM partition."),
-    time_minutes: int = typer.Option(240, help="SLURM time limit per run (minutes)."),
-    gpus_per_job: int = typer.Option(1, help="SLURM GPUs per run."),
-    cpus_per_job: int = typer.Option(8, help="SLURM CPUs per run."),
-    array_parallelism: int = typer.Option(64, help="SLURM array tasks running at once."),
-    wait: bool = typer.Option(False, help="slurm: wait for the submitted runs and print the table."),
-    plugin: Optional[list[Path]] = PluginOption,
-) -> None:
-    """Train and evaluate methods x tasks x backbones x seeds; finished runs are skipped."""
-    from . import executors, runner
+# Options shared by `run` and `tune`.
+O_METHODS = typer.Option(None, help="Comma-separated methods, or 'all' (default: the suite's).")
+O_SUITE = typer.Option(None, help="vtab, demo, ... (default: demo, unless --tasks/--task-dir).")
+O_TASKS = typer.Option(None, help="Comma-separated registered tasks (default: the suite's).")
+O_TASK_DIR = typer.Option(None, "--task-dir", help="Folder with train/test list files (repeatable).")
+O_BACKBONE = typer.Option(None, help="Backbone (default: the suite's).")
+O_BACKBONES = typer.Option(None, help="Comma-separated backbones, each crossed with every method.")
+O_PRETRAINED = typer.Option("hub", help="hub, none, or a weights file.")
+O_DATA_ROOT = typer.Option(None, help="Data folder (default: $PETL_BENCH_DATA).")
+O_SEEDS = typer.Option(None, help="Comma-separated seeds (default: the suite's).")
+O_SHOTS = typer.Option(None, help="Few-shot: comma-separated shots (default 1,2,4,8,16).")
+O_SPLIT_SEEDS = typer.Option(None, "--split-seeds", help="Few-shot / dg: split list seeds (default 0,1,2).")
+O_EPOCHS = typer.Option(None, help="Override recipe.epochs.")
+O_BATCH = typer.Option(None, "--batch-size", help="Override recipe.batch_size.")
+O_LR = typer.Option(None, help="Override recipe.lr.")
+O_IMAGE_SIZE = typer.Option(
+    None, "--image-size", help="Input size in pixels (default: the suite's, else the backbone's native size)."
+)
+O_DRY_RUN = typer.Option(False, "--dry-run", help="List the runs (finished or to run) and exit.")
+O_OUTPUT = typer.Option(Path("results/runs"), help="Where run folders go.")
+O_DEVICE = typer.Option("auto", help="auto, cpu or cuda[:N].")
+O_FORCE = typer.Option(False, help="Rerun finished runs.")
+O_STRICT = typer.Option(False, help="Fail (not warn) when a split has an unexpected size.")
+O_CHECKPOINT = typer.Option(60.0, help="Save the training state at most this often (resume after a crash).")
+O_SET = typer.Option(None, "--set", help="SCOPE.KEY=VALUE, e.g. convpass.scale=10, recipe.lr=5e-4, lora.lr=5e-4.")
+O_EXECUTOR = typer.Option("local", help="local (this process, or one per GPU with --gpus) or slurm (submitit).")
+O_GPUS = typer.Option(1, help="local: worker processes, one per visible GPU.")
+O_CLUSTER = typer.Option("slurm", help="submitit cluster: slurm, or local/debug to try it without one.")
+O_PARTITION = typer.Option(None, help="SLURM partition.")
+O_TIME = typer.Option(240, help="SLURM time limit per run (minutes).")
+O_GPUS_PER_JOB = typer.Option(1, help="SLURM GPUs per run.")
+O_CPUS_PER_JOB = typer.Option(8, help="SLURM CPUs per run.")
+O_ARRAY = typer.Option(64, help="SLURM array tasks running at once.")
+O_WAIT = typer.Option(False, help="slurm: wait for the submitted runs and print the table.")
 
-    overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "image_size": image_size}
-    spec = runner.SweepSpec(
+
+@dataclass
+class Execution:
+    """How and where a sweep's runs execute (the options `run` and `tune` share)."""
+
+    output: Path
+    device: str = "auto"
+    force: bool = False
+    strict: bool = False
+    checkpoint_seconds: float = 60.0
+    executor: str = "local"
+    gpus: int = 1
+    slurm: Any = None  # executors.SlurmOptions
+
+
+def sweep_spec(cls, *, methods, suite, tasks, task_dir, backbone, backbones, pretrained, data_root, seeds, shots,
+               split_seeds, overrides, settings, plugin, **extra):  # fmt: skip
+    return cls(
         methods=methods, suite=suite, tasks=split_names(tasks), task_dirs=[str(d) for d in task_dir or []],
         shots=integers(shots, "--shots"), split_seeds=integers(split_seeds, "--split-seeds"),
         backbones=split_names(backbones) or ([backbone] if backbone else []), seeds=integers(seeds, "--seeds"),
-        protocol=protocol, pretrained=pretrained, recipe_overrides={k: v for k, v in overrides.items() if v is not None},
+        pretrained=pretrained, recipe_overrides={k: v for k, v in overrides.items() if v is not None},
         settings=list(settings or []), data_root=str(data_root) if data_root else None,
-        plugins=[str(p) for p in plugin or []],
+        plugins=[str(p) for p in plugin or []], **extra,
     )  # fmt: skip
-    records.check_writable(output, "--output")
+
+
+def execute(spec, run: Execution, *, dry_run: bool = False, title: str = "") -> tuple[list, Any] | None:
+    """Check, announce and run (or submit) a spec's jobs; returns (jobs, summary), None for a dry run or a
+    submission that is not waited for."""
+    from . import executors, runner
+
     jobs = spec.jobs()
-    checked = runner.validate(jobs, strict, spec.skip_unsupported)
-    errors = stderr_console()
-    errors.print(runner.plan_summary(checked, output))
+    checked = runner.validate(jobs, run.strict, spec.skip_unsupported)
+    stderr_console().print((f"{title}: " if title else "") + runner.plan_summary(checked, run.output))
     if dry_run:
-        render(runner.plan_rows(checked, output), "Runs of this sweep (nothing trained: --dry-run)", "table")
-        return
+        render(runner.plan_rows(checked, run.output), f"Runs of {title or 'this sweep'} (nothing trained)", "table")
+        return None
+    if run.executor == "slurm":
+        submitted = executors.submit(
+            spec, run.output, run.slurm, force=run.force, checkpoint_seconds=run.checkpoint_seconds
+        )
+        console.print(f"submitted {len(submitted)} run(s) to {run.slurm.cluster}; logs in {run.output / 'slurm-logs'}")
+        if not run.slurm.wait:
+            return None
+        return jobs, runner.SweepSummary(skipped=[j.run_id for j in jobs])
+    if run.gpus > 1:
+        executors.run_on_gpus(spec, run.output, run.gpus, force=run.force, checkpoint_seconds=run.checkpoint_seconds)
+        return jobs, runner.SweepSummary(skipped=[j.run_id for j in jobs])
+    with progress_bars() as progress:
+        summary = runner.run_sweep(
+            jobs, run.output, device=runner.pick_device(run.device), force=run.force, progress=progress,
+            checkpoint_seconds=run.checkpoint_seconds, checked=checked,
+            on_finished=lambda record: progress.console.print(finished_line(record), highlight=False),
+        )  # fmt: skip
+    return jobs, summary
+
+
+def execution(output, device, force, strict, checkpoint_seconds, executor, gpus, slurm_cluster, partition,
+              time_minutes, gpus_per_job, cpus_per_job, array_parallelism, wait) -> Execution:  # fmt: skip
+    from . import executors
+
+    if executor not in ("local", "slurm"):
+        raise UserError(f"unknown executor '{executor}'; choose from: local, slurm")
+    slurm = None
     if executor == "slurm":
         try:
             import submitit  # noqa: F401
         except ModuleNotFoundError:
             raise UserError("--executor slurm needs submitit: pip install 'petl-bench[slurm]'") from None
-        options = executors.SlurmOptions(
+        slurm = executors.SlurmOptions(
             cluster=slurm_cluster, partition=partition, time_minutes=time_minutes, gpus_per_job=gpus_per_job,
             cpus_per_job=cpus_per_job, array_parallelism=array_parallelism, wait=wait,
         )  # fmt: skip
-        submitted = executors.submit(spec, output, options, force=force, checkpoint_seconds=checkpoint_seconds)
-        console.print(f"submitted {len(submitted)} run(s) to {slurm_cluster}; logs in {output / 'slurm-logs'}")
-        if not wait:
-            return
-        summary = runner.SweepSummary(skipped=[j.run_id for j in jobs])
-    elif executor != "local":
-        raise UserError(f"unknown executor '{executor}'; choose from: local, slurm")
-    elif gpus > 1:
-        executors.run_on_gpus(spec, output, gpus, force=force, checkpoint_seconds=checkpoint_seconds)
-        summary = runner.SweepSummary(skipped=[j.run_id for j in jobs])
-    else:
-        with progress_bars() as progress:
-            summary = runner.run_sweep(
-                jobs, output, device=runner.pick_device(device), force=force, progress=progress,
-                checkpoint_seconds=checkpoint_seconds, checked=checked,
-                on_finished=lambda record: progress.console.print(finished_line(record), highlight=False),
-            )  # fmt: skip
+    records.check_writable(output, "--output")
+    return Execution(output, device, force, strict, checkpoint_seconds, executor, gpus, slurm)
+
+
+def counts_line(summary, output: Path) -> str:
+    return (
+        f"{len(summary.finished)} run(s) trained, {len(summary.skipped)} already finished, "
+        f"{len(summary.busy)} running elsewhere, {len(summary.failed)} failed; records in {output}"
+    )
+
+
+def report_sweep(jobs: list, summary, run: Execution) -> None:
+    """The tables of a sweep's finished runs and one line of counts; exit 1 when a run failed."""
     ids = {job.run_id for job in jobs}
-    finished = [r for r in records.load_records(output) if r.run_id in ids]
+    finished = [r for r in records.load_records(run.output) if r.run_id in ids]
     if finished:
         print_tables(finished)
-    if executor == "local" and gpus <= 1:
-        console.print(
-            f"{len(summary.finished)} run(s) trained, {len(summary.skipped)} already finished, "
-            f"{len(summary.busy)} running elsewhere, {len(summary.failed)} failed; records in {output}"
-        )
+    if run.executor == "local" and run.gpus <= 1:
+        console.print(counts_line(summary, run.output))
     else:
-        console.print(f"{len(finished)} of {len(jobs)} run(s) have records in {output}")
+        console.print(f"{len(finished)} of {len(jobs)} run(s) have records in {run.output}")
     if summary.left_out:
         console.print(f"left out (cannot run): {', '.join(summary.left_out)}")
     for run_id, error in summary.failed:
-        console.print(f"[red]failed[/] {run_id}: {error} (see {output / run_id / records.FAILURE})")
+        console.print(f"[red]failed[/] {run_id}: {error} (see {run.output / run_id / records.FAILURE})")
     if summary.failed:
         raise typer.Exit(1)
+
+
+@app.command("run")
+def run_command(
+    methods: Optional[str] = O_METHODS, suite: Optional[str] = O_SUITE, tasks: Optional[str] = O_TASKS,
+    task_dir: Optional[list[Path]] = O_TASK_DIR, backbone: Optional[str] = O_BACKBONE,
+    backbones: Optional[str] = O_BACKBONES, pretrained: str = O_PRETRAINED, data_root: Optional[Path] = O_DATA_ROOT,
+    seeds: Optional[str] = O_SEEDS, shots: Optional[str] = O_SHOTS, split_seeds: Optional[str] = O_SPLIT_SEEDS,
+    epochs: Optional[int] = O_EPOCHS, batch_size: Optional[int] = O_BATCH, lr: Optional[float] = O_LR,
+    image_size: Optional[int] = O_IMAGE_SIZE, dry_run: bool = O_DRY_RUN,
+    protocol: str = typer.Option(
+        "final", help="final (last epoch, honest), paper (max over test evals), tune (train -> val)."
+    ),
+    output: Path = O_OUTPUT, device: str = O_DEVICE, force: bool = O_FORCE, strict: bool = O_STRICT,
+    checkpoint_seconds: float = O_CHECKPOINT, settings: Optional[list[str]] = O_SET, executor: str = O_EXECUTOR,
+    gpus: int = O_GPUS, slurm_cluster: str = O_CLUSTER, partition: Optional[str] = O_PARTITION,
+    time_minutes: int = O_TIME, gpus_per_job: int = O_GPUS_PER_JOB, cpus_per_job: int = O_CPUS_PER_JOB,
+    array_parallelism: int = O_ARRAY, wait: bool = O_WAIT, plugin: Optional[list[Path]] = PluginOption,
+) -> None:  # fmt: skip
+    """Train and evaluate methods x tasks x backbones x seeds; finished runs are skipped."""
+    from . import runner
+
+    overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "image_size": image_size}
+    spec = sweep_spec(
+        runner.SweepSpec, methods=methods, suite=suite, tasks=tasks, task_dir=task_dir, backbone=backbone,
+        backbones=backbones, pretrained=pretrained, data_root=data_root, seeds=seeds, shots=shots,
+        split_seeds=split_seeds, overrides=overrides, settings=settings, plugin=plugin, protocol=protocol,
+    )  # fmt: skip
+    run = execution(output, device, force, strict, checkpoint_seconds, executor, gpus, slurm_cluster, partition,
+                    time_minutes, gpus_per_job, cpus_per_job, array_parallelism, wait)  # fmt: skip
+    result = execute(spec, run, dry_run=dry_run)
+    if result is not None:
+        report_sweep(*result, run)
+
+
+@app.command("tune")
+def tune_command(
+    methods: Optional[str] = O_METHODS, suite: Optional[str] = O_SUITE, tasks: Optional[str] = O_TASKS,
+    task_dir: Optional[list[Path]] = O_TASK_DIR, backbone: Optional[str] = O_BACKBONE,
+    backbones: Optional[str] = O_BACKBONES, pretrained: str = O_PRETRAINED, data_root: Optional[Path] = O_DATA_ROOT,
+    seeds: Optional[str] = O_SEEDS, shots: Optional[str] = O_SHOTS, split_seeds: Optional[str] = O_SPLIT_SEEDS,
+    epochs: Optional[int] = O_EPOCHS, batch_size: Optional[int] = O_BATCH, image_size: Optional[int] = O_IMAGE_SIZE,
+    grid: Optional[list[str]] = typer.Option(
+        None, "--grid", help="SCOPE.KEY=V1,V2 replaces an axis: convpass.scale=0.1,1,10, recipe.lr=1e-3,5e-3."
+    ),
+    search: str = typer.Option("grid", help="grid (every configuration) or halving (successive halving)."),
+    search_only: bool = typer.Option(False, "--search-only", help="Run stage 1 and print the choices; no stage 2."),
+    dry_run: bool = O_DRY_RUN, output: Path = O_OUTPUT, device: str = O_DEVICE, force: bool = O_FORCE,
+    strict: bool = O_STRICT, checkpoint_seconds: float = O_CHECKPOINT, settings: Optional[list[str]] = O_SET,
+    executor: str = O_EXECUTOR, gpus: int = O_GPUS, slurm_cluster: str = O_CLUSTER,
+    partition: Optional[str] = O_PARTITION, time_minutes: int = O_TIME, gpus_per_job: int = O_GPUS_PER_JOB,
+    cpus_per_job: int = O_CPUS_PER_JOB, array_parallelism: int = O_ARRAY, wait: bool = O_WAIT,
+    plugin: Optional[list[Path]] = PluginOption,
+) -> None:  # fmt: skip
+    """The fair protocol: search every method on train800 -> val200 over its grid (stage 1, first seed),
+    retrain each winner on train800val200 and test it once, with every seed (stage 2, protocol 'tuned')."""
+    from .tuning import TuneSpec
+
+    overrides = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size}
+    spec = sweep_spec(
+        TuneSpec, methods=methods, suite=suite, tasks=tasks, task_dir=task_dir, backbone=backbone,
+        backbones=backbones, pretrained=pretrained, data_root=data_root, seeds=seeds, shots=shots,
+        split_seeds=split_seeds, overrides=overrides, settings=settings, plugin=plugin, grid=list(grid or []),
+        search=search, output=str(output),
+    )  # fmt: skip
+    run = execution(output, device, force, strict, checkpoint_seconds, executor, gpus, slurm_cluster, partition,
+                    time_minutes, gpus_per_job, cpus_per_job, array_parallelism, wait)  # fmt: skip
+    rungs = spec.rungs()
+    if dry_run:
+        print_grids(spec)
+    for rung in range(rungs):
+        stage_one = dataclasses.replace(spec, stage=1, rung=rung)
+        title = f"stage 1{f', rung {rung + 1}/{rungs}' if rungs > 1 else ''} (train800 -> val200)"
+        if dry_run and rung:
+            stderr_console().print(f"{title}: depends on the rung before; not listed")
+            continue
+        result = execute(stage_one, run, dry_run=dry_run, title=title)
+        if result is None:
+            if not dry_run:
+                console.print("stage 1 submitted; run the same command again when it has finished for stage 2")
+            return
+        if result[1].failed:
+            report_sweep(*result, run)
+        if run.executor == "local" and run.gpus <= 1:
+            console.print(f"{title}: {counts_line(result[1], run.output)}")
+    if dry_run:
+        return
+    print_choices(spec)
+    if search_only:
+        return
+    result = execute(dataclasses.replace(spec, stage=2), run, title="stage 2 (train800val200 -> test, every seed)")
+    if result is not None:
+        report_sweep(*result, run)
+
+
+def print_grids(spec) -> None:
+    """Every method's grid and the number of stage-1 runs, before any training."""
+    from .tuning import grid_points, method_grid, parse_grid
+
+    groups = spec._groups()
+    methods = sorted({key[0] for key in groups})
+    parsed = parse_grid(spec.grid, methods)
+    rows = []
+    for method in methods:
+        axes = method_grid(method, parsed)
+        pairs = sum(1 for key in groups if key[0] == method)
+        rows.append({"method": method, "grid": "; ".join(f"{k}={','.join(map(str, v))}" for k, v in axes.items()),
+                     "configurations": len(grid_points(axes)), "stage-1 runs": len(grid_points(axes)) * pairs})  # fmt: skip
+    render(rows, f"Tuning grids ({spec.search} search)", "table")
+
+
+def print_choices(spec) -> None:
+    """The configuration stage 1 chose for each (method, task, backbone), with its val200 top-1."""
+    chosen = {}
+    for job in spec.stage_two():
+        values = ", ".join(f"{k}={v}" for k, v in job.tuning["chosen"].items())
+        chosen[(job.method, job.task.key, job.backbone)] = {
+            "method": job.method, "task": job.task.key, "backbone": job.backbone, "chosen": values or "-",
+            "val200 top-1": f"{job.tuning['chosen_val_top1']:.1f}", "of": len(job.tuning["configurations"]),
+        }  # fmt: skip
+    render(list(chosen.values()), "Chosen on val200", "table")
 
 
 @app.command("report")

@@ -20,6 +20,8 @@ from .backbones import PAPER_BACKBONE, VIT, BackboneInfo, build_backbone
 from .errors import UserError
 from .registry import METHODS, TASKS, canonical
 
+RECIPE_GRID: Mapping[str, tuple] = {"lr": (1e-3, 1e-2), "weight_decay": (1e-4, 1e-3)}  # every PETL method
+
 
 @dataclasses.dataclass
 class NoConfig:
@@ -38,6 +40,9 @@ class Method:
     trains_head: ClassVar[bool] = True  # False: the classifier stays as built (zero-shot evaluation)
     frozen_encoder_eval: ClassVar[bool] = False  # True: the frozen encoder stays in eval mode in training (VPT)
     head_init: ClassVar[str] = "default"  # the classifier init of the runs behind the method's published numbers
+    # The tuned protocol's grid: method hyperparameters, and the recipe axes (None: the shared RECIPE_GRID).
+    search_space: ClassVar[Mapping[str, tuple]] = {}
+    recipe_grid: ClassVar[Mapping[str, tuple] | None] = None
 
     def attach(self, model: nn.Module, info: BackboneInfo, config: Any) -> Iterable[nn.Parameter]:
         """Add or unfreeze modules on the frozen ``model``; return the parameters to train (head excluded)."""

@@ -39,6 +39,7 @@ SELECTION = {
     "final": "last epoch, evaluated once on test",
     "paper": "PAPER PROTOCOL: max of test accuracies evaluated every 10 epochs (selects on the test set)",
     "tune": "last epoch, evaluated on val (train on train split only)",
+    "tuned": "last epoch, evaluated once on test; hyperparameters chosen on val200 (train800 -> val200) first",
 }
 
 
@@ -62,9 +63,14 @@ class RunRecord:
     environment: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     task_variant: dict[str, int] = field(default_factory=dict)  # few-shot: {"shots": k, "split_seed": s}
+    tuning: dict[str, Any] = field(default_factory=dict)  # tuned protocol: selection, chosen values, search cost
     started_at: str = ""
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION
+
+    def task_key(self) -> str:
+        """The task and its variant, e.g. ``fs_pets-shots4-split_seed1``."""
+        return self.task + "".join(f"-{key}{value}" for key, value in self.task_variant.items())
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)

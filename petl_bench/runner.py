@@ -50,6 +50,15 @@ from .task import FileListTask, TaskData, folder_task
 
 log = logging.getLogger(__name__)
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str, *args) -> None:
+    """A warning the first time it is given in this process (plans are rebuilt more than once)."""
+    text = message % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        log.warning(text)
 
 
 def parse_settings(items: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -78,6 +87,7 @@ class Job:
     recipe: Recipe
     method_config: Any
     data_root: Path | None = None
+    tuning: dict | None = field(default=None, compare=False)  # tuned protocol: how the configuration was chosen
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -92,6 +102,11 @@ class Job:
             "protocol": self.protocol,
             "recipe": self.recipe.identity(),
         }
+
+    @property
+    def data_key(self) -> tuple[str, str]:
+        """What decides the splits a job reads: the task (variant) and the protocol."""
+        return self.task.key, self.protocol
 
     @property
     def run_id(self) -> str:
@@ -144,7 +159,7 @@ class SweepSpec:
         definition = SUITES.get(suite) if suite else None
         if not self.backbones:
             chosen = definition.backbone if definition else PAPER_BACKBONE
-            log.warning("no --backbone given: using %s (%s)", chosen, f"the {suite} suite's" if definition
+            warn_once("no --backbone given: using %s (%s)", chosen, f"the {suite} suite's" if definition
                         else "the paper's ViT-B/16; pass --backbone for another")  # fmt: skip
         recipe = (definition.recipe if definition else Recipe()).replace(**self.recipe_overrides)
         return plan(
@@ -215,7 +230,7 @@ def plan(
         method_recipe = recipe.replace(**{k: v for k, v in scoped.items() if k not in config_fields})
         method_recipe = method_recipe.replace(head_init=method_recipe.head_init or runner.head_init)
         if method_recipe.warmup_epochs is not None and method_recipe.warmup_epochs >= method_recipe.epochs:
-            log.warning("%s: recipe.warmup_epochs=%d is not below epochs=%d: the learning rate never leaves the "
+            warn_once("%s: recipe.warmup_epochs=%d is not below epochs=%d: the learning rate never leaves the "
                         "warm-up (leave warmup_epochs unset for 10%% of the epochs)", runner.name,
                         method_recipe.warmup_epochs, method_recipe.epochs)  # fmt: skip
         overrides = {k: v for k, v in scoped.items() if k in config_fields}
@@ -448,6 +463,7 @@ def run_job(
         notes=[note for note in (info.notes,) if note],
         started_at=started,
         finished_at=records.now(),
+        tuning=dict(job.tuning or {}),
     )
     records.write_record(run_dir, record)
     resume.unlink(missing_ok=True)
@@ -468,7 +484,7 @@ class Checked:
     """A sweep after every check: the data of each task, the jobs that can run, the pairs left out and
     a description of each backbone at each input size."""
 
-    data: dict[str, TaskData]
+    data: dict[tuple[str, str], TaskData]  # by Job.data_key
     jobs: list[Job]
     left_out: list[str]
     infos: dict[tuple[str, int | None], Any]
@@ -484,9 +500,9 @@ def validate(jobs: list[Job], strict: bool, skip_unsupported: bool = False) -> C
     warning instead of failing the sweep."""
     data = {}
     for job in jobs:
-        if job.task.key not in data:
-            data[job.task.key] = job.task.splits(job.data_root, job.protocol, strict=strict)
-        check_batch(job, data[job.task.key])
+        if job.data_key not in data:
+            data[job.data_key] = job.task.splits(job.data_root, job.protocol, strict=strict)
+        check_batch(job, data[job.data_key])
     infos: dict[tuple[str, int | None], Any] = {}
     runnable, left_out = [], []
     for job in jobs:
@@ -496,7 +512,7 @@ def validate(jobs: list[Job], strict: bool, skip_unsupported: bool = False) -> C
                 check_hub_reachable(job.backbone)
             infos[key] = build_backbone(job.backbone, "none", num_classes=1, image_size=job.recipe.image_size)[1]
         try:
-            check_job(job, infos[key], data[job.task.key])
+            check_job(job, infos[key], data[job.data_key])
         except UserError as error:
             if not skip_unsupported:
                 raise
@@ -516,7 +532,7 @@ def plan_rows(checked: Checked, output: Path) -> list[dict[str, Any]]:
         rows.append({
             "method": job.method, "task": job.task.key, "backbone": job.backbone, "seed": job.seed,
             "protocol": job.protocol, "image_size": f"{size[0]}x{size[1]}", "epochs": job.recipe.epochs,
-            "batch": job.recipe.batch_size, "train_images": len(checked.data[job.task.key].train),
+            "batch": job.recipe.batch_size, "train_images": len(checked.data[job.data_key].train),
             "status": "finished" if records.is_finished(output / job.run_id, repair=False) else "to run", "run_id": job.run_id,
         })  # fmt: skip
     return rows
@@ -536,7 +552,7 @@ def plan_summary(checked: Checked, output: Path) -> str:
         if key not in flops:
             network, info = build_backbone(job.backbone, "none", num_classes=1, image_size=job.recipe.image_size)
             flops[key] = forward_flops(network, info.preprocessing.image_size, torch.device("cpu"))
-        evaluated = len(checked.data[job.task.key].eval)
+        evaluated = len(checked.data[job.data_key].eval)
         total += flops[key] * (3 * row["train_images"] * row["epochs"] + evaluated)
     sizes = ", ".join(sorted({row["image_size"] for row in rows})) or "-"
     finished = len(rows) - len(todo)
@@ -604,7 +620,7 @@ def run_sweep(
             elif records.is_finished(run_dir) and not force:
                 summary.skipped.append(job.run_id)
             else:
-                record = _run_one(job, run_dir, checked.data[job.task.key], device, progress, checkpoint_seconds,
+                record = _run_one(job, run_dir, checked.data[job.data_key], device, progress, checkpoint_seconds,
                                   summary, overall)  # fmt: skip
                 if record is not None and on_finished:
                     on_finished(record)

@@ -15,7 +15,8 @@ from .data import Split, check_size, read_split
 from .engine import Recipe
 from .errors import UserError
 
-PROTOCOLS = ("final", "paper", "tune")
+PROTOCOLS = ("final", "paper", "tune")  # what `run --protocol` takes
+SPLIT_PROTOCOLS = (*PROTOCOLS, "tuned")  # "tuned": stage 2 of `petl-bench tune`, the splits of "final"
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class FileListTask:
         return split
 
     def splits(self, data_root: Path | None, protocol: str, strict: bool = False) -> TaskData:
-        if protocol not in PROTOCOLS:
+        if protocol not in SPLIT_PROTOCOLS:
             raise UserError(f"unknown protocol '{protocol}'; choose from: {', '.join(PROTOCOLS)}")
         folder = self.folder(data_root)
         train_list, eval_list = (

@@ -190,7 +190,7 @@ register_suite(
         backbone="vit_small_patch14_dinov2.imgfocus",
         methods=("linear", "lora", "convpass"),
         tasks=("demo_digits", "demo_dsprites_loc", "demo_clevr_count"),
-        recipe=Recipe(epochs=10, batch_size=32, warmup_epochs=2, image_size=56, eval_batch_size=200),
+        recipe=Recipe(epochs=10, batch_size=32, image_size=56, eval_batch_size=200),  # warm-up: 10%, 1 epoch
         seeds=(0,),
     )
 )

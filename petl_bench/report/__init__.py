@@ -20,6 +20,7 @@ from .dg import dg_tables
 from .fewshot import fewshot_tables, plot_fewshot
 from .plots import plot_accuracy_vs_cost, plot_accuracy_vs_params, plot_bars
 from .table import Table, csv_safe, csv_safe_frame, escape_markdown, markdown_table, method_order, runs_frame
+from .tuned import tuned_markdown
 
 FAMILIES = ("fewshot", "dg")  # suites with their own tables
 
@@ -161,6 +162,8 @@ def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] =
         parts = ["# petl-bench report", "", f"{len(frame)} runs.", "", "## Accuracy (top-1 %)", "", COLUMNS_LEGEND, ""]
         for table in tables:
             parts += [table.markdown(), escape_markdown(settings_note(frame, table.key)), ""]
+        tuned = tuned_markdown(records)
+        parts += [tuned] if tuned else []
         parts += ["## Cost", "", COST_LEGEND, "", frame_markdown(costs), "## Plots", ""]
         parts += [f"![{path.stem}]({path.name})" for path in plots if path]
         write("report.md", "\n".join(parts) + "\n")
