@@ -28,6 +28,10 @@ class FullFinetune(Method):
     trains = "every backbone parameter"
     kinds = ALL_KINDS
     recipe_grid = {"lr": (1e-5, 1e-4), "weight_decay": (1e-4, 1e-3)}  # a PETL learning rate breaks it
+    merges = True  # it trains the backbone's own tensors: nothing to fold
+
+    def merge(self, model):
+        pass
 
     def attach(self, model, info, config):
         return list(model.parameters())
@@ -45,6 +49,10 @@ class LinearProbe(Method):
     kinds = ALL_KINDS
     frozen_encoder_eval = True
     recipe_grid = {"lr": (1e-3, 1e-2, 1e-1), "weight_decay": (1e-4, 1e-3)}
+    merges = True  # only the classifier trains: nothing to fold
+
+    def merge(self, model):
+        pass
 
     def attach(self, model, info, config):
         return []
@@ -96,6 +104,10 @@ class BitFit(Method):
     trains = "all bias terms (attention, MLP, LayerNorm, patch embedding)"
     kinds = ALL_KINDS
     Config = BitFitConfig
+    merges = True  # the biases are the backbone's own: nothing to fold
+
+    def merge(self, model):
+        pass
 
     def encoder_eval(self, config: BitFitConfig) -> bool:
         return config.encoder_eval

@@ -54,6 +54,10 @@ class FusedQKVLoRA(nn.Module):
     def delta_parameters(self) -> list[nn.Parameter]:
         return list(self.lora.parameters())
 
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a weight: ``B A`` (dropout is the identity in eval mode)."""
+        return self.lora.up.weight @ self.lora.down.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.qkv(x) + self.lora(x)
 
@@ -71,6 +75,12 @@ class QVLoRA(nn.Module):
 
     def delta_parameters(self) -> list[nn.Parameter]:
         return [*self.lora_q.parameters(), *self.lora_v.parameters()]
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s [B_q A_q; 0; B_v A_v]`` (dropout is the identity in eval mode)."""
+        delta_q = self.lora_q.up.weight @ self.lora_q.down.weight
+        delta_v = self.lora_v.up.weight @ self.lora_v.down.weight
+        return self.scale * torch.cat([delta_q, torch.zeros_like(delta_q), delta_v])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta_q = self.lora_q(x)
@@ -102,6 +112,17 @@ class LoRA(Method):
         check_init(self.name, config.init)
         if config.variant not in ("qkv", "qv"):
             raise UserError(f"lora.variant must be 'qkv' or 'qv', not {config.variant!r}")
+
+    merges = True
+
+    @torch.no_grad()
+    def merge(self, model):
+        """``W_qkv += delta`` in every block, and the wrapper replaced by the plain qkv Linear."""
+        for path in model.info.block_paths:
+            attention = model.backbone.get_submodule(path).attn
+            wrapped = attention.qkv
+            wrapped.qkv.weight += wrapped.delta_weight().to(wrapped.qkv.weight.dtype)
+            attention.qkv = wrapped.qkv
 
     def attach(self, model, info, config):
         self.check_config(config)

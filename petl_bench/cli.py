@@ -481,6 +481,22 @@ def report_command(
     console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
 
 
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A finished run's folder (under --output of run/tune)."),
+    out: Path = typer.Option(..., "--out", help="The .safetensors file to write (a .json is written beside it)."),
+    merged: bool = typer.Option(False, "--merged", help="Fold the method into the backbone: the whole model."),
+    plugin: Optional[list[Path]] = PluginOption,
+) -> None:
+    """Write a trained run for deployment: merged into the backbone, or its trainable-only checkpoint."""
+    from .export import export_run
+
+    load_plugins(plugin)
+    weights, sidecar = export_run(run_dir, out, merged)
+    kind = "merged model" if merged else "trainable-only checkpoint"
+    console.print(f"wrote the {kind} to {weights} and its description to {sidecar}; load with pb.load_exported")
+
+
 noah_app = typer.Typer(help="NOAH: supernet training, evolutionary search and retraining of the winner.")
 app.add_typer(noah_app, name="noah")
 

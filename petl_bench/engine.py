@@ -121,6 +121,13 @@ class Recipe:
         return dataclasses.replace(self, **{k: parse_value(v, types[k], f"recipe.{k}") for k, v in changes.items()})
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (a run's backbone, method and head init)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def check_bounds(label: str, value, low, high, high_excluded: bool) -> None:
     """A UserError unless ``value`` is None or a finite number within [low, high] (or [low, high))."""
     if value is None:

@@ -55,6 +55,14 @@ class Method:
         """What identifies a run's method settings (records and run ids); files are resolved to content."""
         return dataclasses.asdict(config)
 
+    merges: ClassVar[bool] = False  # True: what it trains folds into the backbone's own weights (see merge)
+    merge_note: ClassVar[str] = "it adds modules that do not fold into the backbone's weights"
+
+    def merge(self, model: "PetlModel") -> None:
+        """Fold what the method trained into the backbone's own modules, in place, leaving no module of the
+        method's (a method with ``merges = True`` implements this; the others cannot)."""
+        raise UserError(f"method '{self.name}' cannot be merged: {self.merge_note}")
+
     def encoder_eval(self, config: Any) -> bool:
         """Whether the frozen encoder stays in eval mode while training (no drop-path or dropout)."""
         return self.frozen_encoder_eval

@@ -11,14 +11,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import random
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 
 from . import records
@@ -33,8 +31,9 @@ from .backbones import (
 )
 from .checkpoints import save_trainable
 from .data import AugmentedStream, Normalizer, TensorDataset
-from .engine import EpochLog, Recipe, evaluate, extract_features, fit, forward_flops, peak_memory_bytes
+from .engine import EpochLog, Recipe, evaluate, extract_features, fit, forward_flops, peak_memory_bytes, seed_everything
 from .errors import UserError
+from .export import merge
 from .model import (
     Method,
     PetlModel,
@@ -244,12 +243,6 @@ def plan(
     return jobs
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def trains_head_on_features(model, recipe: Recipe) -> bool:
     """Only the classifier trains, on a frozen encoder kept in eval mode, with nothing augmented: then
     the classifier's inputs never change and can be computed once (exact)."""
@@ -422,6 +415,9 @@ def run_job(
                 "image_size": info.preprocessing.image_size[0],
             },
             "input_size": list(info.preprocessing.image_size),
+            "pretrained_source": job.pretrained,
+            "num_classes": data.num_classes,
+            "class_names": list(data.class_names) if data.class_names else None,
             "normalization": {
                 "mean": list(normalizer.mean.flatten().tolist()),
                 "std": list(normalizer.std.flatten().tolist()),
@@ -451,6 +447,7 @@ def run_job(
             "head_trained_on_cached_features": trainee is not model,
             "train_images_per_s": result.train_images_per_s,
             "eval_images_per_s": result.eval_images_per_s,
+            "inference_images_per_s": inference_speeds(model, prepared.evaluation, normalizer, device, job.recipe),
             "seconds": {
                 "data": data_seconds,
                 "features": feature_seconds,
@@ -468,6 +465,19 @@ def run_job(
     records.write_record(run_dir, record)
     resume.unlink(missing_ok=True)
     return record
+
+
+INFERENCE_IMAGES = 512  # images timed for the inference throughput
+
+
+def inference_speeds(model: PetlModel, data: TensorDataset, normalizer, device, recipe: Recipe) -> dict:
+    """Full-model images/s in eval mode on the same images, batch and device: the model as trained and,
+    for methods that fold into the backbone, merged (so 'no inference overhead' is measured)."""
+    subset = TensorDataset(data.images[:INFERENCE_IMAGES], data.labels[:INFERENCE_IMAGES])
+    speeds = {"as_trained": evaluate(model, subset, normalizer, device, recipe.eval_batch_size)[1], "merged": None}
+    if model.method.merges:
+        speeds["merged"] = evaluate(merge(model), subset, normalizer, device, recipe.eval_batch_size)[1]
+    return speeds
 
 
 @dataclass

@@ -174,8 +174,11 @@ class TuneSpec(SweepSpec):
         for key, pairs in self.stage_one().items():
             scored = self._scores(pairs)
             done = [(i, point, job, score) for i, (point, job, score) in enumerate(scored) if score is not None]
-            if not done:
-                raise UserError(f"stage 1 of {key[0]} on {key[1]} ({key[2]}) has no finished run; run stage 1 first")
+            if len(done) < len(scored):  # choosing among part of the grid would not be the same effort
+                raise UserError(
+                    f"stage 1 of {key[0]} on {key[1]} ({key[2]}) has {len(scored) - len(done)} of {len(scored)} "
+                    f"configurations unfinished (failed or still running); finish stage 1 first"
+                )
             index, point, _, best = min(done, key=lambda item: (-item[3], item[0]))
             base = base_by_key[key]
             tuning = self._selection(key, point, best, scored, len(all_points[key]))

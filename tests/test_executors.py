@@ -38,3 +38,17 @@ def test_slurm_without_a_cluster_is_a_clear_error(monkeypatch, capsys, tmp_path,
     code, _, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
                               "--methods", "linear", "--executor", "slurm", "--output", str(tmp_path / "r"), *TINY_RUN)  # fmt: skip
     assert code == 2 and "cannot submit to slurm" in stderr and "srun" in stderr
+
+
+def test_tune_on_slurm_runs_stage_one_then_stage_two(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task = make_task_folder(tmp_path / "colours")
+    out = tmp_path / "runs"
+    args = ["tune", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "linear", "--epochs", "1",
+            "--grid", "recipe.lr=1e-3,1e-2", "--grid", "recipe.weight_decay=1e-4", "--output", str(out), *TINY_RUN,
+            "--executor", "slurm", "--slurm-cluster", "local", "--gpus-per-job", "0"]  # fmt: skip
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--wait")
+    assert code == 0, stderr
+    found = records.load_records(out)
+    assert sorted(r.protocol for r in found) == ["tune", "tune", "tuned"]
+    (tuned,) = [r for r in found if r.protocol == "tuned"]
+    assert tuned.tuning["selection"].startswith("chosen on val200 among 2 configurations")

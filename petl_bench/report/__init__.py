@@ -59,6 +59,8 @@ def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
             train_images_per_s=("train_images_per_s", "mean"),
             eval_images_per_s=("eval_images_per_s", "mean"),
             speeds_measure=("cached_features", speed_measures),
+            inference_images_per_s=("inference_images_per_s", "mean"),
+            merged_inference_images_per_s=("merged_inference_images_per_s", "mean"),
             wall_seconds_per_run=("wall_seconds", "mean"),
         )
         .reset_index()
@@ -115,7 +117,9 @@ COST_LEGEND = (
     "`trainable_params`: without / with the classifier (a range when per-task settings differ). "
     "`peak_memory_mb`: see `peak_memory_kind` (a CPU's process peak RSS grows over a sweep and compares "
     "poorly across methods). Speeds are images/s; `speeds_measure` says what ran: the full model, or "
-    "only the classifier on cached features (linear probing, not comparable with the others)."
+    "only the classifier on cached features (linear probing, not comparable with the others). "
+    "`inference_images_per_s`: the full model in eval mode as trained, and `merged_...` folded into the "
+    "backbone (methods that merge; same images, batch and device)."
 )
 
 

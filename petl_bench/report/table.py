@@ -17,7 +17,8 @@ RUN_COLUMNS = [
     "method", "task", "backbone", "seed", "protocol", "top1", "trainable_params", "trainable_params_with_head",
     "checkpoint_bytes", "peak_memory_bytes", "train_images_per_s", "eval_images_per_s", "wall_seconds", "suite",
     "group", "eval_split", "shots", "split_seed", "class_mask", "pretrained", "run_id", "peak_memory_kind",
-    "cached_features", "epochs", "lr", "batch_size", "image_size", "weights_notes",
+    "cached_features", "epochs", "lr", "batch_size", "image_size", "weights_notes", "inference_images_per_s",
+    "merged_inference_images_per_s",
 ]  # fmt: skip
 # Method names in the paper's tables -> registered names.
 PAPER_METHODS = {
@@ -33,6 +34,7 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
     for r in records:
         masks = set(r.metrics.get("class_mask", {}).values())
         recipe = r.hparams.get("recipe", {}) if isinstance(r.hparams.get("recipe"), dict) else {}
+        inference = r.cost.get("inference_images_per_s") or {}
         row = {
             "method": r.method, "task": r.task, "backbone": r.backbone, "seed": r.seed, "protocol": r.protocol,
             "top1": r.metrics["top1"], "trainable_params": r.cost["trainable_params"],
@@ -46,6 +48,7 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
             "cached_features": bool(r.cost.get("head_trained_on_cached_features", False)),
             "epochs": recipe.get("epochs"), "lr": recipe.get("lr"), "batch_size": recipe.get("batch_size"),
             "image_size": recipe.get("image_size"), "weights_notes": " ".join(r.notes),
+            "inference_images_per_s": inference.get("as_trained"), "merged_inference_images_per_s": inference.get("merged"),
         }  # fmt: skip
         row.update({f"top1_{name}": value for name, value in r.metrics.get("targets", {}).items()})
         rows.append(row)

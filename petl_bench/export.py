@@ -1,0 +1,153 @@
+"""Deploy a trained method: fold it into the backbone (``merge``), write it out, load it back.
+
+``merge(model)`` returns the plain timm / open_clip model (no wrapper module left) whose logits equal
+the trained model's in eval mode; methods that cannot fold (a nonlinear adapter, extra tokens) say so.
+``export_run`` writes a run either merged (the whole model's state dict, loadable without the
+pretrained weights) or as its trainable-only checkpoint, each with a JSON file beside it saying the
+backbone, method, task, classes and preprocessing; ``load_exported`` rebuilds the model from the two.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import records
+from .backbones import build_backbone
+from .checkpoints import load_trainable
+from .engine import seed_everything
+from .errors import UserError
+from .model import PetlModel, attach_method, get_method
+
+FORMAT = "petl-bench-export/1"
+MERGE_TOLERANCE = 1e-4
+
+
+def merge(model: PetlModel) -> nn.Module:
+    """A copy of ``model``'s backbone with the method folded into its weights, in eval mode."""
+    folded = copy.deepcopy(model).eval()
+    folded.method.merge(folded)
+    return folded.backbone
+
+
+@torch.no_grad()
+def merge_difference(model: PetlModel, merged: nn.Module, size: tuple[int, int], seed: int = 0) -> float:
+    """Max |logit difference| between the model as trained and merged, eval mode, on random images."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(merged.parameters()).device
+    images = torch.randn(4, 3, *size, generator=generator).to(device)
+    was_training = model.training
+    model.eval()
+    difference = float((model(images) - merged(images)).abs().max())
+    model.train(was_training)
+    return difference
+
+
+def rebuild(run_dir: Path) -> tuple[PetlModel, records.RunRecord]:
+    """The model of a finished run: its backbone and pretrained weights, method, config and checkpoint."""
+    record = records.read_record(run_dir / records.RECORD) if (run_dir / records.RECORD).is_file() else None
+    if record is None:
+        raise UserError(f"{run_dir} holds no finished run (no valid {records.RECORD})")
+    source = record.hparams.get("pretrained_source")
+    if source is None:
+        raise UserError(f"{run_dir}: the record does not say where its backbone weights came from (rerun it)")
+    runner = get_method(record.method)
+    fields = {f.name for f in dataclasses.fields(runner.Config)}
+    config = runner.make_config(None, **{k: v for k, v in record.hparams["method"].items() if k in fields})
+    checkpoint = run_dir / records.CHECKPOINT
+    num_classes = int(record.hparams.get("num_classes") or _checkpoint_classes(checkpoint))
+    recipe = record.hparams["recipe"]
+    seed_everything(record.seed)  # as the run did: a random (--pretrained none) backbone is rebuilt exactly
+    network, info = build_backbone(record.backbone, source, num_classes=num_classes, image_size=recipe.get("image_size"),
+                                   drop_path_rate=recipe.get("drop_path", 0.0))  # fmt: skip
+    model = attach_method(network, info, runner, config, recipe.get("head_init"))
+    load_trainable(model, checkpoint)
+    return model.eval(), record
+
+
+def _checkpoint_classes(path: Path) -> int:
+    from .checkpoints import read_metadata
+
+    return int(read_metadata(path)["num_classes"])
+
+
+def describe(model: PetlModel, record: records.RunRecord, merged: bool) -> dict:
+    normalization = record.hparams.get("normalization", {})
+    return {
+        "format": FORMAT,
+        "merged": merged,
+        "backbone": record.backbone,
+        "pretrained": record.hparams.get("pretrained_source"),
+        "method": record.method,
+        "method_config": record.hparams["method"],
+        "head_init": record.hparams["recipe"].get("head_init"),
+        "task": record.task,
+        "task_variant": record.task_variant,
+        "num_classes": model.head.out_features,
+        "class_names": record.hparams.get("class_names"),
+        "preprocessing": {
+            "image_size": list(model.info.preprocessing.image_size),
+            "interpolation": model.info.preprocessing.interpolation,
+            "mean": normalization.get("mean"),
+            "std": normalization.get("std"),
+        },
+        "seed": record.seed,  # a --pretrained none backbone is rebuilt from it
+        "run_id": record.run_id,
+        "top1": record.metrics["top1"],
+        "eval_split": record.metrics["eval_split"],
+    }
+
+
+def export_run(run_dir: Path, out: Path, merged: bool = False) -> tuple[Path, Path]:
+    """Write ``out`` (safetensors) and ``out.json``; merged: the whole folded model, checked to give the
+    trained model's logits within ``MERGE_TOLERANCE``."""
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out} must end in .safetensors")
+    records.check_writable(out.parent, "--out")
+    model, record = rebuild(run_dir)
+    if merged:
+        folded = merge(model)
+        difference = merge_difference(model, folded, model.info.preprocessing.image_size)
+        if difference > MERGE_TOLERANCE:
+            raise UserError(f"merging {record.method} changed the logits by {difference:.2e}; not exported")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in folded.state_dict().items()}
+        save_file(state, str(out), metadata={"format": FORMAT, "merged": "true"})
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / records.CHECKPOINT, out)
+    sidecar = out.with_suffix(".json")
+    records.write_atomic(sidecar, json.dumps(describe(model, record, merged), indent=2))
+    return out, sidecar
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """The model written by :func:`export_run`, in eval mode: a plain backbone when merged (no pretrained
+    weights needed), else the backbone with the method attached and its checkpoint loaded."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if not path.is_file() or not sidecar.is_file():
+        raise UserError(f"an export is two files: {path} and {sidecar}")
+    meta = json.loads(sidecar.read_text())
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{sidecar} is not a {FORMAT} description")
+    size = meta["preprocessing"]["image_size"][0]
+    if meta["merged"]:
+        network, _ = build_backbone(meta["backbone"], "none", num_classes=meta["num_classes"], image_size=size)
+        network.load_state_dict(load_file(str(path)), strict=True)
+        return network.eval()
+    runner = get_method(meta["method"])
+    fields = {f.name for f in dataclasses.fields(runner.Config)}
+    config = runner.make_config(None, **{k: v for k, v in meta["method_config"].items() if k in fields})
+    seed_everything(meta["seed"])
+    network, info = build_backbone(meta["backbone"], meta["pretrained"], num_classes=meta["num_classes"],
+                                   image_size=size)  # fmt: skip
+    model = attach_method(network, info, runner, config, meta.get("head_init"))
+    return load_trainable(model, path).eval()
