@@ -23,6 +23,15 @@ import petl_bench as pb
 from petl_bench.engine import autocast, parameter_groups
 
 SKIP = {"zero_shot"}  # trains nothing
+PEFT_TUNERS = ("lora", "dora", "vera", "loha", "lokr", "ia3", "boft")  # with the default targets (qkv, proj, fc1, fc2)
+
+
+def _has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
 
 
 class NoahStyleLoRA(torch.nn.Module):
@@ -100,6 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     methods = args.methods.split(",") if args.methods else [m for m in pb.METHODS.names() if m not in SKIP]
+    if not args.methods:
+        methods += [f"peft:{name}" for name in PEFT_TUNERS if _has_peft()]
 
     floor_model = build("linear", args)
     floor_model.method.frozen_encoder_eval = False  # the floor runs the backbone in training mode like the others

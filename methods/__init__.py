@@ -3,4 +3,4 @@
 Import order is the order of the Convpass paper's table, used for listings and reports.
 """
 
-from . import baselines, vpt, adapter, adaptformer, lora, noah, convpass  # noqa: F401  isort: skip
+from . import baselines, vpt, adapter, adaptformer, lora, noah, convpass, peft_tuners  # noqa: F401  isort: skip

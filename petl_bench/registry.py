@@ -15,7 +15,7 @@ import logging
 import sys
 import types
 from pathlib import Path
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from .errors import UserError, unknown_choice
 
@@ -37,7 +37,17 @@ class Registry(Generic[T]):
         self._group = entry_point_group
         self._entries: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
+        self._families: dict[str, tuple[Callable[[str], T], Callable[[], list[str]]]] = {}
         self._loaded = False
+
+    def register_family(self, prefix: str, make: Callable[[str], T], listing: Callable[[], list[str]]) -> None:
+        """Names ``<prefix><member>`` made on demand by ``make(member)`` (a UserError for an unknown member);
+        ``listing()`` names the members. They are not part of :meth:`names` (a sweep over 'all')."""
+        self._families[canonical(prefix)] = (make, listing)
+
+    def families(self) -> dict[str, Callable[[], list[str]]]:
+        self._load()
+        return {prefix: listing for prefix, (_, listing) in self._families.items()}
 
     def register(self, obj: T | None = None, *, name: str | None = None, aliases: tuple[str, ...] = ()):
         """Register ``obj`` under ``name`` (default: its ``name`` attribute); usable as a decorator."""
@@ -58,8 +68,11 @@ class Registry(Generic[T]):
         self._load()
         key = canonical(name)
         key = self._aliases.get(key, key)
+        for prefix, (make, _) in self._families.items():
+            if key not in self._entries and key.startswith(prefix):
+                self._entries[key] = make(key[len(prefix) :])
         if key not in self._entries:
-            raise unknown_choice(self.kind, name, self._entries)
+            raise unknown_choice(self.kind, name, [*self._entries, *(f"{p}<name>" for p in self._families)])
         return key
 
     def get(self, name: str) -> T:
@@ -71,12 +84,13 @@ class Registry(Generic[T]):
         return self._aliases.get(key, key) in self._entries
 
     def names(self) -> list[str]:
+        """The registered entries, family members made so far left out."""
         self._load()
-        return list(self._entries)
+        return [key for key in self._entries if not any(key.startswith(p) for p in self._families)]
 
     def items(self) -> Iterator[tuple[str, T]]:
         self._load()
-        return iter(list(self._entries.items()))
+        return iter([(key, self._entries[key]) for key in self.names()])
 
     def _load(self) -> None:
         if self._loaded:

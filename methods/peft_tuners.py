@@ -1,0 +1,157 @@
+"""Hugging Face PEFT's tuners on the harness's backbones: ``peft:<type>`` for any tuner type PEFT registers.
+
+The tuner types come from PEFT itself (its config mapping, prompt-learning types left out), not from a
+hand-kept list; ``peft:dora`` is PEFT's LoRA with ``use_dora=True``. A tuner is injected with PEFT's
+own ``get_peft_model`` into the timm / open_clip backbone, in place: the backbone keeps its classes and
+forward, PEFT's layers replace the targeted ``nn.Linear`` modules, and the wrapper PEFT returns is
+dropped. The hyperparameters are the fields of the tuner's PEFT config (``--set peft:lora.r=8``); by
+default the targets are the attention's qkv and output projections and the MLP's two layers, as a
+regex on module names (``--set peft:lora.target_modules=REGEX``). Merging uses PEFT's ``merge`` on each
+of its layers, then puts the base layer back.
+
+The harness's own ``lora`` is NOAH's LoRA, which the Convpass table's numbers come from: one rank-8
+update of the fused qkv only, input dropout, no scaling, and NOAH's effective init (B not zero).
+``peft:lora`` is PEFT's: separate updates of every targeted layer, scaling ``lora_alpha / r``, B zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+import warnings
+
+from petl_bench.backbones import CLIP, SWIN, VIT
+from petl_bench.errors import UserError
+from petl_bench.model import Method, parse_value
+from petl_bench.registry import METHODS
+
+PREFIX = "peft:"
+ALIASES = {"dora": ("LORA", {"use_dora": True})}  # names PEFT spells as an option of another type
+# Module-name regexes of the default targets, per backbone kind.
+TARGETS = {
+    VIT: r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))$",
+    SWIN: r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))$",
+    CLIP: r".*resblocks\.\d+\.(attn\.out_proj|mlp\.(c_fc|c_proj))$",
+}
+FEEDFORWARD = {VIT: r".*mlp\.fc2$", SWIN: r".*mlp\.fc2$", CLIP: r".*mlp\.c_proj$"}  # IA3's input-scaled layers
+
+
+def _peft():
+    try:
+        import peft
+    except ModuleNotFoundError:
+        raise UserError("peft: methods need Hugging Face PEFT: pip install -e '.[peft]'") from None
+    return peft
+
+
+def tuner_types() -> dict[str, type]:
+    """Lower-case tuner name -> PEFT config class, for every type PEFT can inject into a module."""
+    _peft()
+    from peft.config import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    return {
+        str(getattr(kind, "value", kind)).lower(): config
+        for kind, config in PEFT_TYPE_TO_CONFIG_MAPPING.items()
+        if kind in PEFT_TYPE_TO_TUNER_MAPPING and not issubclass(config, PromptLearningConfig)
+    }
+
+
+def listing() -> list[str]:
+    try:
+        return sorted([*tuner_types(), *ALIASES])
+    except UserError:
+        return []
+
+
+def resolved(config, kind: str):
+    """``config`` with the default targets of a ``kind`` backbone where it names none."""
+    changes = {}
+    if config.target_modules is None:
+        changes["target_modules"] = TARGETS[kind]
+    if hasattr(config, "feedforward_modules") and config.feedforward_modules is None:
+        changes["feedforward_modules"] = FEEDFORWARD[kind]
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+class PeftTuner(Method):
+    """A PEFT tuner (the subclass made for each ``peft:<type>`` fills ``Config`` and ``preset``)."""
+
+    kinds = (VIT, SWIN, CLIP)
+    merges = True
+    preset: typing.ClassVar[dict] = {}
+
+    def make_config(self, task: str | None = None, **overrides):
+        """The tuner's PEFT config from ``--set peft:<type>.FIELD=VALUE``; PEFT's own checks apply."""
+        hints = typing.get_type_hints(self.Config)
+        known = {f.name for f in dataclasses.fields(self.Config) if f.init}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UserError(
+                f"{self.Config.__name__} (PEFT) has no field {', '.join(map(repr, unknown))}; "
+                f"fields: {', '.join(sorted(known))}"
+            )
+        parsed = {k: parse_value(v, hints[k], f"{self.name}.{k}") for k, v in overrides.items()}
+        try:
+            return self.Config(**{**self.preset, **parsed})
+        except (ValueError, TypeError) as error:
+            raise UserError(f"PEFT rejects {self.name} with {parsed}: {error}") from None
+
+    def config_identity(self, config) -> dict:
+        return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {}
+
+    def check_config(self, config) -> None:
+        _peft()
+
+    def attach(self, model, info, config):
+        from peft import get_peft_model
+
+        config = resolved(config, info.kind)
+        try:
+            with warnings.catch_warnings():  # BOFT's optional CUDA kernel: its absence is no news on a CPU
+                warnings.filterwarnings("ignore", message="Failed to load the CUDA extension")
+                get_peft_model(model, config)  # injects PEFT's layers into ``model`` itself
+        except (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError) as error:
+            raise UserError(f"PEFT cannot attach {self.name} to {info.name}: {error}") from None
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def merge(self, model) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(model.backbone.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                try:
+                    module.merge()
+                except Exception as error:  # noqa: BLE001 - PEFT raises several kinds
+                    raise UserError(f"PEFT cannot merge {self.name}: {type(error).__name__}: {error}") from None
+                parent, _, child = name.rpartition(".")
+                setattr(model.backbone.get_submodule(parent), child, module.get_base_layer())
+
+
+def make(member: str) -> type[Method]:
+    peft = _peft()
+    kind, preset = ALIASES.get(member, (member, {}))
+    types = tuner_types()
+    if kind.lower() not in types:
+        raise UserError(f"unknown PEFT tuner '{member}'; PEFT {peft.__version__} has: {', '.join(listing())}")
+    config = types[kind.lower()]
+    return type(
+        f"Peft{member.title().replace('_', '')}",
+        (PeftTuner,),
+        {
+            "name": PREFIX + member,
+            "citation": f"Hugging Face PEFT {peft.__version__}: {config.__name__}"
+            + (f" with {preset}" if preset else ""),
+            "trains": "what PEFT's tuner adds to the targeted Linear layers (attention qkv/proj, MLP fc1/fc2)",
+            "Config": config,
+            "preset": preset,
+        },
+    )
+
+
+METHODS.register_family(PREFIX, make, listing)
