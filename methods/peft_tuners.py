@@ -23,7 +23,7 @@ import warnings
 
 from petl_bench.backbones import CLIP, SWIN, VIT
 from petl_bench.errors import UserError
-from petl_bench.model import Method, parse_value
+from petl_bench.model import Method
 from petl_bench.registry import METHODS
 
 PREFIX = "peft:"
@@ -82,21 +82,12 @@ class PeftTuner(Method):
     merges = True
     preset: typing.ClassVar[dict] = {}
 
-    def make_config(self, task: str | None = None, **overrides):
+    def build_config(self, values: dict):
         """The tuner's PEFT config from ``--set peft:<type>.FIELD=VALUE``; PEFT's own checks apply."""
-        hints = typing.get_type_hints(self.Config)
-        known = {f.name for f in dataclasses.fields(self.Config) if f.init}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise UserError(
-                f"{self.Config.__name__} (PEFT) has no field {', '.join(map(repr, unknown))}; "
-                f"fields: {', '.join(sorted(known))}"
-            )
-        parsed = {k: parse_value(v, hints[k], f"{self.name}.{k}") for k, v in overrides.items()}
         try:
-            return self.Config(**{**self.preset, **parsed})
+            return self.Config(**{**self.preset, **values})
         except (ValueError, TypeError) as error:
-            raise UserError(f"PEFT rejects {self.name} with {parsed}: {error}") from None
+            raise UserError(f"PEFT rejects {self.name} with {values}: {error}") from None
 
     def config_identity(self, config) -> dict:
         return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))

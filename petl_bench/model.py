@@ -82,15 +82,19 @@ class Method:
         values = dict(self.task_defaults.get(task_key(task), {})) if task else {}
         values.update(overrides)
         hints = typing.get_type_hints(self.Config)
-        known = {f.name for f in dataclasses.fields(self.Config)}
+        known = {f.name for f in dataclasses.fields(self.Config) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(
                 f"method '{self.name}' has no hyperparameter {', '.join(repr(u) for u in unknown)}; "
                 f"it has: {', '.join(sorted(known)) or '(none)'}"
             )
-        parsed = {key: parse_value(value, hints[key], f"{self.name}.{key}") for key, value in values.items()}
-        return self.Config(**parsed)
+        return self.build_config({key: parse_value(v, hints[key], f"{self.name}.{key}") for key, v in values.items()})
+
+    def build_config(self, values: dict[str, Any]) -> Any:
+        """The ``Config`` from parsed values (a method whose config checks itself turns its errors into
+        UserErrors here)."""
+        return self.Config(**values)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -392,8 +392,6 @@ def run_job(
         raise RuntimeError("the run evaluated no image; no record is written")
     checkpoint = save_trainable(model, run_dir / records.CHECKPOINT)
     without_head, with_head = count_trainable(model)
-    curve = result.curve
-    top1 = max(point["top1"] for point in curve) if job.protocol == "paper" and curve else result.top1
     record = records.RunRecord(
         run_id=job.run_id,
         method=job.method,
@@ -406,36 +404,12 @@ def run_job(
         backbone_checkpoint_sha256=info.checkpoint_sha256,
         seed=job.seed,
         protocol=job.protocol,
-        hparams={
-            "method": runner.config_identity(job.method_config),
-            "task_defaults": dict(runner.task_defaults.get(task_key(job.task.name), {})),
-            "recipe": {
-                **dataclasses.asdict(job.recipe),
-                "warmup_epochs": job.recipe.warmup,
-                "image_size": info.preprocessing.image_size[0],
-            },
-            "input_size": list(info.preprocessing.image_size),
-            "pretrained_source": job.pretrained,
-            "num_classes": data.num_classes,
-            "class_names": list(data.class_names) if data.class_names else None,
-            "normalization": {
-                "mean": list(normalizer.mean.flatten().tolist()),
-                "std": list(normalizer.std.flatten().tolist()),
-            },
-        },
+        hparams=run_hparams(job, info, data, normalizer),
         metrics={
-            "top1": top1,
-            "top1_last": result.top1,
-            "eval_split": data.eval.name,
+            **run_metrics(job, data, result),
             "eval_images": len(evaluation),
             "train_images": len(train),
-            "selection": records.SELECTION[job.protocol],
-            "curve": curve,
             "targets": target_top1,
-            "class_mask": {
-                name: ("subset" if t.classes and job.recipe.class_mask == "subset" else "all")
-                for name, t in data.targets.items()
-            },
         },
         cost={
             "trainable_params": without_head,
@@ -465,6 +439,43 @@ def run_job(
     records.write_record(run_dir, record)
     resume.unlink(missing_ok=True)
     return record
+
+
+def run_hparams(job: Job, info, data: TaskData, normalizer: Normalizer) -> dict[str, Any]:
+    """A record's settings: the method's, the recipe as resolved (warm-up, input size), the weights and
+    the classes."""
+    runner = get_method(job.method)
+    return {
+        "method": runner.config_identity(job.method_config),
+        "task_defaults": dict(runner.task_defaults.get(task_key(job.task.name), {})),
+        "recipe": {
+            **dataclasses.asdict(job.recipe),
+            "warmup_epochs": job.recipe.warmup,
+            "image_size": info.preprocessing.image_size[0],
+        },
+        "input_size": list(info.preprocessing.image_size),
+        "pretrained_source": job.pretrained,
+        "num_classes": data.num_classes,
+        "class_names": list(data.class_names) if data.class_names else None,
+        "normalization": {"mean": normalizer.mean.flatten().tolist(), "std": normalizer.std.flatten().tolist()},
+    }
+
+
+def run_metrics(job: Job, data: TaskData, result) -> dict[str, Any]:
+    """The top-1 the protocol selects (``paper``: the max over the test evaluations), and the curve."""
+    curve = result.curve
+    top1 = max(point["top1"] for point in curve) if job.protocol == "paper" and curve else result.top1
+    return {
+        "top1": top1,
+        "top1_last": result.top1,
+        "eval_split": data.eval.name,
+        "selection": records.SELECTION[job.protocol],
+        "curve": curve,
+        "class_mask": {
+            name: ("subset" if t.classes and job.recipe.class_mask == "subset" else "all")
+            for name, t in data.targets.items()
+        },
+    }
 
 
 INFERENCE_IMAGES = 512  # images timed for the inference throughput
