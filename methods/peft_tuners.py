@@ -7,7 +7,8 @@ forward, PEFT's layers replace the targeted ``nn.Linear`` modules, and the wrapp
 dropped. The hyperparameters are the fields of the tuner's PEFT config (``--set peft:lora.r=8``); by
 default the targets are the attention's qkv and output projections and the MLP's two layers, as a
 regex on module names (``--set peft:lora.target_modules=REGEX``). Merging uses PEFT's ``merge`` on each
-of its layers, then puts the base layer back.
+of its layers, then puts the base layer back. Effective init: PEFT's own (nothing re-initialises the
+backbone after injection); every tuner tested here starts as the identity.
 
 The harness's own ``lora`` is NOAH's LoRA, which the Convpass table's numbers come from: one rank-8
 update of the fused qkv only, input dropout, no scaling, and NOAH's effective init (B not zero).

@@ -154,3 +154,26 @@ def test_cost_table_prints_integer_counts_and_what_speeds_measure(tmp_path):
     assert costs.loc["convpass", "trainable_params"] == "1,000–2,000" and costs.loc["linear", "trainable_params"] == "0"
     assert costs.loc["linear", "speeds_measure"].startswith("classifier on cached features")
     assert costs.loc["convpass", "speeds_measure"] == "full model"
+
+
+def test_an_explicit_warmup_not_below_the_epochs_is_warned_about(caplog):
+    from petl_bench.task import FileListTask
+
+    task = FileListTask(name="warm", suite="custom", num_classes=3)
+    plan(["linear"], [task], ["x"], [0], protocol="final", pretrained="none", recipe=Recipe(epochs=5, warmup_epochs=5))
+    assert "recipe.warmup_epochs=5 is not below epochs=5" in caplog.text
+
+
+def test_tasks_say_what_they_are_evaluated_on(monkeypatch, capsys):
+    code, stdout, _ = run_cli(monkeypatch, capsys, "tasks", "--suite", "dg")
+    flat = " ".join(stdout.split())
+    assert code == 0 and "ImageNet val" in flat and "imagenet_sketch" in flat and "imagenet_r" in flat
+
+
+def test_unknown_recipe_settings_list_only_settings(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task = make_task_folder(tmp_path / "colours")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, *_args(tiny_plugin, task, tmp_path / "runs", "--set", "recipe.bogus=1")
+    )
+    assert code == 2 and "unknown recipe setting bogus" in stderr
+    assert "EXECUTION" not in stderr and "CHOICES" not in stderr and "warmup_fraction" in " ".join(stderr.split())
