@@ -1,9 +1,9 @@
 """The one training loop and the one evaluation loop.
 
 The default :class:`Recipe` is the Convpass paper's VTAB-1K recipe: AdamW (lr 1e-3, weight decay
-1e-4 on every trainable tensor), batch 64 with drop_last, 100 epochs, cosine schedule with 10
-warm-up epochs from 1e-6 and minimum 1e-5 stepped once per epoch, drop-path 0.1, cross-entropy,
-no augmentation. fp32 on CPU, bf16 autocast on CUDA.
+1e-4 on every trainable tensor), batch 64 with drop_last, 100 epochs, cosine schedule with a warm-up
+of 10% of the epochs (10 at 100) from 1e-6 and minimum 1e-5 stepped once per epoch, drop-path 0.1,
+cross-entropy, no augmentation. fp32 on CPU, bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
