@@ -156,7 +156,7 @@ class SweepSpec:
         if suite is None and len(suites) == 1 and next(iter(suites)) in SUITES:  # --tasks of one suite: its defaults
             suite = next(iter(suites))
         definition = SUITES.get(suite) if suite else None
-        if not self.backbones:
+        if not self.backbones and not self.suite and (self.tasks or self.task_dirs):  # say what a suite-less run uses
             chosen = definition.backbone if definition else PAPER_BACKBONE
             warn_once("no --backbone given: using %s (%s)", chosen, f"the {suite} suite's" if definition
                         else "the paper's ViT-B/16; pass --backbone for another")  # fmt: skip
