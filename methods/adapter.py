@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from petl_bench.model import Method
+from petl_bench.model import Method, vit_linear_init_
 from petl_bench.registry import register_method
 
-from .building_blocks import Bottleneck, QuickGELU, Tap, adapt_blocks, check_init, vit_linear_init_
+from .building_blocks import Bottleneck, QuickGELU, Tap, adapt_blocks, check_init
 
 
 def noah_adapter(width: int, dim: int, dropout: float, kind: type[Bottleneck] = Bottleneck) -> Bottleneck:

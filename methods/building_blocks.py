@@ -194,20 +194,6 @@ class PromptedBlocks(nn.Module):
 INIT_CHOICES = ("official", "module")
 
 
-def vit_linear_init_(modules: list[nn.Module]) -> None:
-    """What timm's ``VisionTransformer.init_weights`` (``self.apply(_init_vit_weights)``) does to every
-    ``nn.Linear`` in ``modules``: weight trunc_normal(std 0.02, cut at +-2 absolute), bias zero. NOAH
-    builds its adapters and LoRA inside the ViT and calls it afterwards, so its runs start from this,
-    not from the modules' own init."""
-    from timm.layers import trunc_normal_
-
-    for module in modules:
-        for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
-            trunc_normal_(linear.weight, std=0.02)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
-
-
 def check_init(method: str, init: str) -> None:
     if init not in INIT_CHOICES:
         from petl_bench.errors import UserError

@@ -25,10 +25,10 @@ from torch import nn
 
 from petl_bench.backbones import SWIN, VIT
 from petl_bench.errors import UserError
-from petl_bench.model import Method
+from petl_bench.model import Method, vit_linear_init_
 from petl_bench.registry import register_method
 
-from .building_blocks import check_init, vit_linear_init_
+from .building_blocks import check_init
 
 
 def low_rank(width: int, rank: int, out_features: int, dropout: float, dropout_first: bool) -> nn.Sequential:

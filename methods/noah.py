@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from petl_bench.errors import UserError
-from petl_bench.model import Method
+from petl_bench.model import Method, vit_linear_init_
 from petl_bench.registry import register_method
 
 from .adapter import noah_adapter
-from .building_blocks import AdaptedBlock, Bottleneck, PromptedBlocks, Tap, check_init, vit_linear_init_
+from .building_blocks import AdaptedBlock, Bottleneck, PromptedBlocks, Tap, check_init
 from .lora import FusedQKVLoRA
 
 CITATION = "Zhang et al., Neural Prompt Search (NOAH), arXiv:2206.04673"

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .records import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -277,20 +278,10 @@ def decoded_images(
         temporary.unlink(missing_ok=True)
         raise
     meta = {"list_file": str(split.list_file), "images": len(split), "size": list(size), "sha256": checksum}
-    write_text_atomic(sidecar, json.dumps(meta))
+    write_atomic(sidecar, json.dumps(meta))
     stat = target.stat()
     _VERIFIED.add((str(target), stat.st_size, stat.st_mtime_ns))
     return torch.from_numpy(np.load(target, mmap_mode="c"))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 @dataclass

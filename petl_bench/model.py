@@ -163,6 +163,21 @@ HEAD_INITS = ("default", "trunc_normal", "vpt", "text")
 
 
 @torch.no_grad()
+def vit_linear_init_(modules: list[nn.Module]) -> None:
+    """What timm's ``VisionTransformer.init_weights`` (``self.apply(_init_vit_weights)``) does to every
+    ``nn.Linear`` in ``modules``: weight trunc_normal(std 0.02, cut at +-2 absolute), bias zero. NOAH
+    builds its adapters and LoRA inside the ViT and calls it afterwards, and its ``reset_classifier``
+    does the same to the head, so its runs start from this, not from the modules' own init."""
+    from timm.layers import trunc_normal_
+
+    for module in modules:
+        for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
+            trunc_normal_(linear.weight, std=0.02)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+
+@torch.no_grad()
 def init_classifier(head: nn.Linear, how: str) -> None:
     """The classifier's initial values. ``default``: PyTorch's Linear init (timm's reset_classifier, the
     Convpass code); ``trunc_normal``: weight trunc_normal(std 0.02), bias 0 (NOAH's reset_classifier);
@@ -171,10 +186,7 @@ def init_classifier(head: nn.Linear, how: str) -> None:
     if how in ("default", "text"):
         return
     if how == "trunc_normal":
-        from timm.layers import trunc_normal_
-
-        trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
+        vit_linear_init_([head])
     elif how == "vpt":
         nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
         nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))

@@ -43,6 +43,11 @@ SELECTION = {
 }
 
 
+def variant_key(task: str, variant: dict[str, int]) -> str:
+    """A task's name plus its variant, e.g. ``fs_pets-shots4-split_seed1`` (the task part of a run id)."""
+    return task + "".join(f"-{key}{value}" for key, value in variant.items())
+
+
 @dataclass
 class RunRecord:
     """Everything about one finished run: identity, metrics, cost, environment."""
@@ -70,7 +75,7 @@ class RunRecord:
 
     def task_key(self) -> str:
         """The task and its variant, e.g. ``fs_pets-shots4-split_seed1``."""
-        return self.task + "".join(f"-{key}{value}" for key, value in self.task_variant.items())
+        return variant_key(self.task, self.task_variant)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 from .data import Split, check_size, read_split
 from .engine import Recipe
 from .errors import UserError
+from .records import variant_key
 
 PROTOCOLS = ("final", "paper", "tune")  # what `run --protocol` takes
 SPLIT_PROTOCOLS = (*PROTOCOLS, "tuned")  # "tuned": stage 2 of `petl-bench tune`, the splits of "final"
@@ -98,7 +99,7 @@ class FileListTask:
     @property
     def key(self) -> str:
         """The task's name plus its variant, e.g. ``fs_pets-shots4-split_seed1``."""
-        return self.name + "".join(f"-{key}{value}" for key, value in self.variant.items())
+        return variant_key(self.name, self.variant)
 
     def folder(self, data_root: Path | None) -> Path:
         """The task's folder under ``data_root``; accepts the folder aliases other repositories use."""
