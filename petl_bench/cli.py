@@ -451,18 +451,7 @@ def tune_command(
 
 def print_grids(spec) -> None:
     """Every method's grid and the number of stage-1 runs, before any training."""
-    from .tuning import grid_points, method_grid, parse_grid
-
-    groups = spec._groups()
-    methods = sorted({key[0] for key in groups})
-    parsed = parse_grid(spec.grid, methods)
-    rows = []
-    for method in methods:
-        axes = method_grid(method, parsed)
-        pairs = sum(1 for key in groups if key[0] == method)
-        rows.append({"method": method, "grid": "; ".join(f"{k}={','.join(map(str, v))}" for k, v in axes.items()),
-                     "configurations": len(grid_points(axes)), "stage-1 runs": len(grid_points(axes)) * pairs})  # fmt: skip
-    render(rows, f"Tuning grids ({spec.search} search)", "table")
+    render(spec.grid_rows(), f"Tuning grids ({spec.search} search)", "table")
 
 
 def print_choices(spec) -> None:

@@ -562,8 +562,6 @@ def plan_rows(checked: Checked, output: Path) -> list[dict[str, Any]]:
 def plan_summary(checked: Checked, output: Path) -> str:
     """One line before a sweep starts: runs, input sizes and the estimated compute (a training step
     costs about three forward passes; the backbone's forward FLOPs at the run's input size)."""
-    from .engine import forward_flops
-
     rows = plan_rows(checked, output)
     todo = [(job, row) for job, row in zip(checked.jobs, rows) if row["status"] == "to run"]
     flops: dict[tuple[str, int | None], int] = {}

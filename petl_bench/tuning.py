@@ -92,109 +92,116 @@ class TuneSpec(SweepSpec):
         """The sweep's jobs as ``run`` would plan them (every seed, the spec's protocol)."""
         return SweepSpec.jobs(dataclasses.replace(self, protocol="final"))
 
-    def rungs(self) -> int:
-        if self.search == "grid":
-            return 1
-        sizes = [len(points) for points, _ in self._groups().values()]
-        return max(1, max((math.ceil(math.log(n, HALVING_KEEP)) for n in sizes if n > 1), default=0) + 1)
+    def axes(self, methods: list[str]) -> dict[str, dict[str, tuple]]:
+        """Each method's tuning axes: its grid with the ``--grid`` overrides (checked)."""
+        grid = parse_grid(self.grid, methods)
+        return {method: method_grid(method, grid) for method in methods}
 
-    def _groups(self) -> dict[tuple[str, str, str], tuple[list[dict], Job]]:
+    def groups(self) -> dict[tuple[str, str, str], tuple[list[dict], Job]]:
         """(method, task, backbone) -> (its grid points, one base job)."""
         if self.search not in SEARCHES:
             raise UserError(f"unknown search '{self.search}'; choose from: {', '.join(SEARCHES)}")
         base = self.base_jobs()
-        methods = sorted({job.method for job in base})
-        grid = parse_grid(self.grid, methods)
+        points = {method: grid_points(axes) for method, axes in self.axes(sorted({j.method for j in base})).items()}
         groups = {}
         for job in base:
-            key = (job.method, job.task.key, job.backbone)
-            if key not in groups:
-                groups[key] = (grid_points(method_grid(job.method, grid)), job)
+            groups.setdefault((job.method, job.task.key, job.backbone), (points[job.method], job))
         return groups
+
+    def grid_rows(self) -> list[dict]:
+        """Every method's grid, its configurations and stage-1 runs (for ``tune --dry-run``)."""
+        groups = self.groups()
+        methods = sorted({key[0] for key in groups})
+        rows = []
+        for method, axes in self.axes(methods).items():
+            pairs = sum(1 for key in groups if key[0] == method)
+            configurations = len(grid_points(axes))
+            rows.append({"method": method, "grid": "; ".join(f"{k}={','.join(map(str, v))}" for k, v in axes.items()),
+                         "configurations": configurations, "stage-1 runs": configurations * pairs})  # fmt: skip
+        return rows
+
+    def rungs(self, groups: dict | None = None) -> int:
+        if self.search == "grid":
+            return 1
+        sizes = [len(points) for points, _ in (groups or self.groups()).values()]
+        return max(1, max((math.ceil(math.log(n, HALVING_KEEP)) for n in sizes if n > 1), default=0) + 1)
 
     def jobs(self) -> list[Job]:
         if self.stage == 1:
             return [job for _, jobs in self.stage_one(self.rung).items() for _, job in jobs]
         return self.stage_two()
 
-    def _point_jobs(self, base: Job, points: list[dict], seeds: list[int], protocol: str, epochs: int | None):
+    def _configured(self, base: Job, point: dict, seeds: list[int], protocol: str, epochs: int | None = None):
+        """The jobs of ``base`` with the configuration ``point`` (and ``epochs``), one per seed."""
         settings = parse_settings(self.settings)
-        out = []
-        for point in points:
-            scoped = {**settings.get(base.method, {}), **{k: str(v) for k, v in point.items()}}
-            if epochs is not None:
-                scoped["epochs"] = str(epochs)
-            (job,) = plan([base.method], [base.task], [base.backbone], [seeds[0]], protocol=protocol,
-                          pretrained=base.pretrained, recipe=base.recipe, settings={**settings, base.method: scoped},
-                          data_root=base.data_root)  # fmt: skip
-            out.append((point, job))
-        return out
+        scoped = {**settings.get(base.method, {}), **{k: str(v) for k, v in point.items()}}
+        if epochs is not None:
+            scoped["epochs"] = str(epochs)
+        return plan([base.method], [base.task], [base.backbone], seeds, protocol=protocol, pretrained=base.pretrained,
+                    recipe=base.recipe, settings={**settings, base.method: scoped}, data_root=base.data_root)  # fmt: skip
+
+    def _point_jobs(self, base: Job, points: list[dict], seed: int, epochs: int | None) -> list[tuple[dict, Job]]:
+        return [(point, self._configured(base, point, [seed], "tune", epochs)[0]) for point in points]
 
     def _rung_epochs(self, base: Job, rung: int, rungs: int) -> int | None:
         if self.search == "grid" or rung == rungs - 1:
             return None
         return max(1, base.recipe.epochs // HALVING_KEEP ** (rungs - 1 - rung))
 
-    def stage_one(self, rung: int | None = None) -> dict[tuple, list[tuple[dict, Job]]]:
+    def stage_one(self, rung: int | None = None, groups: dict | None = None) -> dict[tuple, list[tuple[dict, Job]]]:
         """Per (method, task, backbone): the (configuration, job) pairs of stage 1 at ``rung`` (the
         survivors of the rungs before it, read from their records)."""
-        rungs = self.rungs()
+        groups = groups or self.groups()
+        rungs = self.rungs(groups)
         rung = rungs - 1 if rung is None else rung
         stage: dict[tuple, list[tuple[dict, Job]]] = {}
-        for key, (points, base) in self._groups().items():
+        for key, (points, base) in groups.items():
+            seed = (self.seeds or [base.seed])[0]
             survivors = points
             for earlier in range(rung):
-                scored = self._scores(self._point_jobs(base, survivors, self.seeds or [base.seed], "tune",
-                                                       self._rung_epochs(base, earlier, rungs)))  # fmt: skip
-                if any(score is None for _, _, score in scored):
+                scored = self._scored(self._point_jobs(base, survivors, seed, self._rung_epochs(base, earlier, rungs)))
+                if any(record is None for _, _, record in scored):
                     raise UserError(f"halving rung {earlier} of {key[0]} on {key[1]} has not finished; run it first")
-                ranked = sorted(range(len(scored)), key=lambda i: (-scored[i][2], i))
+                ranked = sorted(range(len(scored)), key=lambda i: (-scored[i][2].metrics["top1"], i))
                 keep = max(1, math.ceil(len(scored) / HALVING_KEEP))
                 survivors = [scored[i][0] for i in sorted(ranked[:keep])]
-            seeds = self.seeds or [base.seed]
-            stage[key] = self._point_jobs(base, survivors, seeds, "tune", self._rung_epochs(base, rung, rungs))
+            stage[key] = self._point_jobs(base, survivors, seed, self._rung_epochs(base, rung, rungs))
         return stage
 
-    def _scores(self, pairs: list[tuple[dict, Job]]) -> list[tuple[dict, Job, float | None]]:
+    def _scored(self, pairs: list[tuple[dict, Job]]) -> list[tuple[dict, Job, records.RunRecord | None]]:
+        """Each (configuration, job) with its record, None while it has none (or an invalid one)."""
         out = []
         for point, job in pairs:
-            path = Path(self.output) / job.run_id / records.RECORD
             try:
-                out.append((point, job, records.read_record(path).metrics["top1"]))
+                out.append((point, job, records.read_record(Path(self.output) / job.run_id / records.RECORD)))
             except ValueError:
                 out.append((point, job, None))
         return out
 
     def stage_two(self) -> list[Job]:
         """The winners, retrained under ``tuned`` with every seed, each carrying its selection."""
+        groups = self.groups()
+        seeds = list(dict.fromkeys(base.seed for base in self.base_jobs()))
         jobs = []
-        base_by_key = {key: base for key, (_, base) in self._groups().items()}
-        all_points = {key: points for key, (points, _) in self._groups().items()}
-        seeds = list(dict.fromkeys(job.seed for job in self.base_jobs()))
-        for key, pairs in self.stage_one().items():
-            scored = self._scores(pairs)
-            done = [(i, point, job, score) for i, (point, job, score) in enumerate(scored) if score is not None]
-            if len(done) < len(scored):  # choosing among part of the grid would not be the same effort
+        for key, pairs in self.stage_one(groups=groups).items():
+            scored = self._scored(pairs)
+            missing = sum(record is None for _, _, record in scored)
+            if missing:  # choosing among part of the grid would not be the same effort
                 raise UserError(
-                    f"stage 1 of {key[0]} on {key[1]} ({key[2]}) has {len(scored) - len(done)} of {len(scored)} "
+                    f"stage 1 of {key[0]} on {key[1]} ({key[2]}) has {missing} of {len(scored)} "
                     f"configurations unfinished (failed or still running); finish stage 1 first"
                 )
-            index, point, _, best = min(done, key=lambda item: (-item[3], item[0]))
-            base = base_by_key[key]
-            tuning = self._selection(key, point, best, scored, len(all_points[key]))
-            for job in self._stage_two_jobs(base, point, seeds):
-                jobs.append(dataclasses.replace(job, tuning=tuning))
+            best = min(range(len(scored)), key=lambda i: (-scored[i][2].metrics["top1"], i))
+            points, base = groups[key]
+            tuning = self._selection(scored, best, len(points))
+            jobs += [
+                dataclasses.replace(job, tuning=tuning) for job in self._configured(base, scored[best][0], seeds, TUNED)
+            ]
         return jobs
 
-    def _stage_two_jobs(self, base: Job, point: dict, seeds: list[int]) -> list[Job]:
-        settings = parse_settings(self.settings)
-        scoped = {**settings.get(base.method, {}), **{k: str(v) for k, v in point.items()}}
-        return plan([base.method], [base.task], [base.backbone], seeds, protocol=TUNED, pretrained=base.pretrained,
-                    recipe=base.recipe, settings={**settings, base.method: scoped}, data_root=base.data_root)  # fmt: skip
-
-    def _selection(self, key, point, best, scored, grid_size) -> dict:
-        stage_one = [records.read_record(Path(self.output) / job.run_id / records.RECORD)
-                     for _, job, score in scored if score is not None]  # fmt: skip
+    def _selection(self, scored: list, best: int, grid_size: int) -> dict:
+        """How stage 2's configuration was chosen: every configuration's val200 top-1, and the cost."""
+        stage_one = [record for _, _, record in scored]
         seconds = sum(r.cost["seconds"]["total"] for r in stage_one)
         images = sum(r.metrics.get("train_images", 0) * r.hparams.get("recipe", {}).get("epochs", 0)
                      + r.metrics.get("eval_images", 0) for r in stage_one)  # fmt: skip
@@ -202,10 +209,10 @@ class TuneSpec(SweepSpec):
         return {
             "selection": f"chosen on val200 among {grid_size} configurations ({search}, seed {stage_one[0].seed})",
             "search": self.search,
-            "chosen": {k: v for k, v in point.items()},
-            "chosen_val_top1": best,
+            "chosen": dict(scored[best][0]),
+            "chosen_val_top1": scored[best][2].metrics["top1"],
             "configurations": [
-                {"values": dict(p), "val_top1": score, "run_id": job.run_id} for p, job, score in scored
+                {"values": dict(p), "val_top1": r.metrics["top1"], "run_id": job.run_id} for p, job, r in scored
             ],
             "search_cost": {"runs": len(stage_one), "seconds": seconds, "images": images},
         }
