@@ -45,6 +45,20 @@ def speed_measures(cached: pd.Series) -> str:
     return "full model" if not cached.any() else "mixed"
 
 
+def distinct(values: pd.Series) -> str:
+    """The different values of a column, sorted and comma-separated ("" when there are none)."""
+    return ", ".join(sorted({str(v) for v in values.dropna()}))
+
+
+def table_runs(frame: pd.DataFrame, key: dict[str, str]) -> pd.DataFrame:
+    """The runs a table covers: those matching its key (suite, backbone, protocol, ...)."""
+    runs = frame
+    for column, value in key.items():
+        if column in runs:
+            runs = runs[runs[column] == value]
+    return runs
+
+
 def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Per suite, backbone and method: parameters, checkpoint size, memory, throughput, wall time."""
     grouped = (
@@ -55,7 +69,7 @@ def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
             trainable_params_with_head=("trainable_params_with_head", count_range),
             checkpoint_mb=("checkpoint_bytes", lambda v: v.mean() / 1e6),
             peak_memory_mb=("peak_memory_bytes", lambda v: v.max() / 2**20),
-            peak_memory_kind=("peak_memory_kind", lambda v: ", ".join(sorted(set(v.dropna())))),
+            peak_memory_kind=("peak_memory_kind", distinct),
             train_images_per_s=("train_images_per_s", "mean"),
             eval_images_per_s=("eval_images_per_s", "mean"),
             speeds_measure=("cached_features", speed_measures),
@@ -71,31 +85,27 @@ def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def method_costs(frame: pd.DataFrame, key: dict[str, str]) -> dict[str, dict]:
     """Mean cost per method over the runs a table covers, with what the measures are."""
-    runs = frame
-    for column, value in key.items():
-        if column in runs:
-            runs = runs[runs[column] == value]
-    grouped = runs.groupby("method").agg(
-        trainable_params=("trainable_params", "mean"),
-        peak_memory_mb=("peak_memory_bytes", lambda v: v.mean() / 2**20),
-        peak_memory_kind=("peak_memory_kind", lambda v: ", ".join(sorted(set(v.dropna())))),
-        train_images_per_s=("train_images_per_s", "mean"),
-        cached_features=("cached_features", "any"),
+    grouped = (
+        table_runs(frame, key)
+        .groupby("method")
+        .agg(
+            trainable_params=("trainable_params", "mean"),
+            peak_memory_mb=("peak_memory_bytes", lambda v: v.mean() / 2**20),
+            peak_memory_kind=("peak_memory_kind", distinct),
+            train_images_per_s=("train_images_per_s", "mean"),
+            cached_features=("cached_features", "any"),
+        )
     )
     return grouped.to_dict(orient="index")
 
 
 def _values(runs: pd.DataFrame, column: str) -> str:
-    values = sorted({str(v) for v in runs[column].dropna()})
-    return ", ".join(values) if values else "?"
+    return distinct(runs[column]) or "?"
 
 
 def settings_note(frame: pd.DataFrame, key: dict[str, str]) -> str:
     """What a table's runs were trained with: recipe, seeds, input size, weights and their notes."""
-    runs = frame
-    for column, value in key.items():
-        if column in runs:
-            runs = runs[runs[column] == value]
+    runs = table_runs(frame, key)
     if runs.empty:
         return ""
     notes = _values(runs, "weights_notes") if runs["weights_notes"].astype(bool).any() else ""
