@@ -58,18 +58,30 @@ def rebuild(run_dir: Path) -> tuple[PetlModel, records.RunRecord]:
     source = record.hparams.get("pretrained_source")
     if source is None:
         raise UserError(f"{run_dir}: the record does not say where its backbone weights came from (rerun it)")
-    runner = get_method(record.method)
-    fields = {f.name for f in dataclasses.fields(runner.Config)}
-    config = runner.make_config(None, **{k: v for k, v in record.hparams["method"].items() if k in fields})
     checkpoint = run_dir / records.CHECKPOINT
-    num_classes = int(record.hparams.get("num_classes") or _checkpoint_classes(checkpoint))
     recipe = record.hparams["recipe"]
-    seed_everything(record.seed)  # as the run did: a random (--pretrained none) backbone is rebuilt exactly
-    network, info = build_backbone(record.backbone, source, num_classes=num_classes, image_size=recipe.get("image_size"),
-                                   drop_path_rate=recipe.get("drop_path", 0.0))  # fmt: skip
-    model = attach_method(network, info, runner, config, recipe.get("head_init"))
-    load_trainable(model, checkpoint)
-    return model.eval(), record
+    model = trained_model(
+        record.method, record.hparams["method"], record.backbone, source, checkpoint, seed=record.seed,
+        num_classes=int(record.hparams.get("num_classes") or _checkpoint_classes(checkpoint)),
+        image_size=recipe.get("image_size"), head_init=recipe.get("head_init"), drop_path=recipe.get("drop_path", 0.0),
+    )  # fmt: skip
+    return model, record
+
+
+def trained_model(
+    method: str, config_values: dict, backbone: str, pretrained: str, checkpoint: Path, *, seed: int,
+    num_classes: int, image_size: int | None, head_init: str | None, drop_path: float = 0.0,
+) -> PetlModel:  # fmt: skip
+    """The backbone with the method attached as the run built it (its seed first, so a random
+    ``--pretrained none`` backbone is rebuilt exactly) and the trainable checkpoint loaded, in eval mode."""
+    runner = get_method(method)
+    fields = {f.name for f in dataclasses.fields(runner.Config)}
+    config = runner.make_config(None, **{k: v for k, v in config_values.items() if k in fields})
+    seed_everything(seed)
+    network, info = build_backbone(backbone, pretrained, num_classes=num_classes, image_size=image_size,
+                                   drop_path_rate=drop_path)  # fmt: skip
+    model = attach_method(network, info, runner, config, head_init)
+    return load_trainable(model, checkpoint).eval()
 
 
 def _checkpoint_classes(path: Path) -> int:
@@ -143,11 +155,6 @@ def load_exported(path: str | Path) -> nn.Module:
         network, _ = build_backbone(meta["backbone"], "none", num_classes=meta["num_classes"], image_size=size)
         network.load_state_dict(load_file(str(path)), strict=True)
         return network.eval()
-    runner = get_method(meta["method"])
-    fields = {f.name for f in dataclasses.fields(runner.Config)}
-    config = runner.make_config(None, **{k: v for k, v in meta["method_config"].items() if k in fields})
-    seed_everything(meta["seed"])
-    network, info = build_backbone(meta["backbone"], meta["pretrained"], num_classes=meta["num_classes"],
-                                   image_size=size)  # fmt: skip
-    model = attach_method(network, info, runner, config, meta.get("head_init"))
-    return load_trainable(model, path).eval()
+    return trained_model(meta["method"], meta["method_config"], meta["backbone"], meta["pretrained"], path,
+                         seed=meta["seed"], num_classes=meta["num_classes"], image_size=size,
+                         head_init=meta.get("head_init"))  # fmt: skip
