@@ -52,9 +52,10 @@ def merge_difference(model: PetlModel, merged: nn.Module, size: tuple[int, int],
 
 def rebuild(run_dir: Path) -> tuple[PetlModel, records.RunRecord]:
     """The model of a finished run: its backbone and pretrained weights, method, config and checkpoint."""
-    record = records.read_record(run_dir / records.RECORD) if (run_dir / records.RECORD).is_file() else None
-    if record is None:
-        raise UserError(f"{run_dir} holds no finished run (no valid {records.RECORD})")
+    try:
+        record = records.read_record(run_dir / records.RECORD)
+    except ValueError as error:  # missing, unreadable or invalid
+        raise UserError(f"{run_dir} holds no finished run (no valid {records.RECORD}: {error})") from None
     source = record.hparams.get("pretrained_source")
     if source is None:
         raise UserError(f"{run_dir}: the record does not say where its backbone weights came from (rerun it)")
@@ -147,8 +148,11 @@ def load_exported(path: str | Path) -> nn.Module:
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         raise UserError(f"an export is two files: {path} and {sidecar}")
-    meta = json.loads(sidecar.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{sidecar} is not a readable description: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{sidecar} is not a {FORMAT} description")
     size = meta["preprocessing"]["image_size"][0]
     if meta["merged"]:

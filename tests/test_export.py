@@ -86,3 +86,21 @@ def test_exporting_a_method_that_cannot_fold_is_one_error_line(monkeypatch, caps
     code, _, stderr = run_cli(monkeypatch, capsys, "export", str(out / record.run_id), "--out",
                               str(tmp_path / "m.safetensors"), "--merged", "--plugin", str(tiny_plugin))  # fmt: skip
     assert code == 2 and "cannot be merged" in stderr and not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("record", ["missing", '{"truncated', "[]"], ids=["missing", "truncated", "not a record"])
+def test_exporting_a_folder_without_a_valid_record_is_one_error_line(monkeypatch, capsys, tmp_path, record):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if record != "missing":
+        (run_dir / records.RECORD).write_text(record)
+    code, _, stderr = run_cli(monkeypatch, capsys, "export", str(run_dir), "--out", str(tmp_path / "m.safetensors"))
+    assert code == 2 and "holds no finished run" in stderr and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_loading_an_export_with_a_broken_description_is_a_user_error(tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    (tmp_path / "m.json").write_text("{broken")
+    with pytest.raises(UserError, match="is not a readable description"):
+        pb.load_exported(tmp_path / "m.safetensors")
