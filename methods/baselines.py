@@ -19,8 +19,18 @@ from petl_bench.registry import register_method
 ALL_KINDS = (VIT, SWIN, CONVNEXT, CLIP, OTHER)
 
 
+class TrainsOwnTensors(Method):
+    """A method that trains only tensors the backbone already has (all, the biases, or only the
+    classifier): there is nothing to fold, so its trained model is already the merged one."""
+
+    merges = True
+
+    def merge(self, model):
+        pass
+
+
 @register_method
-class FullFinetune(Method):
+class FullFinetune(TrainsOwnTensors):
     """Full finetuning: every backbone parameter trains (VPT paper protocol in the Convpass table)."""
 
     name = "full"
@@ -28,17 +38,13 @@ class FullFinetune(Method):
     trains = "every backbone parameter"
     kinds = ALL_KINDS
     recipe_grid = {"lr": (1e-5, 1e-4), "weight_decay": (1e-4, 1e-3)}  # a PETL learning rate breaks it
-    merges = True  # it trains the backbone's own tensors: nothing to fold
-
-    def merge(self, model):
-        pass
 
     def attach(self, model, info, config):
         return list(model.parameters())
 
 
 @register_method
-class LinearProbe(Method):
+class LinearProbe(TrainsOwnTensors):
     """Linear probing: only the classifier trains, on the frozen encoder in eval mode (as VPT's code,
     the source of the paper's linear numbers). Features are then deterministic, so the runner trains
     the classifier on features computed once when nothing is augmented."""
@@ -49,10 +55,6 @@ class LinearProbe(Method):
     kinds = ALL_KINDS
     frozen_encoder_eval = True
     recipe_grid = {"lr": (1e-3, 1e-2, 1e-1), "weight_decay": (1e-4, 1e-3)}
-    merges = True  # only the classifier trains: nothing to fold
-
-    def merge(self, model):
-        pass
 
     def attach(self, model, info, config):
         return []
@@ -92,7 +94,7 @@ class BitFitConfig:
 
 
 @register_method
-class BitFit(Method):
+class BitFit(TrainsOwnTensors):
     """BitFit: only the biases train, LayerNorm and patch-embedding biases included.
 
     As the code behind the Convpass table's row (VPT's ``tinytl-bias`` transfer type): the encoder is
@@ -104,10 +106,6 @@ class BitFit(Method):
     trains = "all bias terms (attention, MLP, LayerNorm, patch embedding)"
     kinds = ALL_KINDS
     Config = BitFitConfig
-    merges = True  # the biases are the backbone's own: nothing to fold
-
-    def merge(self, model):
-        pass
 
     def encoder_eval(self, config: BitFitConfig) -> bool:
         return config.encoder_eval
