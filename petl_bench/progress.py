@@ -6,6 +6,7 @@ Both expose the subset of ``rich.progress.Progress`` the library uses (``add_tas
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +45,6 @@ class _Line:
     description: str
     total: float | None
     completed: float = 0.0
-    started: float = 0.0
     printed: float = 0.0
 
 
@@ -56,6 +56,7 @@ class PlainProgress:
         self.console = console or stderr_console()
         self.every = every
         self.tasks: dict[int, _Line] = {}
+        self.keys = itertools.count()  # never reused, whatever order tasks are removed in
         self.origin = time.monotonic()
 
     def __enter__(self) -> "PlainProgress":
@@ -65,9 +66,8 @@ class PlainProgress:
         return None
 
     def add_task(self, description: str, total: float | None = None, **_) -> int:
-        key = len(self.tasks)
-        now = time.monotonic()
-        self.tasks[key] = _Line(description, total, started=now, printed=now)
+        key = next(self.keys)
+        self.tasks[key] = _Line(description, total, printed=time.monotonic())
         return key
 
     def update(self, key: int, *, advance: float = 0, completed: float | None = None, description: str | None = None,
