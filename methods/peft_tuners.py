@@ -97,9 +97,6 @@ class PeftTuner(Method):
     def defaults(cls) -> dict:
         return {}
 
-    def check_config(self, config) -> None:
-        _peft()
-
     def attach(self, model, info, config):
         from peft import get_peft_model
 
@@ -121,8 +118,7 @@ class PeftTuner(Method):
                     module.merge()
                 except Exception as error:  # noqa: BLE001 - PEFT raises several kinds
                     raise UserError(f"PEFT cannot merge {self.name}: {type(error).__name__}: {error}") from None
-                parent, _, child = name.rpartition(".")
-                setattr(model.backbone.get_submodule(parent), child, module.get_base_layer())
+                model.backbone.set_submodule(name, module.get_base_layer())
 
 
 def make(member: str) -> type[Method]:
