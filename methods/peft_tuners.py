@@ -142,4 +142,14 @@ def make(member: str) -> type[Method]:
     )
 
 
-METHODS.register_family(PREFIX, make, listing)
+def describe() -> dict[str, str]:
+    """The family in ``petl-bench methods``: where it comes from and its members."""
+    try:
+        source = f"Hugging Face PEFT {_peft().__version__}"
+    except UserError:
+        source = "Hugging Face PEFT (not installed: pip install -e '.[peft]')"
+    return {"citation": source, "trains": f"any of: {', '.join(listing()) or '-'}",
+            "backbones": ", ".join(PeftTuner.kinds), "defaults": "the tuner's PEFT config fields"}  # fmt: skip
+
+
+METHODS.register_family(PREFIX, make, describe)

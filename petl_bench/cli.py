@@ -118,18 +118,8 @@ def methods_command(plugin: Optional[list[Path]] = PluginOption) -> None:
             keys = sorted({key for values in cls.task_defaults.values() for key in values})
             defaults += f" (per task: {', '.join(keys)} for {len(cls.task_defaults)} tasks)"
         table.add_row(name, cls.citation, cls.trains, ", ".join(cls.kinds), defaults)
-    for prefix, members in registry.METHODS.families().items():
-        if prefix == "peft:":
-            try:
-                import peft
-
-                source = f"Hugging Face PEFT {peft.__version__}"
-            except ModuleNotFoundError:
-                source = "Hugging Face PEFT (not installed: pip install -e '.[peft]')"
-        else:
-            source = "a family of methods"
-        names = ", ".join(members()) or "-"
-        table.add_row(f"{prefix}<name>", source, f"any of: {names}", "vit, swin, clip", "the tuner's config fields")
+    for prefix, about in registry.METHODS.families().items():
+        table.add_row(f"{prefix}<name>", about["citation"], about["trains"], about["backbones"], about["defaults"])
     console.print(table)
 
 

@@ -37,17 +37,19 @@ class Registry(Generic[T]):
         self._group = entry_point_group
         self._entries: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
-        self._families: dict[str, tuple[Callable[[str], T], Callable[[], list[str]]]] = {}
+        self._families: dict[str, tuple[Callable[[str], T], Callable[[], dict[str, str]]]] = {}
         self._loaded = False
 
-    def register_family(self, prefix: str, make: Callable[[str], T], listing: Callable[[], list[str]]) -> None:
+    def register_family(self, prefix: str, make: Callable[[str], T], describe: Callable[[], dict[str, str]]) -> None:
         """Names ``<prefix><member>`` made on demand by ``make(member)`` (a UserError for an unknown member);
-        ``listing()`` names the members. They are not part of :meth:`names` (a sweep over 'all')."""
-        self._families[canonical(prefix)] = (make, listing)
+        ``describe()`` says what the family is, for listings (its members among it). Members are not part
+        of :meth:`names` (a sweep over 'all')."""
+        self._families[canonical(prefix)] = (make, describe)
 
-    def families(self) -> dict[str, Callable[[], list[str]]]:
+    def families(self) -> dict[str, dict[str, str]]:
+        """Each family's prefix and its description."""
         self._load()
-        return {prefix: listing for prefix, (_, listing) in self._families.items()}
+        return {prefix: describe() for prefix, (_, describe) in self._families.items()}
 
     def register(self, obj: T | None = None, *, name: str | None = None, aliases: tuple[str, ...] = ()):
         """Register ``obj`` under ``name`` (default: its ``name`` attribute); usable as a decorator."""
