@@ -177,21 +177,22 @@ def _decode_into(path: Path, split: Split, size: tuple[int, int], interpolation:
     jobs = [(str(file), size[0], size[1], interpolation) for file in split.files()]
     task = progress.add_task(f"decoding {split.name} ({len(jobs)} images)", total=len(jobs)) if progress else None
     workers = workers or min(8, os.cpu_count() or 1)
+
+    def fill(target: np.ndarray, decoded_images) -> None:
+        for index, decoded in enumerate(decoded_images):
+            target[index] = decoded
+            if progress and index % 64 == 0:
+                progress.update(task, completed=index)
+
     if workers > 1 and len(jobs) >= 256:
-        # from a fork server, not forked from here: workers inherit no file descriptor (a run's lock among them), and they
-        # die with this process, so a kill -9 leaves nothing holding the run
+        # from a fork server, not forked from here: workers inherit no file descriptor (a run's lock among
+        # them), and they die with this process, so a kill -9 leaves nothing holding the run
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent) as pool:
-            for index, decoded in enumerate(pool.map(_decode, jobs, chunksize=64)):
-                array[index] = decoded
-                if progress and index % 64 == 0:
-                    progress.update(task, completed=index)
+            fill(array, pool.map(_decode, jobs, chunksize=64))
     else:
-        for index, job in enumerate(jobs):
-            array[index] = _decode(job)
-            if progress and index % 64 == 0:
-                progress.update(task, completed=index)
+        fill(array, map(_decode, jobs))
     array.flush()
     del array
     if progress:
