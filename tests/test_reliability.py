@@ -114,6 +114,9 @@ def test_report_neutralises_formulas_markup_and_mathtext(tmp_path):
         for row in csv.reader((tmp_path / name).open()):
             assert not any(cell.startswith(("=", "+", "@")) for cell in row), (name, row)
     assert any(p.suffix == ".png" for p in tmp_path.iterdir())
+    import matplotlib
+
+    assert matplotlib.rcParams["text.parse_math"], "mathtext stays on: matplotlib's log-axis tick labels use it"
 
 
 MALFORMED = {

@@ -73,7 +73,7 @@ def fewshot_tables(frame: pd.DataFrame) -> list[Table]:
 
 def plot_fewshot(tables: list[Table], path: Path) -> Path | None:
     """One panel per dataset: top-1 vs shots, a line and ± std band per method, the paper dashed."""
-    from .plots import _pyplot
+    from .plots import _pyplot, plain
 
     plt = _pyplot()
     tables = [t for t in tables if any(row.cells for row in t.rows if row.source == "ours")]
@@ -95,11 +95,11 @@ def plot_fewshot(tables: list[Table], path: Path) -> Path | None:
                 axis.plot(xs, means, "--", color=color, alpha=0.6, linewidth=1)
                 continue
             stds = [cell[1] for _, cell in points]
-            axis.plot(xs, means, "o-", color=color, label=row.method)
+            axis.plot(xs, means, "o-", color=color, label=plain(row.method))
             axis.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                               color=color, alpha=0.2)  # fmt: skip
         axis.set_xscale("log", base=2)
-        axis.set_title(table.title.split(" on ")[0].removeprefix("few-shot "), fontsize=9)
+        axis.set_title(plain(table.title.split(" on ")[0].removeprefix("few-shot ")), fontsize=9)
         axis.set_xlabel("shots per class")
         axis.set_ylabel("top-1 (%)")
         axis.grid(alpha=0.3)

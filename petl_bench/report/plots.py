@@ -11,10 +11,15 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
-    matplotlib.rcParams["text.parse_math"] = False  # names from records are plain text, never mathtext
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plain(text) -> str:
+    """Text from records drawn as itself: a ``$`` is escaped, so a name never starts mathtext (which
+    matplotlib's own tick labels need, so it stays on)."""
+    return str(text).replace("$", r"\$")
 
 
 def headline(table: Table, cells: dict) -> tuple[str, tuple] | None:
@@ -35,15 +40,17 @@ def plot_accuracy_vs_params(table: Table, path: Path) -> Path | None:
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for row, (_, (mean, std, _)) in ours:
         axis.errorbar(row.params, mean, yerr=std or None, fmt="o", capsize=3)
-        axis.annotate(row.method, (row.params, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axis.annotate(plain(row.method), (row.params, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for row in table.rows:
         if row.source == "paper" and row.params is not None and ours[0][1][0] in row.cells:
             axis.scatter([row.params], [row.cells[ours[0][1][0]][0]], facecolors="none", edgecolors="grey")
     axis.set_xscale("symlog", linthresh=1e4)
     axis.set_xlabel("trainable parameters (classifier excluded; symlog)")
-    axis.set_ylabel(f"top-1 (%), {ours[0][1][0]}")
+    axis.set_ylabel(f"top-1 (%), {plain(ours[0][1][0])}")
     has_paper = any(row.source == "paper" for row in table.rows)
-    axis.set_title(table.title + ("\nhollow: paper (best-of-10 test evaluations)" if has_paper else ""), fontsize=9)
+    axis.set_title(
+        plain(table.title) + ("\nhollow: paper (best-of-10 test evaluations)" if has_paper else ""), fontsize=9
+    )
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -64,10 +71,10 @@ def plot_bars(table: Table, path: Path) -> Path | None:
         present = [(i, row.cells[c]) for i, c in enumerate(columns) if c in row.cells]
         errors = [cell[1] for _, cell in present]
         axis.bar([i + index * width for i, _ in present], [cell[0] for _, cell in present], width,
-                 yerr=errors if any(errors) else None, label=row.label, capsize=2)  # fmt: skip
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))], columns, fontsize=8)
+                 yerr=errors if any(errors) else None, label=plain(row.label), capsize=2)  # fmt: skip
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))], [plain(c) for c in columns], fontsize=8)
     axis.set_ylabel("top-1 (%)")
-    axis.set_title(table.title, fontsize=9)
+    axis.set_title(plain(table.title), fontsize=9)
     axis.legend(fontsize=7, ncols=2)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -106,13 +113,15 @@ def plot_accuracy_vs_cost(table: Table, costs: dict[str, dict], path: Path) -> P
             if method not in drawn:
                 continue
             axis.errorbar(costs[method][cost], mean, yerr=std or None, fmt="o", capsize=3)
-            axis.annotate(method, (costs[method][cost], mean), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            axis.annotate(
+                plain(method), (costs[method][cost], mean), textcoords="offset points", xytext=(4, 3), fontsize=7
+            )
         if cost == "trainable_params":
             axis.set_xscale("symlog", linthresh=1e4)
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel(f"top-1 (%), {points[0][1][0]}")
-    figure.suptitle(table.title, fontsize=9)
+    axes[0].set_ylabel(f"top-1 (%), {plain(points[0][1][0])}")
+    figure.suptitle(plain(table.title), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
