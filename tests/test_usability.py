@@ -154,6 +154,9 @@ def test_cost_table_prints_integer_counts_and_what_speeds_measure(tmp_path):
     assert costs.loc["convpass", "trainable_params"] == "1,000–2,000" and costs.loc["linear", "trainable_params"] == "0"
     assert costs.loc["linear", "speeds_measure"].startswith("classifier on cached features")
     assert costs.loc["convpass", "speeds_measure"] == "full model"
+    pb.report.write_report(runs, tmp_path)
+    cost_rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| vtab |")]
+    assert cost_rows and not any("nan" in line for line in cost_rows), "a missing value is a dash, not nan"
 
 
 def test_an_explicit_warmup_not_below_the_epochs_is_warned_about(caplog):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,7 @@ from .accuracy import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, backbone_t
 from .dg import dg_tables
 from .fewshot import fewshot_tables, plot_fewshot
 from .plots import plot_accuracy_vs_cost, plot_accuracy_vs_params, plot_bars
-from .table import Table, csv_safe, csv_safe_frame, escape_markdown, markdown_table, method_order, runs_frame
+from .table import MISSING, Table, csv_safe, csv_safe_frame, escape_markdown, markdown_table, method_order, runs_frame
 from .tuned import tuned_markdown
 
 FAMILIES = ("fewshot", "dg")  # suites with their own tables
@@ -133,12 +134,15 @@ COST_LEGEND = (
 )
 
 
+def cell_text(value) -> str:
+    """A cost-table cell: numbers with thousands separators, a missing value (NaN) as the tables' dash."""
+    if isinstance(value, float):
+        return MISSING if math.isnan(value) else f"{value:,.1f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def frame_markdown(frame: pd.DataFrame) -> str:
-    rows = [
-        [f"{v:,.1f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v)) for v in row]
-        for _, row in frame.iterrows()
-    ]
-    return markdown_table(list(frame.columns), rows)
+    return markdown_table(list(frame.columns), [[cell_text(v) for v in row] for _, row in frame.iterrows()])
 
 
 def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] = ("md", "csv")) -> list[Path]:
