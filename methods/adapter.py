@@ -13,21 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from petl_bench.model import Method, vit_linear_init_
 from petl_bench.registry import register_method
 
-from .building_blocks import Bottleneck, QuickGELU, Tap, adapt_blocks, check_init
+from .building_blocks import Bottleneck, QuickGELU, Tap, adapt_blocks, check_init, xavier_init_
 
 
 def noah_adapter(width: int, dim: int, dropout: float, kind: type[Bottleneck] = Bottleneck) -> Bottleneck:
     """NOAH's AdapterSuper: QuickGELU, xavier_uniform weights (the up-projection is NOT zero), biases N(0, 1e-6)."""
-    module = kind(width, dim, QuickGELU(), dropout)
-    for linear in (module.down, module.up):
-        nn.init.xavier_uniform_(linear.weight)
-        nn.init.normal_(linear.bias, std=1e-6)
-    return module
+    return xavier_init_(kind(width, dim, QuickGELU(), dropout))
 
 
 @dataclass

@@ -88,6 +88,11 @@ def bias_parameters(model: nn.Module) -> list[nn.Parameter]:
     return found
 
 
+def layer_norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weight and bias of every LayerNorm, found by module type (timm's ConvNeXt LayerNorm2d included)."""
+    return [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)]
+
+
 @dataclass
 class BitFitConfig:
     encoder_eval: bool = True  # VPT's tinytl-bias: the encoder is in eval mode while its biases train
@@ -112,3 +117,18 @@ class BitFit(TrainsOwnTensors):
 
     def attach(self, model, info, config):
         return bias_parameters(model)
+
+
+@register_method
+class LayerNormTuning(TrainsOwnTensors):
+    """LayerNorm tuning: the weight and bias of every LayerNorm train (norm1, norm2 of every block and the
+    final norm on a ViT: 38,400 parameters on ViT-B/16); nothing is added. As PETL_Vision's ``--ln``
+    (OSU-MLB/PETL_Vision experiment/build_model.py), selected by module type rather than by name."""
+
+    name = "ln_tune"
+    citation = "LayerNorm tuning as re-evaluated in PETL_Vision (Mai et al., 2024)"
+    trains = "the weight and bias of every LayerNorm"
+    kinds = (VIT, SWIN, CONVNEXT, CLIP)
+
+    def attach(self, model, info, config):
+        return layer_norm_parameters(model)

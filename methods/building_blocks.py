@@ -26,17 +26,38 @@ class QuickGELU(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """down (width -> dim) -> activation -> dropout -> up (dim -> width)."""
+    """down (width -> dim) -> activation -> dropout -> up (dim -> width); ``linear(in, out)`` makes the
+    two projections (``nn.Linear`` with bias by default)."""
 
-    def __init__(self, width: int, dim: int, activation: nn.Module, dropout: float):
+    def __init__(
+        self,
+        width: int,
+        dim: int,
+        activation: nn.Module,
+        dropout: float,
+        linear: Callable[[int, int], nn.Module] = nn.Linear,
+    ):
         super().__init__()
-        self.down = nn.Linear(width, dim)
+        self.down = linear(width, dim)
         self.act = activation
         self.dropout = nn.Dropout(dropout)
-        self.up = nn.Linear(dim, width)
+        self.up = linear(dim, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.dropout(self.act(self.down(x))))
+
+
+@torch.no_grad()
+def xavier_init_(module: Bottleneck, zero_up: bool = False) -> Bottleneck:
+    """xavier_uniform weights and N(0, 1e-6) biases (NOAH's AdapterSuper; PETL_Vision's ``xavier``), or with
+    ``zero_up`` the up-projection and both biases zero (PETL_Vision's ``lora_xavier``: the identity at init)."""
+    for linear in (module.down, module.up):
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.normal_(linear.bias, std=1e-6)
+    if zero_up:
+        for tensor in (module.down.bias, module.up.weight, module.up.bias):
+            nn.init.zeros_(tensor)
+    return module
 
 
 @dataclass(frozen=True)
@@ -84,7 +105,9 @@ class AdaptedBlock(nn.Module):
     """A transformer block whose residual sub-blocks get side branches.
 
     Each sub-block computes ``h = drop_path(branch(norm(x)))`` and returns ``x + h + scale * z`` with
-    ``z = side(t)`` (or ``drop_path(side(t))`` when ``drop_path_side``), where ``t`` is chosen by ``tap``.
+    ``z = side(t)`` (or ``drop_path(side(t))`` when ``drop_path_side``), where ``t`` is chosen by ``tap``;
+    with ``drop_path_sum`` it returns ``x + drop_path(h + scale * z)`` instead (PETL_Vision's sequential
+    adapters drop-path the adapted output a second time).
     Sub-blocks without a side branch run unchanged. Side branches are named ``adapter_attn`` and
     ``adapter_mlp``, as in the official Convpass code, so its checkpoints load by name.
     """
@@ -99,12 +122,14 @@ class AdaptedBlock(nn.Module):
         scale: float = 1.0,
         attn: nn.Module | None = None,
         mlp: nn.Module | None = None,
+        drop_path_sum: bool = False,
     ):
         super().__init__()
         self.block = block
         self.kind = kind
         self.tap = tap
         self.drop_path_side = drop_path_side
+        self.drop_path_sum = drop_path_sum
         self.scale = scale
         self.register_module("adapter_attn", attn)
         self.register_module("adapter_mlp", mlp)
@@ -119,7 +144,10 @@ class AdaptedBlock(nn.Module):
             z = side({Tap.INPUT: x, Tap.NORM: y, Tap.OUTPUT: h}[self.tap])
             if self.drop_path_side:
                 z = residual.drop_path(z)
-            x = x + h + z * self.scale
+            if self.drop_path_sum:
+                x = x + residual.drop_path(h + z * self.scale)
+            else:
+                x = x + h + z * self.scale
         return x
 
 
@@ -131,13 +159,21 @@ def adapt_blocks(
     *,
     drop_path_side: bool,
     scale: float = 1.0,
+    drop_path_sum: bool = False,
 ) -> list[nn.Parameter]:
     """Wrap every block of ``model`` in an :class:`AdaptedBlock`; ``make_sides(i)`` -> (attn side, mlp side)."""
     params: list[nn.Parameter] = []
     for index, path in enumerate(info.block_paths):
         attn, mlp = make_sides(index)
         wrapped = AdaptedBlock(
-            model.get_submodule(path), info.kind, tap, drop_path_side=drop_path_side, scale=scale, attn=attn, mlp=mlp
+            model.get_submodule(path),
+            info.kind,
+            tap,
+            drop_path_side=drop_path_side,
+            scale=scale,
+            attn=attn,
+            mlp=mlp,
+            drop_path_sum=drop_path_sum,
         )
         model.set_submodule(path, wrapped)
         params += [p for side in (attn, mlp) if side is not None for p in side.parameters()]

@@ -62,15 +62,23 @@ class FusedQKVLoRA(nn.Module):
         return self.qkv(x) + self.lora(x)
 
 
-class QVLoRA(nn.Module):
-    """``qkv(x) + s * [up_q(dropout(down_q x)), 0, up_v(dropout(down_v x))]``."""
+def used_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a Linear computes with (a quantised layer's de-quantised weight)."""
+    effective = getattr(linear, "effective_weight", None)
+    return effective() if effective is not None else linear.weight
 
-    def __init__(self, qkv: nn.Linear, rank: int, dropout: float, scale: float):
+
+class QVLoRA(nn.Module):
+    """``qkv(x) + s * [up_q(dropout(down_q x)), 0, up_v(dropout(down_v x))]``; ``branch()`` makes each
+    ``down -> dropout -> up`` (by default :func:`low_rank`)."""
+
+    def __init__(self, qkv: nn.Linear, rank: int, dropout: float, scale: float, branch=None):
         super().__init__()
         self.qkv = qkv
         width = qkv.out_features // 3
-        self.lora_q = low_rank(qkv.in_features, rank, width, dropout, dropout_first=False)
-        self.lora_v = low_rank(qkv.in_features, rank, width, dropout, dropout_first=False)
+        branch = branch or (lambda: low_rank(qkv.in_features, rank, width, dropout, dropout_first=False))
+        self.lora_q = branch()
+        self.lora_v = branch()
         self.scale = scale
 
     def delta_parameters(self) -> list[nn.Parameter]:
@@ -78,8 +86,8 @@ class QVLoRA(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``s [B_q A_q; 0; B_v A_v]`` (dropout is the identity in eval mode)."""
-        delta_q = self.lora_q.up.weight @ self.lora_q.down.weight
-        delta_v = self.lora_v.up.weight @ self.lora_v.down.weight
+        delta_q = used_weight(self.lora_q.up) @ used_weight(self.lora_q.down)
+        delta_v = used_weight(self.lora_v.up) @ used_weight(self.lora_v.down)
         return self.scale * torch.cat([delta_q, torch.zeros_like(delta_q), delta_v])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,7 @@ def params_command(
                 "backbone": backbone,
                 "trainable_params": without,
                 "trainable_params_with_head": with_head,
-                "checkpoint_bytes": len(checkpoint_bytes(model)),
+                "checkpoint_bytes": model.method.stored_bytes(model) or len(checkpoint_bytes(model)),
             }
         )
     render(rows, f"Trainable parameters on {backbone} ({num_classes} classes{', task ' + task if task else ''})", fmt)

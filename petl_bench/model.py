@@ -63,6 +63,11 @@ class Method:
         method's (a method with ``merges = True`` implements this; the others cannot)."""
         raise UserError(f"method '{self.name}' cannot be merged: {self.merge_note}")
 
+    def stored_bytes(self, model: "PetlModel") -> int | None:
+        """Bytes of one task's trained state in the method's own storage format, where that is not the
+        safetensors checkpoint of its trainable tensors (the binary adapters pack their weights in bits)."""
+        return None
+
     def encoder_eval(self, config: Any) -> bool:
         """Whether the frozen encoder stays in eval mode while training (no drop-path or dropout)."""
         return self.frozen_encoder_eval

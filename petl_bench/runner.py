@@ -414,7 +414,7 @@ def run_job(
         cost={
             "trainable_params": without_head,
             "trainable_params_with_head": with_head,
-            "checkpoint_bytes": checkpoint.stat().st_size,
+            "checkpoint_bytes": model.method.stored_bytes(model) or checkpoint.stat().st_size,
             "peak_memory_bytes": peak_memory_bytes(device),
             "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
             "forward_flops": forward_flops(model, info.preprocessing.image_size, device),

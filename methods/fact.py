@@ -1,0 +1,211 @@
+"""FacT: Factor-Tuning (Jie & Deng, AAAI 2023), tensor-train (TT) and Tucker (TK) formats, as the
+official JieShibo/PETL-ViT ``FacT/fact_tt.py`` and ``FacT/fact_tk.py``.
+
+The increments of all 12 x (q, k, v, o, fc1, fc2) weights share one down factor ``U: d -> r`` (PyTorch
+default init) and one up factor ``V: r -> d`` (zero: the model starts as the backbone). Between them
+each weight has an ``r x r`` core (fc1 ``4r x r``, fc2 ``r x 4r``) with dropout 0.1 after it, scaled by
+a per-task ``s``:
+
+* TT: the cores are per-block bias-free Linears (PyTorch default init).
+* TK: the cores come from one ``C (r x r x r)`` and ``P (r x 12L)``, both xavier_uniform:
+  ``M = C @ P[:, 12i : 12i+12]``; the code multiplies row vectors from the right (``u @ M[:, :, j]``).
+  Both fc cores are ``M[:, :, 4:8]`` / ``M[:, :, 8:12]`` reshaped row-major to ``r x 4r``, as in the code.
+
+The fc1 update fills the 4 chunks of d outputs from the 4 chunks of r hidden units; fc2 reads its
+input as 4 chunks of d. So the MLP must be ``d -> 4d -> d``. Every update is linear, so it folds
+exactly into the four Linears of every block (``merge``). Official per-task (rank, scale) are the
+``task_defaults``; the paper searched r in {1, 2, 4, 8, 16} (TT) / {2, 4, 8, 16, 32} (TK) and
+s in {0.01, 0.1, 1, 10, 100}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from petl_bench.backbones import VIT
+from petl_bench.errors import UserError
+from petl_bench.model import Method
+from petl_bench.registry import register_method
+
+SLOTS = ("qkv", "proj", "fc1", "fc2")  # the wrapped Linear of each slot: attn.qkv, attn.proj, mlp.fc1, mlp.fc2
+CHUNKS = 4  # the MLP hidden width is 4 d, read as 4 chunks of d
+
+
+class TTCores(nn.Module):
+    """One block's FacT-TT cores, bias-free Linears (weights in Linear form: ``y = W x``)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(rank, rank, bias=False) for _ in range(4))
+        self.fc1 = nn.Linear(rank, CHUNKS * rank, bias=False)
+        self.fc2 = nn.Linear(CHUNKS * rank, rank, bias=False)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).weight for name in ("q", "k", "v", "o", "fc1", "fc2")}
+
+
+class FacTFactors(nn.Module):
+    """The shared factors ``u``, ``v`` and the cores of every block (TT: per block; TK: ``c`` and ``p``)."""
+
+    def __init__(self, width: int, rank: int, depth: int, tucker: bool):
+        super().__init__()
+        self.rank = rank
+        self.u = nn.Linear(width, rank, bias=False)
+        self.v = nn.Linear(rank, width, bias=False)
+        nn.init.zeros_(self.v.weight)
+        self.tucker = tucker
+        if tucker:
+            self.c = nn.Parameter(nn.init.xavier_uniform_(torch.empty(rank, rank, rank)))
+            self.p = nn.Parameter(nn.init.xavier_uniform_(torch.empty(rank, 12 * depth)))
+        else:
+            self.cores = nn.ModuleList(TTCores(rank) for _ in range(depth))
+
+    def core_weights(self, block: int) -> dict[str, torch.Tensor]:
+        """Block ``block``'s cores as Linear weights: q, k, v, o ``r x r``, fc1 ``4r x r``, fc2 ``r x 4r``."""
+        if not self.tucker:
+            return self.cores[block].weights()
+        r = self.rank
+        m = self.c @ self.p[:, 12 * block : 12 * block + 12]  # r x r x 12
+        weights = {name: m[:, :, j].t() for j, name in enumerate(("q", "k", "v", "o"))}
+        weights["fc1"] = m[:, :, 4:8].reshape(r, CHUNKS * r).t()  # the code's u @ F1
+        weights["fc2"] = m[:, :, 8:12].reshape(r, CHUNKS * r)  # the code's z @ F2^T
+        return weights
+
+
+class FacTLinear(nn.Module):
+    """A Linear of block ``block`` plus its FacT update ``s * V dropout(core U x)`` (per slot, see module doc)."""
+
+    def __init__(self, linear: nn.Linear, factors: FacTFactors, block: int, slot: str, scale: float, dropout: float):
+        super().__init__()
+        self.linear = linear
+        self.__dict__["factors"] = factors  # shared, registered once on the backbone (not a submodule here)
+        self.block = block
+        self.slot = slot
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout)
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.factors
+        cores = f.core_weights(self.block)
+        if self.slot == "qkv":
+            u = f.u(x)
+            return torch.cat([f.v(self.dropout(F.linear(u, cores[name]))) for name in ("q", "k", "v")], dim=-1)
+        if self.slot == "proj":
+            return f.v(self.dropout(F.linear(f.u(x), cores["o"])))
+        if self.slot == "fc1":
+            hidden = self.dropout(F.linear(f.u(x), cores["fc1"]))
+            return f.v(hidden.unflatten(-1, (CHUNKS, f.rank))).flatten(-2)
+        z = f.u(x.unflatten(-1, (CHUNKS, -1))).flatten(-2)
+        return f.v(self.dropout(F.linear(z, cores["fc2"])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self._delta(x) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a weight of the Linear's shape (dropout is the identity in eval mode)."""
+        f, r = self.factors, self.factors.rank
+        u, v = f.u.weight, f.v.weight
+        cores = f.core_weights(self.block)
+        if self.slot == "qkv":
+            delta = torch.cat([v @ cores[name] @ u for name in ("q", "k", "v")])
+        elif self.slot == "proj":
+            delta = v @ cores["o"] @ u
+        elif self.slot == "fc1":
+            delta = torch.cat([v @ cores["fc1"][c * r : (c + 1) * r] @ u for c in range(CHUNKS)])
+        else:
+            delta = torch.cat([v @ cores["fc2"][:, c * r : (c + 1) * r] @ u for c in range(CHUNKS)], dim=1)
+        return self.scale * delta
+
+
+def slot_paths(path: str) -> dict[str, str]:
+    return {"qkv": f"{path}.attn.qkv", "proj": f"{path}.attn.proj", "fc1": f"{path}.mlp.fc1", "fc2": f"{path}.mlp.fc2"}
+
+
+@dataclass
+class FacTConfig:
+    rank: int = 4  # the paper's fixed-rank FacT-TT row (8,448 parameters on ViT-B/16)
+    scale: float = 1.0
+    dropout: float = 0.1
+
+
+@dataclass
+class FacTTKConfig(FacTConfig):
+    rank: int = 8  # the paper's fixed-rank FacT-TK row (13,952 parameters on ViT-B/16)
+
+
+# Official per-task (rank, scale), FacT/configs/{tt,tk}/<task>.yaml.
+_TT = {
+    "cifar": (8, 1), "caltech101": (16, 10), "dtd": (8, 0.01), "oxford_flowers102": (16, 1), "oxford_iiit_pet": (8, 1),
+    "svhn": (16, 100), "sun397": (8, 1), "patch_camelyon": (8, 10), "eurosat": (8, 100), "resisc45": (8, 0.1),
+    "diabetic_retinopathy": (8, 1), "clevr_count": (16, 1), "clevr_dist": (4, 10), "dmlab": (16, 10),
+    "kitti": (16, 10), "dsprites_loc": (16, 100), "dsprites_ori": (16, 1), "smallnorb_azi": (16, 100),
+    "smallnorb_ele": (8, 10),
+}  # fmt: skip
+_TK = {
+    "cifar": (32, 0.1), "caltech101": (32, 10), "dtd": (16, 0.01), "oxford_flowers102": (32, 1),
+    "oxford_iiit_pet": (16, 10), "svhn": (32, 100), "sun397": (16, 1), "patch_camelyon": (32, 10),
+    "eurosat": (32, 100), "resisc45": (32, 10), "diabetic_retinopathy": (16, 1), "clevr_count": (32, 10),
+    "clevr_dist": (16, 10), "dmlab": (32, 10), "kitti": (32, 10), "dsprites_loc": (32, 100), "dsprites_ori": (32, 1),
+    "smallnorb_azi": (32, 100), "smallnorb_ele": (16, 10),
+}  # fmt: skip
+CITATION = "Jie & Deng, FacT: Factor-Tuning for Lightweight Adaptation on Vision Transformer, AAAI 2023"
+
+
+@register_method
+class FacTTT(Method):
+    """FacT-TT: ``1536 r + 144 r^2`` parameters on ViT-B/16 (shared U, V; per-block cores)."""
+
+    name = "fact_tt"
+    citation = CITATION
+    trains = "shared factors U, V (2dr) and per-block cores (12 r^2 per block) updating qkv, proj, fc1, fc2"
+    kinds = (VIT,)
+    Config = FacTConfig
+    task_defaults = {task: {"rank": r, "scale": s} for task, (r, s) in _TT.items()}
+    search_space = {"rank": (1, 2, 4, 8, 16), "scale": (0.01, 0.1, 1, 10, 100)}
+    tucker = False
+    merges = True
+
+    def check_config(self, config):
+        if config.rank < 1:
+            raise UserError(f"{self.name}.rank must be >= 1, not {config.rank}")
+
+    def attach(self, model, info, config):
+        self.check_config(config)
+        width = info.widths[0]
+        for path in info.block_paths:
+            hidden = model.get_submodule(path).mlp.fc1.out_features
+            if hidden != CHUNKS * width:
+                raise UserError(f"{self.name} needs an MLP of 4 x the width ({CHUNKS * width}); this one has {hidden}")
+        factors = FacTFactors(width, config.rank, len(info.block_paths), self.tucker)
+        model.fact = factors
+        for block, path in enumerate(info.block_paths):
+            for slot, target in slot_paths(path).items():
+                linear = model.get_submodule(target)
+                model.set_submodule(target, FacTLinear(linear, factors, block, slot, config.scale, config.dropout))
+        return list(factors.parameters())
+
+    @torch.no_grad()
+    def merge(self, model):
+        backbone = model.backbone
+        for path in model.info.block_paths:
+            for target in slot_paths(path).values():
+                wrapped = backbone.get_submodule(target)
+                wrapped.linear.weight += wrapped.delta_weight().to(wrapped.linear.weight.dtype)
+                backbone.set_submodule(target, wrapped.linear)
+        del backbone.fact
+
+
+@register_method
+class FacTTK(FacTTT):
+    """FacT-TK: ``1536 r + 144 r + r^3`` parameters on ViT-B/16 (shared U, V, C and P)."""
+
+    name = "fact_tk"
+    trains = "shared factors U, V (2dr), core C (r^3) and P (12 L r) updating qkv, proj, fc1, fc2"
+    Config = FacTTKConfig
+    task_defaults = {task: {"rank": r, "scale": s} for task, (r, s) in _TK.items()}
+    search_space = {"rank": (2, 4, 8, 16, 32), "scale": (0.01, 0.1, 1, 10, 100)}
+    tucker = True

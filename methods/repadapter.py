@@ -1,0 +1,132 @@
+"""RepAdapter (Luo et al., 2023), the ``repblock`` variant of the official luogen1996/RepAdapter code.
+
+A linear adapter ``R(z) = z + s * (B dropout(A z + a) + b)`` before attention and before the MLP, after
+their LayerNorms: ``x + DP(attn(R(norm1 x)))``, ``x + DP(mlp(R(norm2 x)))``. ``A`` is a dense 1x1 conv
+(d -> h, xavier_uniform, zero bias), ``B`` a grouped 1x1 conv (h -> d, 2 groups, zero weight and bias),
+so the model starts as the backbone; no activation; ``s`` fixed per task. In timm the LayerNorm output
+feeds only ``qkv`` (and ``fc1``), so the adapter wraps their input, which keeps fused attention. Being
+linear, it folds into the following Linear (``W' = W M``, ``b' = b + W c`` with ``R(z) = M z + c``),
+as the official ``set_RepWeight``. Parameters keep the official conv shapes (``conv_A``, ``conv_B``).
+Source: luogen1996/RepAdapter, repadapter.py, configs/repblock/<task>.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from petl_bench.backbones import SWIN, VIT
+from petl_bench.errors import UserError
+from petl_bench.model import Method
+from petl_bench.registry import register_method
+
+
+class RepAdapter(nn.Module):
+    """``z + s * (B dropout(A z + a) + b)`` on the last dimension; B has ``groups`` diagonal blocks."""
+
+    def __init__(self, width: int, dim: int, groups: int, scale: float, dropout: float):
+        super().__init__()
+        self.conv_A = nn.Conv1d(width, dim, 1)
+        self.conv_B = nn.Conv1d(dim, width, 1, groups=groups)
+        self.dropout = nn.Dropout(dropout)
+        self.groups = groups
+        self.scale = scale
+        nn.init.xavier_uniform_(self.conv_A.weight)
+        for tensor in (self.conv_A.bias, self.conv_B.weight, self.conv_B.bias):
+            nn.init.zeros_(tensor)
+
+    def dense_b(self) -> torch.Tensor:
+        """B as a dense ``width x dim`` matrix (block diagonal)."""
+        weight = self.conv_B.weight.squeeze(-1)  # width x dim/groups
+        return torch.block_diag(*weight.chunk(self.groups, dim=0))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(F.linear(z, self.conv_A.weight.squeeze(-1), self.conv_A.bias))
+        grouped = hidden.unflatten(-1, (self.groups, -1))  # ... x groups x dim/groups
+        weight = self.conv_B.weight.squeeze(-1).unflatten(0, (self.groups, -1))  # groups x width/groups x dim/groups
+        up = torch.einsum("...gk,gok->...go", grouped, weight).flatten(-2) + self.conv_B.bias
+        return z + up * self.scale
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, c)`` with ``R(z) = M z + c`` in eval mode."""
+        b = self.dense_b()
+        a = self.conv_A.weight.squeeze(-1)
+        identity = torch.eye(b.shape[0], dtype=b.dtype, device=b.device)
+        return identity + self.scale * b @ a, self.scale * (b @ self.conv_A.bias + self.conv_B.bias)
+
+
+class AdaptedInput(nn.Module):
+    """``linear(adapter(x))``."""
+
+    def __init__(self, linear: nn.Linear, adapter: RepAdapter):
+        super().__init__()
+        self.linear = linear
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.adapter(x))
+
+    @torch.no_grad()
+    def folded(self) -> nn.Linear:
+        m, c = (t.to(self.linear.weight.dtype) for t in self.adapter.affine())
+        weight = self.linear.weight.clone()
+        self.linear.weight.copy_(weight @ m)
+        if self.linear.bias is None:
+            self.linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)
+        self.linear.bias += weight @ c
+        return self.linear
+
+
+@dataclass
+class RepAdapterConfig:
+    dim: int = 8  # h, the official --dim default
+    groups: int = 2
+    scale: float = 1.0
+    dropout: float = 0.1
+
+
+# Official per-task scale, configs/repblock/<task>.yaml (h = 8).
+_SCALES = {
+    "cifar": 0.1, "caltech101": 5, "dtd": 1, "oxford_flowers102": 0.5, "oxford_iiit_pet": 0.1, "svhn": 10,
+    "sun397": 0.1, "patch_camelyon": 1, "eurosat": 1, "resisc45": 5, "diabetic_retinopathy": 0.1, "clevr_count": 0.5,
+    "clevr_dist": 0.1, "dmlab": 5, "kitti": 5, "dsprites_loc": 5, "dsprites_ori": 0.1, "smallnorb_azi": 10,
+    "smallnorb_ele": 1,
+}  # fmt: skip
+
+
+@register_method
+class RepAdapterMethod(Method):
+    """RepAdapter (repblock): a linear, re-parameterisable adapter before attention and before the MLP."""
+
+    name = "repadapter"
+    citation = "Luo et al., Towards Efficient Visual Adaption via Structural Re-parameterization (RepAdapter), 2023"
+    trains = "2 linear adapters per block before qkv and fc1 (dh + h + dh/g + d parameters each)"
+    kinds = (VIT, SWIN)
+    Config = RepAdapterConfig
+    task_defaults = {task: {"scale": s} for task, s in _SCALES.items()}
+    search_space = {"scale": (0.1, 0.5, 1, 5, 10)}  # the official scripts/search_repblock.sh
+    merges = True
+
+    def check_config(self, config):
+        if config.dim < 1 or config.groups < 1 or config.dim % config.groups:
+            raise UserError(f"repadapter.dim ({config.dim}) must be a positive multiple of groups ({config.groups})")
+
+    def attach(self, model, info, config):
+        self.check_config(config)
+        params = []
+        for path, width in zip(info.block_paths, info.widths):
+            if width % config.groups:
+                raise UserError(f"repadapter.groups ({config.groups}) must divide the width {width}")
+            for target in (f"{path}.attn.qkv", f"{path}.mlp.fc1"):
+                adapter = RepAdapter(width, config.dim, config.groups, config.scale, config.dropout)
+                model.set_submodule(target, AdaptedInput(model.get_submodule(target), adapter))
+                params += list(adapter.parameters())
+        return params
+
+    def merge(self, model):
+        for path in model.info.block_paths:
+            for target in (f"{path}.attn.qkv", f"{path}.mlp.fc1"):
+                model.backbone.set_submodule(target, model.backbone.get_submodule(target).folded())
