@@ -126,6 +126,7 @@ class LayerNormTuning(TrainsOwnTensors):
     (OSU-MLB/PETL_Vision experiment/build_model.py), selected by module type rather than by name."""
 
     name = "ln_tune"
+    published_as = ("LayerNorm tuning",)
     citation = "LayerNorm tuning as re-evaluated in PETL_Vision (Mai et al., 2024)"
     trains = "the weight and bias of every LayerNorm"
     kinds = (VIT, SWIN, CONVNEXT, CLIP)

@@ -144,6 +144,7 @@ class BiAdaptFormer(BinaryMethod):
     """A 1-bit AdaptFormer: a quantised ReLU bottleneck beside the MLP, fed the residual stream."""
 
     name = "bi_adaptformer"
+    published_as = ("Bi-AdaptFormer",)
     trains = "1 quantised bias-free bottleneck beside each MLP (2hd latent weights, stored at `bits` each)"
     task_defaults = {task: {"scale": s} for task, s in zip(_TASKS, _ADAPTFORMER_SCALES)}
 
@@ -165,6 +166,7 @@ class BiLoRA(BinaryMethod):
     """A 1-bit LoRA on the query and value projections."""
 
     name = "bi_lora"
+    published_as = ("Bi-LoRA",)
     trains = "quantised rank-d updates of q and v in every block (4hd latent weights, stored at `bits` each)"
     task_defaults = {task: {"scale": s} for task, s in zip(_TASKS, _LORA_SCALES)}
     merges = True

@@ -160,6 +160,7 @@ class FacTTT(Method):
     """FacT-TT: ``1536 r + 144 r^2`` parameters on ViT-B/16 (shared U, V; per-block cores)."""
 
     name = "fact_tt"
+    published_as = ("FacT-TT",)
     citation = CITATION
     trains = "shared factors U, V (2dr) and per-block cores (12 r^2 per block) updating qkv, proj, fc1, fc2"
     kinds = (VIT,)
@@ -204,6 +205,7 @@ class FacTTK(FacTTT):
     """FacT-TK: ``1536 r + 144 r + r^3`` parameters on ViT-B/16 (shared U, V, C and P)."""
 
     name = "fact_tk"
+    published_as = ("FacT-TK",)
     trains = "shared factors U, V (2dr), core C (r^3) and P (12 L r) updating qkv, proj, fc1, fc2"
     Config = FacTTKConfig
     task_defaults = {task: {"rank": r, "scale": s} for task, (r, s) in _TK.items()}

@@ -49,6 +49,7 @@ class HoulsbyAdapter(Method):
     """Houlsby placement: a ReLU adapter after the attention and one after the MLP of every block."""
 
     name = "houlsby_adapter"
+    published_as = ("Houlsby adapter",)
     citation = f"Houlsby et al., ICML 2019; {CITATION}"
     trains = "2 ReLU bottleneck adapters per block, after attention and after the MLP (2hd + h + d each)"
     kinds = (VIT, SWIN, CLIP)
@@ -83,6 +84,7 @@ class PfeifferAdapter(HoulsbyAdapter):
     """Pfeiffer placement: one ReLU adapter after the MLP of every block, the identity at init."""
 
     name = "pfeiffer_adapter"
+    published_as = ("Pfeiffer adapter",)
     citation = f"Pfeiffer et al., EACL 2021; {CITATION}"
     trains = "1 ReLU bottleneck adapter per block, after the MLP (2hd + h + d parameters)"
     Config = PfeifferConfig

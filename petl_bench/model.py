@@ -43,6 +43,9 @@ class Method:
     # The tuned protocol's grid: method hyperparameters, and the recipe axes (None: the shared RECIPE_GRID).
     search_space: ClassVar[Mapping[str, tuple]] = {}
     recipe_grid: ClassVar[Mapping[str, tuple] | None] = None
+    # Names of the method in published_vtab1k_next.csv (before any " (variant)" or " [source]"); the report
+    # prints those rows beside ours.
+    published_as: ClassVar[tuple[str, ...]] = ()
 
     def attach(self, model: nn.Module, info: BackboneInfo, config: Any) -> Iterable[nn.Parameter]:
         """Add or unfreeze modules on the frozen ``model``; return the parameters to train (head excluded)."""

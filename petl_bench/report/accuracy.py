@@ -6,17 +6,26 @@ group (or task) does; aggregates are computed per seed, then reported as mean ±
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib.resources import files
 
 import pandas as pd
 
-from ..registry import SUITES, TASKS
+from ..registry import METHODS, SUITES, TASKS
 from .table import PAPER_METHODS, Row, Stat, Table, method_order, slug, stats, with_paper
+
+log = logging.getLogger(__name__)
 
 MEAN_OF_GROUPS = "mean of groups"
 MEAN_OF_TASKS = "mean of tasks"
 PAPER_NOTE = "Rows marked (paper) are the Convpass paper's numbers: best of ten test-set evaluations, seed 42, one run."
+PUBLISHED_NOTE = (
+    "Rows marked (published: ...) are other publications' numbers (published_vtab1k_next.csv, where each row "
+    "names its source); their `mean of groups` is the published average, `mean of tasks` is computed where "
+    "every task is printed. Their selection rules differ: SSF the best test epoch; FacT, RepAdapter and the "
+    "binary adapters the best of ten test evaluations; PETL_Vision re-runs the last epoch after a val200 search."
+)
 PAPER_BACKBONES = {
     "vit_base_patch16_224.orig_in21k": "ViT-B/16",
     "swin_base_patch4_window7_224.ms_in22k": "Swin-B",
@@ -94,6 +103,46 @@ def paper_vtab(layout: Layout) -> tuple[dict[str, dict[str, Stat]], dict[str, fl
     return rows, params
 
 
+def published_name(method: str) -> str:
+    """A published row's method name without its variant and source: 'FacT-TT (r=4)' -> 'FacT-TT'."""
+    return method.split(" (")[0].split(" [")[0].strip()
+
+
+def published_vtab(layout: Layout, methods) -> dict[str, list[Row]]:
+    """Other publications' VTAB-1K rows of the ``methods`` present, by the names each method declares."""
+    names = {name: method for method in methods if method in METHODS for name in METHODS.get(method).published_as}
+    rows: dict[str, list[Row]] = {}
+    for _, line in _reference("published_vtab1k_next.csv").iterrows():
+        method = names.get(published_name(line["method"]))
+        if method is None:
+            continue
+        cells = {
+            c: (float(line[c]), 0.0, 1) for c in [*layout.tasks, *layout.groups] if c in line and pd.notna(line[c])
+        }
+        if line["average_kind"] == "mean_of_group_means" and pd.notna(line["mean"]):
+            cells[MEAN_OF_GROUPS] = (float(line["mean"]), 0.0, 1)
+        if all(t in cells for t in layout.tasks):
+            cells[MEAN_OF_TASKS] = (sum(cells[t][0] for t in layout.tasks) / len(layout.tasks), 0.0, 1)
+        label = f"{method} (published: {line['method']})"
+        rows.setdefault(method, []).append(Row(label, cells, float(line["params_m"]) * 1e6, "published", method))
+    return rows
+
+
+def mixed_data(runs: pd.DataFrame) -> dict[str, int]:
+    """Tasks whose runs read different copies of the data: task -> number of distinct fingerprints."""
+    known = runs[runs["data_fingerprint"].fillna("") != ""]
+    counts = known.groupby("task")["data_fingerprint"].nunique()
+    return {task: int(n) for task, n in counts.items() if n > 1}
+
+
+def mixed_data_note(mixed: dict[str, int], title: str) -> str:
+    if not mixed:
+        return ""
+    tasks = ", ".join(f"{task} ({n} copies)" for task, n in sorted(mixed.items()))
+    log.warning("%s: runs of %s read different data (different fingerprints); not comparable", title, tasks)
+    return f"WARNING: MIXED DATA. Runs of {tasks} read different copies of the data (their fingerprints differ)."
+
+
 def accuracy_tables(frame: pd.DataFrame) -> list[Table]:
     """One table per suite, backbone and protocol; VTAB-1K with the paper's Table 1 beside."""
     tables = []
@@ -102,14 +151,20 @@ def accuracy_tables(frame: pd.DataFrame) -> list[Table]:
         ours = accuracy_cells(runs, layout)
         params = runs.groupby("method")["trainable_params"].mean().to_dict()
         paper, paper_params = paper_vtab(layout) if suite == "vtab" else ({}, {})
+        published = published_vtab(layout, ours) if suite == "vtab" else {}
+        title = f"{suite} on {backbone}, protocol '{protocol}'"
+        mixed = mixed_data(runs)
+        notes = [mixed_data_note(mixed, title)] if mixed else []
+        notes += [PAPER_NOTE] if paper else []
+        notes += [PUBLISHED_NOTE] if published else []
         tables.append(
             Table(
-                title=f"{suite} on {backbone}, protocol '{protocol}'",
+                title=title + (" [MIXED DATA]" if mixed else ""),
                 slug=slug(suite, backbone, protocol),
                 columns=layout.tasks + layout.aggregate_columns(),
-                rows=with_paper(ours, paper, params, paper_params),
+                rows=with_paper(ours, paper, params, paper_params, published),
                 key={"suite": suite, "backbone": backbone, "protocol": protocol},
-                note=PAPER_NOTE if paper else "",
+                note=" ".join(notes),
                 headline=(MEAN_OF_GROUPS, MEAN_OF_TASKS) if layout.groups else (MEAN_OF_TASKS,),
                 summary=tuple(layout.aggregate_columns()),
             )

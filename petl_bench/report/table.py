@@ -18,7 +18,7 @@ RUN_COLUMNS = [
     "checkpoint_bytes", "peak_memory_bytes", "train_images_per_s", "eval_images_per_s", "wall_seconds", "suite",
     "group", "eval_split", "shots", "split_seed", "class_mask", "pretrained", "run_id", "peak_memory_kind",
     "cached_features", "epochs", "lr", "batch_size", "image_size", "weights_notes", "inference_images_per_s",
-    "merged_inference_images_per_s",
+    "merged_inference_images_per_s", "data_fingerprint", "data_manifest",
 ]  # fmt: skip
 # Method names in the paper's tables -> registered names.
 PAPER_METHODS = {
@@ -49,6 +49,7 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
             "epochs": recipe.get("epochs"), "lr": recipe.get("lr"), "batch_size": recipe.get("batch_size"),
             "image_size": recipe.get("image_size"), "weights_notes": " ".join(r.notes),
             "inference_images_per_s": inference.get("as_trained"), "merged_inference_images_per_s": inference.get("merged"),
+            "data_fingerprint": r.data.get("fingerprint") or "", "data_manifest": r.data.get("manifest") or "",
         }  # fmt: skip
         row.update({f"top1_{name}": value for name, value in r.metrics.get("targets", {}).items()})
         rows.append(row)
@@ -173,12 +174,18 @@ class Table:
 
 
 def with_paper(
-    ours: dict[str, dict[str, Stat]], paper: dict[str, dict[str, Stat]], params: dict, paper_params: dict
+    ours: dict[str, dict[str, Stat]],
+    paper: dict[str, dict[str, Stat]],
+    params: dict,
+    paper_params: dict,
+    published: dict[str, list[Row]] | None = None,
 ) -> list[Row]:
-    """Our rows, each followed by the paper's row for the same method where the paper has one."""
+    """Our rows, each followed by the paper's row for the same method where the paper has one, then by the
+    rows other publications report for it."""
     rows = []
     for method, cells in ours.items():
         rows.append(Row(method, cells, params.get(method), "ours", method))
         if method in paper:
             rows.append(Row(f"{method} (paper)", paper[method], paper_params.get(method), "paper", method))
+        rows += (published or {}).get(method, [])
     return rows
