@@ -7,10 +7,8 @@ User mistakes (unknown names, bad options, missing data) print one ``error:`` li
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import importlib
-import io
 import json
 import logging
 import sys
@@ -26,9 +24,11 @@ from rich.table import Table
 from . import records, registry
 from .backbones import PAPER_BACKBONE, build_backbone
 from .checkpoints import checkpoint_bytes
+from .cli_data import data_app
 from .engine import Recipe
 from .errors import UserError
 from .model import attach_method, count_trainable, get_method
+from .output import console, render
 from .progress import stderr_console
 from .task import data_root_from
 
@@ -38,7 +38,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Benchmark parameter-efficient transfer learning methods on vision backbones.",
 )
-console = Console(width=None if sys.stdout.isatty() else 160)
 PluginOption = typer.Option(None, "--plugin", help="Python file that registers extra methods or tasks (repeatable).")
 
 
@@ -56,30 +55,6 @@ def integers(text: str | None, option: str) -> list[int]:
 def load_plugins(paths: Optional[list[Path]]) -> None:
     for path in paths or []:
         registry.load_plugin(path)
-
-
-def render(rows: list[dict], title: str, fmt: str) -> None:
-    """Print ``rows`` as a rich table, CSV or Markdown."""
-    if fmt not in ("table", "csv", "md"):
-        raise UserError(f"unknown format '{fmt}'; choose from: table, csv, md")
-    columns = list(rows[0]) if rows else []
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        sys.stdout.write(buffer.getvalue())
-    elif fmt == "md":
-        from .report.table import markdown_table
-
-        sys.stdout.write(markdown_table(columns, [[str(row[c]) for c in columns] for row in rows]))
-    else:
-        table = Table(title=title)
-        for column in columns:
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row.values()))
-        console.print(table)
 
 
 def show_version(value: bool) -> None:
@@ -487,6 +462,8 @@ def export_command(
     kind = "merged model" if merged else "trainable-only checkpoint"
     console.print(f"wrote the {kind} to {weights} and its description to {sidecar}; load with pb.load_exported")
 
+
+app.add_typer(data_app, name="data")
 
 noah_app = typer.Typer(help="NOAH: supernet training, evolutionary search and retraining of the winner.")
 app.add_typer(noah_app, name="noah")

@@ -69,6 +69,7 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
     task_variant: dict[str, int] = field(default_factory=dict)  # few-shot: {"shots": k, "split_seed": s}
     tuning: dict[str, Any] = field(default_factory=dict)  # tuned protocol: selection, chosen values, search cost
+    data: dict[str, Any] = field(default_factory=dict)  # fingerprint of the splits read, manifest entry digest
     started_at: str = ""
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -135,6 +136,8 @@ def parse_record(text: str) -> RunRecord:
     for name in ("hparams", "metrics", "cost", "environment"):
         if not isinstance(data.get(name), dict):
             raise ValueError(f"field {name!r} is not an object")
+    if not isinstance(data.get("data", {}), dict) or not isinstance(data.get("data", {}).get("fingerprint", ""), str):
+        raise ValueError("field 'data' is not an object with a string fingerprint")
     metrics, cost = data["metrics"], data["cost"]
     if not _number(metrics.get("top1")):
         raise ValueError(f"metrics.top1 is not a number: {metrics.get('top1')!r}")

@@ -115,11 +115,13 @@ TASKS: Registry[Any] = Registry("task", "petl_bench.tasks", "petl_bench.tasks")
 BACKBONES: Registry[Any] = Registry("backbone", "petl_bench.demo_backbone", "petl_bench.backbones")
 
 SUITES: Registry[Any] = Registry("suite", "petl_bench.tasks", "petl_bench.suites")
+DATASETS: Registry[Any] = Registry("dataset", "petl_bench.tasks", "petl_bench.datasets")
 
 register_method = METHODS.register
 register_task = TASKS.register
 register_backbone = BACKBONES.register
 register_suite = SUITES.register
+register_dataset = DATASETS.register
 
 
 _loaded_plugins: set[Path] = set()

@@ -31,6 +31,7 @@ from .backbones import (
 )
 from .checkpoints import save_trainable
 from .data import AugmentedStream, Normalizer, TensorDataset
+from .datasets import data_identity
 from .engine import EpochLog, Recipe, evaluate, extract_features, fit, forward_flops, peak_memory_bytes, seed_everything
 from .errors import UserError
 from .export import merge
@@ -405,6 +406,7 @@ def run_job(
         seed=job.seed,
         protocol=job.protocol,
         hparams=run_hparams(job, info, data, normalizer),
+        data=data_identity(data),
         metrics={
             **run_metrics(job, data, result),
             "eval_images": len(evaluation),

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import Split, check_size, read_split
+from .data import Split, cache_dir, check_size, read_split
 from .engine import Recipe
 from .errors import UserError
 from .records import variant_key
@@ -64,9 +64,13 @@ class Suite:
 
 
 def data_root_from(option: str | Path | None) -> Path | None:
-    """``--data-root``, else the ``PETL_BENCH_DATA`` environment variable."""
+    """``--data-root``, else the ``PETL_BENCH_DATA`` environment variable, else where ``petl-bench data get``
+    puts data by default (``~/.cache/petl-bench/data``) when it exists."""
     value = option or os.environ.get("PETL_BENCH_DATA")
-    return Path(value).expanduser() if value else None
+    if value:
+        return Path(value).expanduser()
+    default = cache_dir() / "data"
+    return default if default.is_dir() else None
 
 
 @dataclass
@@ -107,7 +111,8 @@ class FileListTask:
             return self.location
         if data_root is None:
             raise UserError(
-                f"task '{self.name}' needs a data root: pass --data-root PATH or set PETL_BENCH_DATA. {self.how_to_get}"
+                f"task '{self.name}' needs a data root: pass --data-root PATH, set PETL_BENCH_DATA, or get the data "
+                f"with 'petl-bench data get'. {self.how_to_get}"
             )
         names = (self.name, *self.aliases)
         candidates = [data_root / name for name in names]

@@ -23,9 +23,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from petl_bench.data import cache_dir
+from petl_bench.datasets import Dataset
 from petl_bench.engine import Recipe
 from petl_bench.errors import UserError
-from petl_bench.registry import register_suite, register_task
+from petl_bench.registry import TASKS, register_dataset, register_suite, register_task
 from petl_bench.task import FileListTask, ListNames, Suite
 
 SIZES = {"train": 160, "val": 40, "test": 400}
@@ -192,5 +193,17 @@ register_suite(
         tasks=("demo_digits", "demo_dsprites_loc", "demo_clevr_count"),
         recipe=Recipe(epochs=10, batch_size=32, image_size=56, eval_batch_size=200),  # warm-up: 10%, 1 epoch
         seeds=(0,),
+    )
+)
+
+DEMO_TASKS = ("demo_digits", "demo_dsprites_loc", "demo_dsprites_ori", "demo_clevr_count")
+register_dataset(
+    Dataset(
+        name="demo",
+        suite="demo",
+        source="generated here (scikit-learn's digits, dSprites- and CLEVR-style scenes), into the cache",
+        size="5 MB",
+        tasks=DEMO_TASKS,
+        fetch=lambda root: [TASKS.get(name).folder(root) for name in DEMO_TASKS],
     )
 )

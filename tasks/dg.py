@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+from petl_bench.datasets import Dataset, hub_file, install_class_folders
 from petl_bench.engine import Recipe
 from petl_bench.errors import UserError
-from petl_bench.registry import register_suite, register_task
-from petl_bench.task import EvalTarget, FileListTask, Suite, TaskData
+from petl_bench.progress import progress_for
+from petl_bench.registry import register_dataset, register_suite, register_task
+from petl_bench.task import EvalTarget, FileListTask, ListNames, Suite, TaskData
 
 from .fewshot import FewShotTask
 
@@ -34,6 +37,17 @@ TARGETS = {
     "imagenet_a": (("imagenet-a", "imagenet-adversarial"), True),
     "imagenet_r": (("imagenet-r", "imagenet-rendition"), True),
 }
+
+
+TARGET_LIST = "annotations/val_meta.list"
+
+
+def target_task(name: str) -> FileListTask:
+    """A shifted test set as a task: ``<root>/<folder>/annotations/val_meta.list``, images relative to the folder."""
+    lists = ListNames(train=TARGET_LIST, val=TARGET_LIST, trainval=TARGET_LIST, test=TARGET_LIST)
+    folders = TARGETS[name][0]
+    return FileListTask(name=name, suite="dg", num_classes=1000, aliases=folders, parents=(), lists=lists,
+                        how_to_get=HOW_TO_GET)  # fmt: skip
 
 
 def imagenet_class_names() -> tuple[str, ...]:
@@ -56,15 +70,14 @@ class DomainGeneralizationTask(FewShotTask):
     def splits(self, data_root, protocol, strict=False) -> TaskData:
         data = super().splits(data_root, protocol, strict)
         targets = {}
-        for name, (folders, subset) in TARGETS.items():
-            target = FileListTask(name=name, suite="dg", num_classes=self.num_classes, aliases=folders, parents=(),
-                                  how_to_get=self.how_to_get)  # fmt: skip
+        for name, (_, subset) in TARGETS.items():
+            target = target_task(name)
             try:
                 folder = target.folder(data_root)
             except UserError as error:  # a missing target is a missing cell, not a failed sweep
                 log.warning("domain-generalisation target %s skipped: %s", name, error)
                 continue
-            split = target.read(folder, "annotations/val_meta.list", strict)
+            split = target.read(folder, TARGET_LIST, strict)
             targets[name] = EvalTarget(split, tuple(sorted(set(split.labels))) if subset else None)
         return dataclasses.replace(data, targets=targets, class_names=imagenet_class_names())
 
@@ -106,3 +119,87 @@ register_suite(
         seeds=(0,),
     )
 )
+
+
+IMAGENET_STEPS = (
+    "ImageNet needs an account at image-net.org: download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+    "(about 147 GB), extract them as <root>/imagenet/train/<wnid>/*.JPEG and <root>/imagenet/val/<wnid>/*.JPEG "
+    "(the validation images sorted into class folders), and put NOAH's lists (github.com/ZhangYuanhan-AI/NOAH, "
+    "data/few-shot/imagenet/annotations: train_meta.list.num_shot_16.seed_{0,1,2} and val_meta.list, paths "
+    "relative to train/ and val/) in <root>/imagenet/annotations/."
+)
+
+
+def wnid_labels() -> dict[str, int]:
+    """ImageNet-1k class index of every WordNet id (the sorted order every ImageNet-1k model uses)."""
+    from timm.data import ImageNetInfo
+
+    return {wnid: index for index, wnid in enumerate(ImageNetInfo().label_names())}
+
+
+def index_label(name: str) -> int | None:
+    return int(name) if name.isdigit() and int(name) < 1000 else None
+
+
+def class_folder_fetch(target: str, download, top: str, by_wnid: bool):
+    """``fetch(root)``: the archive, extracted to ``<root>/<target folder>`` with NOAH's list written from
+    its class folders (WordNet ids, or ImageNet-V2's class indices) with ImageNet-1k labels."""
+
+    def fetch(root: Path) -> None:
+        labels = wnid_labels() if by_wnid else None
+        label_of = labels.get if by_wnid else index_label
+        with progress_for() as progress:
+            install_class_folders(download(root), root / TARGETS[target][0][0], top, label_of, TARGET_LIST, progress)
+
+    return fetch
+
+
+def url_archive(url: str, md5: str | None):
+    def download(root: Path) -> Path:
+        from torchvision.datasets.utils import download_url
+
+        folder = root / "downloads"
+        download_url(url, str(folder), md5=md5)
+        return folder / url.rsplit("/", 1)[-1]
+
+    return download
+
+
+def hub_archive(repository: str, filename: str):
+    return lambda root: hub_file(repository, filename)
+
+
+register_dataset(
+    Dataset(
+        name="imagenet",
+        suite="dg",
+        source="image-net.org (an account) + NOAH's 16-shot lists",
+        size="147 GB",
+        tasks=("dg_imagenet",),
+        steps=IMAGENET_STEPS,
+    )
+)
+# dataset, target, download, top folder in the archive, class folders are WordNet ids, source, size
+VARIANTS = [
+    ("imagenet-v2", "imagenet_v2", hub_archive("vaishaal/ImageNetV2", "imagenetv2-matched-frequency.tar.gz"),
+     "imagenetv2-matched-frequency-format-val", False, "Hugging Face hub vaishaal/ImageNetV2 (matched frequency)",
+     "1.3 GB download + 1.3 GB"),
+    ("imagenet-sketch", "imagenet_sketch", hub_archive("songweig/imagenet_sketch", "data/ImageNet-Sketch.zip"),
+     "sketch", True, "Hugging Face hub songweig/imagenet_sketch (ImageNet-Sketch.zip)", "8.4 GB download + 8.4 GB"),
+    ("imagenet-a", "imagenet_a", url_archive("https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar", None),
+     "imagenet-a", True, "people.eecs.berkeley.edu/~hendrycks (the authors' archive)", "0.7 GB download + 0.7 GB"),
+    ("imagenet-r", "imagenet_r",
+     url_archive("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar", "a61312130a589d0ca1a8fca1f2bd3337"),
+     "imagenet-r", True, "people.eecs.berkeley.edu/~hendrycks (the authors' archive)", "2.1 GB download + 2.1 GB"),
+]  # fmt: skip
+for name, target, download, top, by_wnid, source, size in VARIANTS:
+    register_dataset(
+        Dataset(
+            name=name,
+            suite="dg",
+            source=source + "; NOAH-format list with ImageNet-1k labels written here",
+            size=size,
+            extra_tasks=(target_task(target),),
+            fetch=class_folder_fetch(target, download, top, by_wnid),
+        )
+    )

@@ -9,18 +9,29 @@ Cars: directly in the dataset folder). Lines ``<path> <label>`` split on the las
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
 
 from petl_bench.backbones import PAPER_BACKBONE
+from petl_bench.datasets import Dataset, link_or_copy
 from petl_bench.engine import Recipe
-from petl_bench.registry import register_suite, register_task
+from petl_bench.registry import register_dataset, register_suite, register_task
 from petl_bench.task import FileListTask, ListNames, Suite
 
 SHOTS = (1, 2, 4, 8, 16)
 SPLIT_SEEDS = (0, 1, 2)
 HOW_TO_GET = (
-    "Get the images with CoOp's DATASETS.md and the split lists from github.com/ZhangYuanhan-AI/NOAH "
-    "(data/few-shot/<dataset>/annotations); layout <root>/<dataset>/{annotations/,images/}."
+    "Get it with 'petl-bench data get fewshot' (torchvision's downloaders and NOAH's lists, shipped), or get the "
+    "images with CoOp's DATASETS.md and the lists from github.com/ZhangYuanhan-AI/NOAH "
+    "(data/few-shot/<dataset>/annotations); layout <root>/few-shot/<dataset>/{annotations/,images/}."
+)
+CARS_STEPS = (
+    "Stanford Cars' original host is gone. Get the archive from a mirror (e.g. the Kaggle dataset "
+    "'jessicali9530/stanford-cars-dataset', or the copy CoOp's DATASETS.md points to) and arrange it as "
+    "<root>/few-shot/stanford-cars/{cars_test/00001.jpg, cars_train/00001.jpg, ...}; then run "
+    "'petl-bench data get stanford-cars' again: it adds NOAH's lists (annotations/) and verifies."
 )
 
 
@@ -75,5 +86,73 @@ register_suite(
         # NOAH's few-shot recipe: lr 5e-3, 100 epochs, RandAugment, mixup 0.8, cutmix 1.0, smoothing 0.1, erasing 0.25
         recipe=Recipe(lr=5e-3, augment="deit", mixup=0.8, cutmix=1.0, label_smoothing=0.1, random_erasing=0.25),
         seeds=(0,),
+    )
+)
+
+
+def install_lists(noah_name: str, folder: Path) -> None:
+    """NOAH's lists for ``noah_name`` (shipped with the package) into ``folder/annotations``."""
+    source = files("petl_bench") / "splits" / "few-shot" / noah_name / "annotations"
+    target = folder / "annotations"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if not (target / item.name).is_file():
+            with item.open("rb") as reader, open(target / f".{item.name}.partial", "wb") as writer:
+                shutil.copyfileobj(reader, writer)
+            (target / f".{item.name}.partial").replace(target / item.name)
+
+
+def torchvision_fetch(noah_name: str, dataset_class: str, images: str):
+    """``fetch(root)``: torchvision's downloader into ``<root>/downloads/torchvision`` (checksummed where
+    torchvision knows the checksum), NOAH's lists, and ``images/`` linked to the extracted image folder."""
+
+    def fetch(root: Path) -> None:
+        import torchvision.datasets
+
+        downloads = root / "downloads" / "torchvision"
+        getattr(torchvision.datasets, dataset_class)(str(downloads), split="test", download=True)
+        folder = root / "few-shot" / noah_name
+        install_lists(noah_name, folder)
+        link_or_copy(downloads / images, folder / "images")
+
+    return fetch
+
+
+# dataset, task, NOAH folder, torchvision class and its image folder, download size
+SOURCES = [
+    ("fgvc-aircraft", "fs_aircraft", "fgvc-aircraft", "FGVCAircraft", "fgvc-aircraft-2013b/data/images", "2.8 GB"),
+    ("food101", "fs_food101", "food101", "Food101", "food-101/images", "5.0 GB"),
+    ("oxford-flowers102", "fs_flowers102", "oxford-flowers102", "Flowers102", "flowers-102/jpg", "0.35 GB"),
+    ("oxford-pets", "fs_pets", "oxford-pets", "OxfordIIITPet", "oxford-iiit-pet/images", "0.8 GB"),
+]
+for name, task, noah_name, dataset_class, images, size in SOURCES:
+    register_dataset(
+        Dataset(
+            name=name,
+            suite="fewshot",
+            source=f"torchvision.datasets.{dataset_class} (the dataset's own host) + NOAH's lists (shipped)",
+            size=f"{size} download + the same extracted (images linked, not copied)",
+            tasks=(task,),
+            fetch=torchvision_fetch(noah_name, dataset_class, images),
+        )
+    )
+
+
+def fetch_cars_lists(root: Path) -> None:
+    """Stanford Cars cannot be downloaded; when its images are in place, add NOAH's lists."""
+    folder = root / "few-shot" / "stanford-cars"
+    if (folder / "cars_test").is_dir():
+        install_lists("standford-cars", folder)
+
+
+register_dataset(
+    Dataset(
+        name="stanford-cars",
+        suite="fewshot",
+        source="by hand (the original host is gone) + NOAH's lists (shipped)",
+        size="1.9 GB",
+        tasks=("fs_cars",),
+        steps=CARS_STEPS,
+        arrange=fetch_cars_lists,
     )
 )

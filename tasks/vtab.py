@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from petl_bench.backbones import PAPER_BACKBONE
+from petl_bench.datasets import Dataset, hub_file, install_archive
 from petl_bench.engine import Recipe
-from petl_bench.registry import register_suite, register_task
+from petl_bench.progress import progress_for
+from petl_bench.registry import TASKS, register_dataset, register_suite, register_task
 from petl_bench.task import FileListTask, Suite
 
 HOW_TO_GET = (
-    "Prepare VTAB-1K with the 'Data Preparation' steps of github.com/ZhangYuanhan-AI/NOAH (the layout the "
-    "Convpass code reads): <root>/<task>/{train800.txt,val200.txt,train800val200.txt,test.txt,images/}."
+    "Get it with 'petl-bench data get vtab-1k' (NOAH's layout, from the Hugging Face hub), or prepare it with the "
+    "'Data Preparation' steps of github.com/ZhangYuanhan-AI/NOAH: "
+    "<root>/<task>/{train800.txt,val200.txt,train800val200.txt,test.txt,images/}."
 )
+HUB_REPOSITORY, HUB_FILE = "XiN0919/VTAB-1k", "vtab-1k.zip"  # V-PETL Bench's copy of NOAH's VTAB-1K
 
 # group, task id (folder), aliases seen in other repositories, classes, test size
 VTAB_TASKS = [
@@ -58,5 +64,24 @@ register_suite(
         methods=(),
         recipe=Recipe(),
         seeds=(0,),
+    )
+)
+
+
+def fetch_vtab(root: Path) -> None:
+    """The zip from the hub (resumable, into the HF cache), extracted under ``<root>/vtab-1k``."""
+    archive = hub_file(HUB_REPOSITORY, HUB_FILE)
+    with progress_for() as progress:
+        install_archive(archive, root / "vtab-1k", [TASKS.get(name) for _, name, *_ in VTAB_TASKS], progress)
+
+
+register_dataset(
+    Dataset(
+        name="vtab-1k",
+        suite="vtab",
+        source=f"Hugging Face hub dataset {HUB_REPOSITORY}, {HUB_FILE} (NOAH's lists and images)",
+        size="4.7 GB download (kept in the HF cache) + 4.7 GB extracted",
+        tasks=tuple(name for _, name, *_ in VTAB_TASKS),
+        fetch=fetch_vtab,
     )
 )

@@ -88,7 +88,7 @@ def test_vtab_task_folder_aliases_and_missing_data_message(tmp_path, caplog):
     assert cifar.name == "cifar" and cifar.num_classes == 100
     with pytest.raises(UserError, match=r"task 'cifar' not found under .* \(looked for .*cifar, .*cifar100\).*NOAH"):
         cifar.splits(tmp_path, "final")
-    with pytest.raises(UserError, match="needs a data root: pass --data-root PATH or set PETL_BENCH_DATA"):
+    with pytest.raises(UserError, match="needs a data root: pass --data-root PATH, set PETL_BENCH_DATA"):
         cifar.splits(None, "final")
     make_task_folder(tmp_path / "cifar100", classes=4)
     data = cifar.splits(tmp_path, "final")

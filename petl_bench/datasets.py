@@ -1,0 +1,370 @@
+"""Getting, checking and fingerprinting the data: ``petl-bench data list / get / verify``.
+
+A :class:`Dataset` says where a suite's data comes from, how much disk it needs and how to fetch it
+(``fetch(root)``, or manual steps when it cannot be fetched for the user); the tasks packages declare
+them beside their tasks. ``verify`` checks every list of every task (present, the published line
+counts, labels in range, every image present; ``deep``: every image decodes) and writes
+``petl-bench-manifest.json`` in the data root: per task, the sha256 of each list and one digest over
+the images (path, size, sha256). Runs record the fingerprint of the splits they read
+(:func:`split_fingerprint`, cached) and the manifest entry's digest, so a report can tell copies apart.
+
+Downloads and extractions never leave a folder that ``verify`` accepts: archives extract into a
+temporary folder beside the destination and each task folder is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from .data import cache_dir, cache_subdir, file_digest
+from .errors import UserError
+from .records import now, write_atomic
+from .registry import TASKS
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "petl-bench-manifest.json"
+PARTIAL = ".partial-"  # prefix of temporary extraction folders
+
+
+def data_root(option: str | Path | None) -> Path:
+    """``--root``, else ``$PETL_BENCH_DATA``, else ``data`` in the cache folder (``~/.cache/petl-bench/data``)."""
+    value = option or os.environ.get("PETL_BENCH_DATA")
+    return Path(value).expanduser() if value else cache_dir() / "data"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Where one dataset comes from and which registered tasks it provides."""
+
+    name: str
+    suite: str
+    source: str  # one line: where the files come from
+    size: str  # disk space it needs
+    tasks: tuple[str, ...] = ()  # registered task names
+    fetch: Callable[[Path], None] | None = None  # None: cannot be fetched for the user
+    steps: str = ""  # what the user does by hand (manual datasets)
+    arrange: Callable[[Path], None] | None = None  # manual datasets: what get adds once the files are in place
+    extra_tasks: tuple = field(default=(), compare=False)  # unregistered FileListTasks to verify (dg targets)
+
+    @property
+    def automatic(self) -> bool:
+        return self.fetch is not None
+
+    def checked_tasks(self) -> list:
+        return [TASKS.get(name) for name in self.tasks] + list(self.extra_tasks)
+
+
+# --- downloading and extracting ------------------------------------------------------------------
+
+
+def hub_file(repo_id: str, filename: str, repo_type: str = "dataset") -> Path:
+    """A file from the Hugging Face hub through ``huggingface_hub``: resumable, into the user's HF cache,
+    honouring ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE``, with its progress bar."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type=repo_type))
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"cannot get {filename} from the hub dataset {repo_id}: the hub is not reachable (or HF_HUB_OFFLINE is "
+            "set) and the file is not in the Hugging Face cache"
+        ) from None
+    except (HfHubHTTPError, OSError) as error:
+        raise UserError(f"cannot get {filename} from the hub dataset {repo_id}: {str(error).splitlines()[0]}") from None
+
+
+def remove_partials(folder: Path) -> None:
+    """Temporary extraction folders an interrupted ``data get`` left behind."""
+    if folder.is_dir():
+        for stale in folder.glob(f"{PARTIAL}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def extract_archive(archive: Path, into: Path, progress=None) -> None:
+    """Every member of a zip (CRC-checked as it is read) or tar archive under ``into``; members that
+    would land outside ``into`` are refused."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as bundle:
+                members = [m for m in bundle.infolist() if not m.is_dir()]
+                bar = progress.add_task(f"extracting {archive.name}", total=len(members)) if progress else None
+                for member in members:
+                    bundle.extract(member, into)
+                    if progress:
+                        progress.update(bar, advance=1)
+            return
+        with tarfile.open(archive) as bundle:
+            bundle.extractall(into, filter="data")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zipfile.LargeZipFile) as error:
+        raise UserError(
+            f"{archive} is truncated or corrupt ({error}); delete it (or the hub cache entry) and run the command again"
+        ) from None
+
+
+def find_folder(tree: Path, names: tuple[str, ...], depth: int = 3) -> Path | None:
+    """The first folder named one of ``names`` at most ``depth`` levels under ``tree``, breadth first."""
+    level = [tree]
+    for _ in range(depth):
+        for folder in level:
+            for name in names:
+                if (folder / name).is_dir():
+                    return folder / name
+        level = [child for folder in level for child in sorted(folder.iterdir()) if child.is_dir()]
+    return None
+
+
+def move_into_place(source: Path, destination: Path) -> None:
+    """Rename ``source`` to ``destination``, replacing what is there (never a half-moved folder)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists() or destination.is_symlink():
+        old = destination.with_name(f"{PARTIAL}old-{destination.name}-{os.getpid()}")
+        os.replace(destination, old)
+        os.replace(source, destination)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+    else:
+        os.replace(source, destination)
+
+
+def install_archive(archive: Path, destination: Path, tasks: list, progress=None) -> None:
+    """Extract ``archive`` beside ``destination`` and move each task's folder (found under any of its
+    names) to ``destination/<task name>``; tasks the archive lacks are left for ``verify`` to report."""
+    destination.mkdir(parents=True, exist_ok=True)
+    remove_partials(destination)
+    scratch = destination / f"{PARTIAL}{os.getpid()}"
+    try:
+        extract_archive(archive, scratch, progress)
+        for task in tasks:
+            found = find_folder(scratch, (task.name, *task.aliases))
+            if found is None:
+                log.warning("%s has no folder for task %s", archive.name, task.name)
+                continue
+            move_into_place(found, destination / task.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_class_folder_list(folder: Path, label_of: Callable[[str], int | None], list_name: str) -> int:
+    """``folder/<list_name>`` listing every image under the class sub-folders of ``folder`` as
+    ``<class>/<file> <label>`` (NOAH's format); ``label_of(class folder)`` (None: not a class). Lines written."""
+    lines = []
+    for class_folder in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        label = label_of(class_folder.name)
+        if label is None:
+            continue
+        lines += [
+            f"{class_folder.name}/{image.name} {label}" for image in sorted(class_folder.iterdir()) if image.is_file()
+        ]
+    target = folder / list_name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, "\n".join(lines) + "\n")
+    return len(lines)
+
+
+def install_class_folders(archive: Path, destination: Path, top: str, label_of, list_name: str, progress=None) -> None:
+    """Extract ``archive``, take its ``top`` folder of class sub-folders, write the list and move the
+    folder to ``destination`` (only once it is complete)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_partials(destination.parent)
+    scratch = destination.parent / f"{PARTIAL}{destination.name}-{os.getpid()}"
+    try:
+        extract_archive(archive, scratch, progress)
+        found = find_folder(scratch, (top,))
+        if found is None:
+            raise UserError(f"{archive.name} has no folder '{top}'")
+        write_class_folder_list(found, label_of, list_name)
+        move_into_place(found, destination)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def link_or_copy(source: Path, destination: Path) -> None:
+    """``destination`` as a symbolic link to ``source`` where the filesystem allows, else a copy."""
+    if destination.is_symlink() or destination.exists():
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        destination.symlink_to(source.resolve(), target_is_directory=source.is_dir())
+    except OSError:
+        scratch = destination.with_name(f"{PARTIAL}{destination.name}-{os.getpid()}")
+        shutil.copytree(source, scratch)
+        os.replace(scratch, destination)
+
+
+# --- checking ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskCheck:
+    """What ``verify`` found for one task."""
+
+    task: str
+    folder: Path | None
+    lists: dict[str, str] = field(default_factory=dict)  # list name -> sha256
+    lines: dict[str, int] = field(default_factory=dict)
+    images: set = field(default_factory=set)  # (image root, relative path)
+    problems: list[str] = field(default_factory=list)
+    decoded: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.folder is not None and not self.problems
+
+
+def task_lists(task) -> list[str]:
+    """Every list file a task reads, over all its variants (few-shot: every shot and split seed)."""
+    names = []
+    for variant in task.variants():
+        for name in (variant.lists.train, variant.lists.val, variant.lists.trainval, variant.lists.test):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def check_task(task, root: Path, deep: bool = False) -> TaskCheck:
+    try:
+        folder = task.folder(root)
+    except UserError as error:
+        return TaskCheck(task.name, None, problems=[f"{task.name}: {str(error).split('. ')[0]}"])
+    check = TaskCheck(task.name, folder)
+    for name in task_lists(task):
+        try:
+            split = task.read(folder, name, strict=False)
+        except UserError as error:
+            check.problems.append(f"{task.name}: {error}")
+            continue
+        check.lists[name] = file_digest(folder / name)
+        check.lines[name] = len(split)
+        expected = task.sizes.get(name)
+        if expected is not None and len(split) != expected:
+            check.problems.append(f"{task.name}: {folder / name} has {len(split)} lines, expected {expected}")
+        check.images.update((split.root, path) for path in split.paths)
+    if deep:
+        check.decoded = _decode_all(check)
+    return check
+
+
+def _decode_all(check: TaskCheck) -> int:
+    decoded = 0
+    for image_root, path in sorted(check.images):
+        try:
+            with Image.open(image_root / path) as image:
+                image.load()
+            decoded += 1
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            check.problems.append(f"{check.task}: {image_root / path} does not decode ({error})")
+    return decoded
+
+
+def images_digest(check: TaskCheck, workers: int = 4) -> str:
+    """One sha256 over every image of the task: relative path, size and sha256 of each, sorted."""
+    files = sorted((os.path.relpath(root / path, check.folder), root / path) for root, path in check.images)
+    with ThreadPoolExecutor(workers) as pool:
+        digests = list(pool.map(lambda item: file_digest(item[1]), files))
+    total = hashlib.sha256()
+    for (relative, path), digest in zip(files, digests):
+        total.update(f"{relative}\t{path.stat().st_size}\t{digest}\n".encode())
+    return total.hexdigest()
+
+
+def manifest_entry(check: TaskCheck, root: Path) -> dict:
+    return {
+        "folder": os.path.relpath(check.folder, root),
+        "lists": dict(sorted(check.lists.items())),
+        "images": images_digest(check),
+        "image_count": len(check.images),
+        "verified_at": now(),
+    }
+
+
+def read_manifest(root: Path) -> dict:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("tasks"), dict) else {"tasks": {}}
+    except (OSError, ValueError):
+        return {"tasks": {}}
+
+
+def write_manifest(root: Path, entries: dict[str, dict]) -> Path:
+    manifest = read_manifest(root)
+    manifest["tasks"].update(entries)
+    manifest["version"] = 1
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    return root / MANIFEST
+
+
+def entry_digest(entry: dict) -> str:
+    """The digest a run records for its task's manifest entry (lists and images, not the date)."""
+    identity = {key: entry.get(key) for key in ("lists", "images", "image_count")}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def verified_entry(task, root: Path) -> dict | None:
+    """The manifest entry of ``task`` when its lists still have the recorded digests."""
+    entry = read_manifest(root)["tasks"].get(task.name)
+    if not entry:
+        return None
+    folder = root / entry.get("folder", "")
+    lists = entry.get("lists", {})
+    if not lists or not all((folder / n).is_file() and file_digest(folder / n) == d for n, d in lists.items()):
+        return None
+    return entry
+
+
+# --- fingerprints in records ---------------------------------------------------------------------
+
+
+def split_fingerprint(split) -> str:
+    """sha256 over the list file and every image it names (path, size, content), cached under the same
+    key as the decoded images (list content, sizes and modification times)."""
+    stamp = hashlib.sha256(f"fingerprint-v1|{split.root.resolve()}\n".encode())
+    stamp.update(split.list_file.read_bytes())
+    for path in split.files():
+        stat = path.stat()
+        stamp.update(f"{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    cached = cache_subdir("fingerprints") / f"{stamp.hexdigest()[:32]}.txt"
+    if cached.is_file():
+        return cached.read_text().strip()
+    digest = hashlib.sha256(split.list_file.read_bytes())
+    for relative, path in zip(split.paths, split.files()):
+        digest.update(f"{relative}\t{path.stat().st_size}\t{file_digest(path)}\n".encode())
+    write_atomic(cached, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def manifest_for(list_file: Path, levels: int = 4) -> tuple[str, dict] | None:
+    """(task name, manifest entry) of the task folder holding ``list_file``, from a manifest in one of
+    the folders above it."""
+    folders = list(list_file.resolve().parents)[:levels]
+    for root in folders:
+        for name, entry in read_manifest(root)["tasks"].items():
+            if (root / entry.get("folder", "")).resolve() in folders:
+                return name, entry
+    return None
+
+
+def data_identity(data) -> dict:
+    """What a record says about its data: each split's fingerprint, one over them all, and the
+    manifest entry's digest when a verified copy has one."""
+    splits = {"train": data.train, "eval": data.eval, **{name: t.split for name, t in data.targets.items()}}
+    fingerprints = {name: split_fingerprint(split) for name, split in splits.items()}
+    combined = hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(fingerprints.items())).encode()).hexdigest()
+    found = manifest_for(data.train.list_file)
+    return {
+        "fingerprint": combined,
+        "splits": fingerprints,
+        "manifest": entry_digest(found[1]) if found else None,
+    }
