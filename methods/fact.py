@@ -91,9 +91,9 @@ class FacTLinear(nn.Module):
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factors
         cores = f.core_weights(self.block)
-        if self.slot == "qkv":
-            u = f.u(x)
-            return torch.cat([f.v(self.dropout(F.linear(u, cores[name]))) for name in ("q", "k", "v")], dim=-1)
+        if self.slot == "qkv":  # the three cores at once: ... x 3 x r, each entry with its own dropout mask
+            hidden = torch.einsum("...i,jki->...jk", f.u(x), torch.stack([cores[n] for n in ("q", "k", "v")]))
+            return f.v(self.dropout(hidden)).flatten(-2)
         if self.slot == "proj":
             return f.v(self.dropout(F.linear(f.u(x), cores["o"])))
         if self.slot == "fc1":
