@@ -114,21 +114,25 @@ def test_later_methods_print_beside_their_published_numbers_with_source_and_aver
     labels = list(rows)
     # Every FacT-TT row of the reference file follows our row: the paper's two and PETL_Vision's re-run.
     start = labels.index("fact_tt")
+    average = "average = mean of group means"
     assert labels[start + 1 : start + 4] == [
-        "fact_tt (published: FacT-TT (r=4))",
-        "fact_tt (published: FacT-TT (r<=16 per task))",
-        "fact_tt (published: FacT-TT (PETL_Vision grid r in 8/16/32) [PETL_Vision re-run])",
+        f"fact_tt (published: FacT-TT (r=4); FacT paper; {average})",
+        f"fact_tt (published: FacT-TT (r<=16 per task); FacT paper; {average})",
+        f"fact_tt (published: FacT-TT (PETL_Vision grid r in 8/16/32) [PETL_Vision re-run]; PETL_Vision re-run; {average})",
     ]
-    paper = rows["fact_tt (published: FacT-TT (r=4))"]
+    paper = rows[labels[start + 1]]
     assert paper["cifar"] == "69.4" and paper[MEAN_OF_GROUPS] == "73.5" and paper["params"] == "0.008M"
     tasks = [69.4, 88.5, 70.6, 98.8, 90.0, 83.3, 53.7, 83.9, 95.1, 81.5, 75.4, 78.2, 69.0, 47.7, 79.0, 75.2, 42.7,
              27.2, 38.7]  # fmt: skip
     assert paper[MEAN_OF_TASKS] == f"{sum(tasks) / 19:.1f}"  # computed: the two averages differ
     # The binary adapters' README prints averages only: no task cell, no computed mean of tasks.
-    binary = rows["bi_lora (published: Bi-LoRA (dim 32, 1-bit))"]
+    binary = rows[
+        f"bi_lora (published: Bi-LoRA (dim 32, 1-bit); JieShibo/PETL-ViT binary_adapter/README.md; {average})"
+    ]
     assert binary[MEAN_OF_GROUPS] == "76.7" and binary["cifar"] == "–" and binary[MEAN_OF_TASKS] == "–"
-    assert "ssf (published: SSF)" in rows and "ssf (published: SSF [PETL_Vision re-run])" in rows
+    assert f"ssf (published: SSF; SSF paper; {average})" in rows
+    assert f"ssf (published: SSF [PETL_Vision re-run]; PETL_Vision re-run; {average})" in rows
     assert not any("RepAdapter" in label for label in labels), "only the methods that ran"
     assert "published_vtab1k_next.csv" in table.note and "best test epoch" in table.note
     write_report(runs, tmp_path)
-    assert "(published: FacT-TT (r=4))" in (tmp_path / "report.md").read_text()
+    assert "(published: FacT-TT (r=4); FacT paper" in (tmp_path / "report.md").read_text()

@@ -103,6 +103,17 @@ def paper_vtab(layout: Layout) -> tuple[dict[str, dict[str, Stat]], dict[str, fl
     return rows, params
 
 
+AVERAGE_KINDS = {"mean_of_group_means": "average = mean of group means", "mean_of_tasks": "average = mean of tasks"}
+
+
+def short_source(source: str) -> str:
+    """A published row's source in a few words: 'FacT paper', 'PETL_Vision re-run', 'luogen1996/RepAdapter README'."""
+    if "PETL_Vision" in source.split(" ")[0]:
+        return "PETL_Vision re-run"
+    head = source.split(";")[0].split(" (")[0].split(",")[0]
+    return " ".join(head.split()[:2])
+
+
 def published_name(method: str) -> str:
     """A published row's method name without its variant and source: 'FacT-TT (r=4)' -> 'FacT-TT'."""
     return method.split(" (")[0].split(" [")[0].strip()
@@ -119,11 +130,14 @@ def published_vtab(layout: Layout, methods) -> dict[str, list[Row]]:
         cells = {
             c: (float(line[c]), 0.0, 1) for c in [*layout.tasks, *layout.groups] if c in line and pd.notna(line[c])
         }
-        if line["average_kind"] == "mean_of_group_means" and pd.notna(line["mean"]):
+        kind = line["average_kind"]
+        if kind == "mean_of_group_means" and pd.notna(line["mean"]):
             cells[MEAN_OF_GROUPS] = (float(line["mean"]), 0.0, 1)
         if all(t in cells for t in layout.tasks):
             cells[MEAN_OF_TASKS] = (sum(cells[t][0] for t in layout.tasks) / len(layout.tasks), 0.0, 1)
-        label = f"{method} (published: {line['method']})"
+        label = (
+            f"{method} (published: {line['method']}; {short_source(line['source'])}; {AVERAGE_KINDS.get(kind, kind)})"
+        )
         rows.setdefault(method, []).append(Row(label, cells, float(line["params_m"]) * 1e6, "published", method))
     return rows
 
