@@ -134,7 +134,10 @@ def move_into_place(source: Path, destination: Path) -> None:
         old = destination.with_name(f"{PARTIAL}old-{destination.name}-{os.getpid()}")
         os.replace(destination, old)
         os.replace(source, destination)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
     else:
         os.replace(source, destination)
 

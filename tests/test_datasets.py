@@ -270,3 +270,15 @@ def test_class_folder_lists_use_imagenet_1k_labels(tmp_path):
     lines = (folder / "annotations" / "val_meta.list").read_text().splitlines()
     assert lines == ["n01443537/x.jpg 1", "n15075141/x.jpg 999"]
     assert index_label("17") == 17 and index_label("1000") is None and index_label("meta") is None
+
+
+def test_deep_verification_decodes_every_image(tmp_path):
+    from petl_bench.task import folder_task
+
+    task = folder_task(make_task_folder(tmp_path / "colours"))
+    assert datasets.check_task(task, None, deep=True).ok
+    broken = next((tmp_path / "colours" / "images").rglob("*.jpg"))
+    broken.write_bytes(broken.read_bytes()[:40])
+    shallow, deep = datasets.check_task(task, None), datasets.check_task(task, None, deep=True)
+    assert shallow.ok and not deep.ok
+    assert len(deep.problems) == 1 and str(broken) in deep.problems[0] and "does not decode" in deep.problems[0]
