@@ -282,3 +282,17 @@ def test_deep_verification_decodes_every_image(tmp_path):
     shallow, deep = datasets.check_task(task, None), datasets.check_task(task, None, deep=True)
     assert shallow.ok and not deep.ok
     assert len(deep.problems) == 1 and str(broken) in deep.problems[0] and "does not decode" in deep.problems[0]
+
+
+def test_an_imagenet_variant_archive_becomes_a_verified_target_with_imagenet_1k_labels(tmp_path, local_server):
+    from petl_bench.tasks.dg import class_folder_fetch, target_task, url_archive
+
+    www, url = local_server
+    files = {f"imagenet-r/{wnid}/{i}.jpg": png(i) for wnid in ("n01443537", "n01484850") for i in range(2)}
+    md5 = tar_gz(www / "imagenet-r.tar", {**files, "imagenet-r/README.txt": b"about"})
+    root = tmp_path / "data"
+    class_folder_fetch("imagenet_r", url_archive(f"{url}/imagenet-r.tar", md5), "imagenet-r", True)(root)
+    listed = (root / "imagenet-r" / "annotations" / "val_meta.list").read_text().splitlines()
+    assert listed == ["n01443537/0.jpg 1", "n01443537/1.jpg 1", "n01484850/0.jpg 2", "n01484850/1.jpg 2"]
+    assert datasets.check_task(target_task("imagenet_r"), root).ok
+    assert not [p for p in root.iterdir() if p.name.startswith(".partial")]
