@@ -16,8 +16,6 @@ import functools
 import hashlib
 import logging
 import random
-import socket
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .hub import require_hub
 from .registry import BACKBONES, canonical
 
 log = logging.getLogger(__name__)
@@ -179,7 +178,7 @@ def check_hub_reachable(name: str, timeout: float = 5.0) -> None:
         return
     try:
         cfg = timm.models.get_pretrained_cfg(name)
-        from huggingface_hub import constants, try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
     except (RuntimeError, ImportError):
         return
     if cfg is None or not cfg.hf_hub_id:
@@ -188,19 +187,7 @@ def check_hub_reachable(name: str, timeout: float = 5.0) -> None:
     if any(isinstance(try_to_load_from_cache(repo, filename), str) for filename in HUB_FILES):
         return
     advice = "pass a local weights file with --pretrained PATH, or --pretrained none for random weights"
-    if constants.HF_HUB_OFFLINE:
-        raise UserError(
-            f"the weights of '{name}' ({repo}) are not in the Hugging Face cache and HF_HUB_OFFLINE is set; {advice}"
-        )
-    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        raise UserError(
-            f"cannot reach {constants.ENDPOINT} to download the weights of '{name}' "
-            f"({error.strerror or type(error).__name__}); {advice}"
-        ) from None
+    require_hub(f"the weights of '{name}' ({repo})", advice)
 
 
 def _create_timm(name: str, pretrained: bool, image_size: int | None, kwargs: dict) -> nn.Module:

@@ -30,6 +30,7 @@ from PIL import Image
 
 from .data import cache_dir, cache_subdir, file_digest
 from .errors import UserError
+from .hub import require_hub
 from .records import now, write_atomic
 from .registry import TASKS
 
@@ -73,16 +74,16 @@ class Dataset:
 def hub_file(repo_id: str, filename: str, repo_type: str = "dataset") -> Path:
     """A file from the Hugging Face hub through ``huggingface_hub``: resumable, into the user's HF cache,
     honouring ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE``, with its progress bar."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    cached = try_to_load_from_cache(repo_id, filename, repo_type=repo_type)
+    if not isinstance(cached, str):
+        require_hub(f"{filename} of the hub dataset {repo_id}", "get it where the hub is reachable and run this again")
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type=repo_type))
     except LocalEntryNotFoundError:
-        raise UserError(
-            f"cannot get {filename} from the hub dataset {repo_id}: the hub is not reachable (or HF_HUB_OFFLINE is "
-            "set) and the file is not in the Hugging Face cache"
-        ) from None
+        raise UserError(f"{filename} of the hub dataset {repo_id} is not in the Hugging Face cache") from None
     except (HfHubHTTPError, OSError) as error:
         raise UserError(f"cannot get {filename} from the hub dataset {repo_id}: {str(error).splitlines()[0]}") from None
 
