@@ -14,6 +14,7 @@ temporary folder beside the destination and each task folder is renamed into pla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -86,6 +87,18 @@ def hub_file(repo_id: str, filename: str, repo_type: str = "dataset") -> Path:
         raise UserError(f"{filename} of the hub dataset {repo_id} is not in the Hugging Face cache") from None
     except (HfHubHTTPError, OSError) as error:
         raise UserError(f"cannot get {filename} from the hub dataset {repo_id}: {str(error).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def downloading(what: str):
+    """Network and checksum failures while downloading ``what`` as one UserError line."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError; torchvision's md5 check a RuntimeError
+        reason = error
+        if isinstance(error, OSError):
+            reason = getattr(error, "reason", None) or error.strerror or error
+        raise UserError(f"cannot download {what}: {reason}") from None
 
 
 def remove_partials(folder: Path) -> None:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from petl_bench.datasets import Dataset, hub_file, install_class_folders
+from petl_bench.datasets import Dataset, downloading, hub_file, install_class_folders
 from petl_bench.engine import Recipe
 from petl_bench.errors import UserError
 from petl_bench.progress import progress_for
@@ -159,7 +159,8 @@ def url_archive(url: str, md5: str | None):
         from torchvision.datasets.utils import download_url
 
         folder = root / "downloads"
-        download_url(url, str(folder), md5=md5)
+        with downloading(url):
+            download_url(url, str(folder), md5=md5)
         return folder / url.rsplit("/", 1)[-1]
 
     return download

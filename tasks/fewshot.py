@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from petl_bench.backbones import PAPER_BACKBONE
-from petl_bench.datasets import Dataset, link_or_copy
+from petl_bench.datasets import Dataset, downloading, link_or_copy
 from petl_bench.engine import Recipe
 from petl_bench.registry import register_dataset, register_suite, register_task
 from petl_bench.task import FileListTask, ListNames, Suite
@@ -110,7 +110,8 @@ def torchvision_fetch(noah_name: str, dataset_class: str, images: str):
         import torchvision.datasets
 
         downloads = root / "downloads" / "torchvision"
-        getattr(torchvision.datasets, dataset_class)(str(downloads), split="test", download=True)
+        with downloading(f"{dataset_class} with torchvision"):
+            getattr(torchvision.datasets, dataset_class)(str(downloads), split="test", download=True)
         folder = root / "few-shot" / noah_name
         install_lists(noah_name, folder)
         link_or_copy(downloads / images, folder / "images")
