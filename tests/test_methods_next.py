@@ -378,6 +378,20 @@ def test_methods_on_an_open_clip_visual_transformer(method, tiny_clip_name):
     assert all(p.grad is not None for p in pb.trainable_parameters(model).values())
 
 
+def test_layer_norm_tuning_on_convnext_trains_its_layer_norms():
+    backbone, info = pb.build_backbone(
+        "convnext_atto", "none", num_classes=5, dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)
+    )
+    _, model = with_method("ln_tune", (backbone, info))
+    norms = {n for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    expected = {f"{n}.{p}" for n in norms for p in ("weight", "bias")} | {"head.fc.weight", "head.fc.bias"}
+    assert set(pb.trainable_parameters(model)) == expected
+    assert len(norms) == 4 + 1 + 3 + 1  # one per block, the stem, the three downsamples, the head
+    model.train()
+    model(images(32)).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in pb.trainable_parameters(model).values())
+
+
 @pytest.mark.parametrize("method", ["ssf", "fact_tt", "difffit", "bi_lora"])
 def test_vit_only_methods_refuse_other_backbones(method):
     with pytest.raises(UserError, match=f"method '{method}' does not support the swin backbone"):
