@@ -14,7 +14,8 @@ neither method is the identity at init. ``bits=32`` trains plain bias-free Linea
 * ``bi_lora``: ``qkv(x) + s * [up_q(dropout(down_q x)); 0; up_v(dropout(down_v x))]``; folds into ``qkv``
   with the de-quantised weights (losing the 1-bit storage).
 
-The official runs feed un-normalised inputs (ToTensor only); Bi-Head (a 1-bit classifier) is not built.
+``bihead=true`` replaces the classifier by a 1-bit ``QLinear`` without bias (the official ``-bihead``
+methods); it is then packed too. The official runs feed un-normalised inputs (ToTensor only).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class BinaryConfig:
     bits: int = 1
     scale: float = 1.0
     dropout: float = 0.1
+    bihead: bool = False  # Bi-Head: a 1-bit, bias-free classifier (the official '-bihead' methods)
 
 
 # Official per-task s for 1 bit, dim 32, fp32 head: binary_adapter/configs/{adaptformer,lora}/<task>-bit1-dim32.yaml.
@@ -132,11 +134,19 @@ class BinaryMethod(Method):
             raise UserError(f"{self.name}.bits is {config.bits}; choose from: {', '.join(map(str, BITS))}")
 
     def stored_bytes(self, model) -> int | None:
-        """The official ``.bin``: every quantised matrix packed, then the fp32 head (weight, bias)."""
+        """The official ``.bin``: every quantised matrix packed (Bi-Head's classifier too), then the fp32
+        head (weight, bias) unless it is a Bi-Head."""
         layers = [m for m in model.backbone.modules() if isinstance(m, QLinear)]
         if not layers:
             return None
-        return sum(layer.stored_bytes() for layer in layers) + 4 * sum(p.numel() for p in model.head.parameters())
+        head = 0 if isinstance(model.head, QLinear) else 4 * sum(p.numel() for p in model.head.parameters())
+        return sum(layer.stored_bytes() for layer in layers) + head
+
+    def binary_head(self, model, info, config) -> None:
+        """Bi-Head: the classifier becomes ``QLinear(width -> classes, 1 bit)`` with PyTorch's init, no bias."""
+        if config.bihead:
+            head = model.get_submodule(info.head_path)
+            model.set_submodule(info.head_path, QLinear(head.in_features, head.out_features, bits=1))
 
 
 @register_method
@@ -156,6 +166,7 @@ class BiAdaptFormer(BinaryMethod):
             init_up(module.up, config.bits)
             return module
 
+        self.binary_head(model, info, config)
         return adapt_blocks(
             model, info, lambda i: (None, adapter(info.widths[i])), Tap.INPUT, drop_path_side=False, scale=config.scale
         )
@@ -170,10 +181,20 @@ class BiLoRA(BinaryMethod):
     trains = "quantised rank-d updates of q and v in every block (4hd latent weights, stored at `bits` each)"
     task_defaults = {task: {"scale": s} for task, s in zip(_TASKS, _LORA_SCALES)}
     merges = True
-    merge = LoRA.merge
+
+    @torch.no_grad()
+    def merge(self, model):
+        """``W_q``, ``W_v`` += the de-quantised updates; a Bi-Head becomes a plain bias-free Linear."""
+        LoRA.merge(self, model)
+        head = model.head
+        if isinstance(head, QLinear):
+            plain = nn.Linear(head.in_features, head.out_features, bias=False).to(head.weight.device)
+            plain.weight.copy_(head.effective_weight())
+            model.backbone.set_submodule(model.info.head_path, plain)
 
     def attach(self, model, info, config):
         self.check_config(config)
+        self.binary_head(model, info, config)
         params: list[nn.Parameter] = []
         for path in info.block_paths:
             attention = model.get_submodule(path).attn

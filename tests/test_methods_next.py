@@ -412,3 +412,25 @@ def test_official_per_task_settings_are_the_defaults():
     for method in NEW:
         runner = pb.METHODS.get(method)()
         assert runner.merges == (method in FOLDS), method
+
+
+@pytest.mark.parametrize("method", ["bi_adaptformer", "bi_lora"])
+def test_bi_head_is_a_one_bit_bias_free_classifier(method):
+    model = pb.create_model(method, num_classes=100, pretrained="none", bihead=True)
+    assert isinstance(model.head, QLinear) and model.head.bias is None and model.head.bits == 1
+    adapters = {"bi_adaptformer": 589_824, "bi_lora": 1_179_648}[method]
+    assert pb.count_trainable(model) == (adapters, adapters + 768 * 100)
+    packed = {"bi_adaptformer": 73_920, "bi_lora": 147_840}[method]
+    assert model.method.stored_bytes(model) == packed + 768 * 100 // 8 + 8  # the head packed as well
+
+
+def test_bi_lora_with_bi_head_folds_to_a_plain_model():
+    runner = pb.METHODS.get("bi_lora")()
+    model = pb.attach_method(*tiny_backbone(TINY_VIT), runner, runner.make_config(dim=4, bihead=True))
+    randomize_trainable(model)
+    merged = pb.merge(model)
+    assert not any(type(m).__module__.startswith("petl_bench") for m in merged.modules())
+    x = images(TINY_VIT)
+    model.eval()
+    with torch.no_grad():
+        assert (model(x) - merged(x)).abs().max().item() <= 1e-4
