@@ -1,4 +1,4 @@
-"""RepAdapter (Luo et al., 2023), the ``repblock`` variant of the official luogen1996/RepAdapter code.
+"""RepAdapter (Luo et al., 2023): the ``repblock`` and ``repattn`` variants of the official luogen1996/RepAdapter code.
 
 A linear adapter ``R(z) = z + s * (B dropout(A z + a) + b)`` before attention and before the MLP, after
 their LayerNorms: ``x + DP(attn(R(norm1 x)))``, ``x + DP(mlp(R(norm2 x)))``. ``A`` is a dense 1x1 conv
@@ -7,7 +7,8 @@ so the model starts as the backbone; no activation; ``s`` fixed per task. In tim
 feeds only ``qkv`` (and ``fc1``), so the adapter wraps their input, which keeps fused attention. Being
 linear, it folds into the following Linear (``W' = W M``, ``b' = b + W c`` with ``R(z) = M z + c``),
 as the official ``set_RepWeight``. Parameters keep the official conv shapes (``conv_A``, ``conv_B``).
-Source: luogen1996/RepAdapter, repadapter.py, configs/repblock/<task>.yaml.
+``repadapter_attn`` (``repattn``) adapts only the attention input. Source: luogen1996/RepAdapter,
+repadapter.py, configs/{repblock,repattn}/<task>.yaml.
 """
 
 from __future__ import annotations
@@ -88,12 +89,18 @@ class RepAdapterConfig:
     dropout: float = 0.1
 
 
-# Official per-task scale, configs/repblock/<task>.yaml (h = 8).
+# Official per-task scale, configs/{repblock,repattn}/<task>.yaml (h = 8).
 _SCALES = {
     "cifar": 0.1, "caltech101": 5, "dtd": 1, "oxford_flowers102": 0.5, "oxford_iiit_pet": 0.1, "svhn": 10,
     "sun397": 0.1, "patch_camelyon": 1, "eurosat": 1, "resisc45": 5, "diabetic_retinopathy": 0.1, "clevr_count": 0.5,
     "clevr_dist": 0.1, "dmlab": 5, "kitti": 5, "dsprites_loc": 5, "dsprites_ori": 0.1, "smallnorb_azi": 10,
     "smallnorb_ele": 1,
+}  # fmt: skip
+_ATTN_SCALES = {
+    "cifar": 0.1, "caltech101": 10, "dtd": 0.1, "oxford_flowers102": 0.5, "oxford_iiit_pet": 0.5, "svhn": 10,
+    "sun397": 0.1, "patch_camelyon": 0.5, "eurosat": 5, "resisc45": 0.1, "diabetic_retinopathy": 0.5,
+    "clevr_count": 1, "clevr_dist": 0.1, "dmlab": 5, "kitti": 1, "dsprites_loc": 10, "dsprites_ori": 5,
+    "smallnorb_azi": 10, "smallnorb_ele": 1,
 }  # fmt: skip
 
 
@@ -110,6 +117,7 @@ class RepAdapterMethod(Method):
     task_defaults = {task: {"scale": s} for task, s in _SCALES.items()}
     search_space = {"scale": (0.1, 0.5, 1, 5, 10)}  # the official scripts/search_repblock.sh
     merges = True
+    targets = ("attn.qkv", "mlp.fc1")  # the Linears whose input is adapted, in every block
 
     def check_config(self, config):
         if config.dim < 1 or config.groups < 1 or config.dim % config.groups:
@@ -121,7 +129,7 @@ class RepAdapterMethod(Method):
         for path, width in zip(info.block_paths, info.widths):
             if width % config.groups:
                 raise UserError(f"repadapter.groups ({config.groups}) must divide the width {width}")
-            for target in (f"{path}.attn.qkv", f"{path}.mlp.fc1"):
+            for target in (f"{path}.{name}" for name in self.targets):
                 adapter = RepAdapter(width, config.dim, config.groups, config.scale, config.dropout)
                 model.set_submodule(target, AdaptedInput(model.get_submodule(target), adapter))
                 params += list(adapter.parameters())
@@ -129,5 +137,16 @@ class RepAdapterMethod(Method):
 
     def merge(self, model):
         for path in model.info.block_paths:
-            for target in (f"{path}.attn.qkv", f"{path}.mlp.fc1"):
+            for target in (f"{path}.{name}" for name in self.targets):
                 model.backbone.set_submodule(target, model.backbone.get_submodule(target).folded())
+
+
+@register_method
+class RepAdapterAttn(RepAdapterMethod):
+    """RepAdapter (repattn): the adapter before attention only; the MLP is unchanged."""
+
+    name = "repadapter_attn"
+    published_as = ("RepAdapter_attn",)
+    trains = "1 linear adapter per block before qkv (dh + h + dh/g + d parameters)"
+    task_defaults = {task: {"scale": s} for task, s in _ATTN_SCALES.items()}
+    targets = ("attn.qkv",)

@@ -15,12 +15,12 @@ import petl_bench as pb
 from petl_bench.errors import UserError
 from petl_bench.methods.binary import QLinear, normal_codes
 
-NEW = ["ssf", "fact_tt", "fact_tk", "repadapter", "difffit", "ln_tune", "houlsby_adapter", "pfeiffer_adapter",
+NEW = ["ssf", "fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "houlsby_adapter", "pfeiffer_adapter",
        "bi_adaptformer", "bi_lora"]  # fmt: skip
 SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
-IDENTITY_AT_INIT = ["fact_tt", "fact_tk", "repadapter", "difffit", "ln_tune", "pfeiffer_adapter"]
+IDENTITY_AT_INIT = ["fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "pfeiffer_adapter"]
 NOT_IDENTITY = ["ssf", "houlsby_adapter", "bi_adaptformer", "bi_lora"]
-FOLDS = ["ssf", "fact_tt", "fact_tk", "repadapter", "difffit", "ln_tune", "bi_lora"]
+FOLDS = ["ssf", "fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "bi_lora"]
 DOES_NOT_FOLD = ["houlsby_adapter", "pfeiffer_adapter", "bi_adaptformer"]
 SSF_SITES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
@@ -35,6 +35,7 @@ INTENDED = {
     "fact_tt": lambda n: n.startswith("fact."),
     "fact_tk": lambda n: n.startswith("fact."),
     "repadapter": lambda n: ".adapter.conv_" in n,
+    "repadapter_attn": lambda n: ".attn.qkv.adapter.conv_" in n,
     "difffit": lambda n: n.endswith("bias") or is_layer_norm(n) or n.endswith(".gamma"),
     "ln_tune": is_layer_norm,
     "houlsby_adapter": lambda n: ".adapter_attn." in n or ".adapter_mlp." in n,
@@ -48,7 +49,7 @@ def test_counts_on_vit_b16_equal_the_spec():
     expected = {
         ("ssf", ()): 205_824, ("fact_tt", ()): 8_448, ("fact_tt", (("rank", 8),)): 21_504,
         ("fact_tt", (("rank", 16),)): 61_440, ("fact_tk", ()): 13_952, ("fact_tk", (("rank", 16),)): 30_976,
-        ("fact_tk", (("rank", 32),)): 86_528, ("repadapter", ()): 239_808, ("difffit", ()): 140_544,
+        ("fact_tk", (("rank", 32),)): 86_528, ("repadapter", ()): 239_808, ("repadapter_attn", ()): 119_904, ("difffit", ()): 140_544,
         ("ln_tune", ()): 38_400, ("houlsby_adapter", ()): 313_536, ("houlsby_adapter", (("dim", 32),)): 1_198_848,
         ("pfeiffer_adapter", ()): 156_768, ("pfeiffer_adapter", (("dim", 64),)): 1_189_632,
         ("bi_adaptformer", ()): 589_824, ("bi_adaptformer", (("dim", 1),)): 18_432, ("bi_lora", ()): 1_179_648,
@@ -93,6 +94,7 @@ def test_counts_equal_the_formulas_on_small_vits(depth, width):
         "fact_tt": 2 * width * r + depth * 12 * r * r,
         "fact_tk": 2 * width * r + r**3 + 12 * depth * r,
         "repadapter": depth * 2 * (width * h + h + width * h // 2 + width),
+        "repadapter_attn": depth * (width * h + h + width * h // 2 + width),
         "difffit": depth * (11 * width + 2 * width + 2 * width) + 3 * width,
         "ln_tune": depth * 4 * width + 2 * width,
         "houlsby_adapter": depth * 2 * (2 * width * h + h + width),
@@ -407,6 +409,7 @@ def test_official_per_task_settings_are_the_defaults():
     assert pb.METHODS.get("fact_tt")().make_config("svhn").rank == 16
     assert pb.METHODS.get("fact_tk")().make_config("dtd").scale == 0.01
     assert pb.METHODS.get("repadapter")().make_config("caltech101").scale == 5
+    assert pb.METHODS.get("repadapter_attn")().make_config("caltech101").scale == 10
     assert pb.METHODS.get("bi_lora")().make_config("eurosat").scale == 10
     assert pb.METHODS.get("bi_adaptformer")().make_config("eurosat").scale == 1
     for method in NEW:

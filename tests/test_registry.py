@@ -86,6 +86,7 @@ def test_params_without_methods_counts_every_method_that_runs_on_the_backbone(mo
         "full": 85_798_656, "linear": 0, "bitfit": 102_912, "vpt_shallow": 7_680, "vpt_deep": 92_160,
         "adapter": 156_768, "adaptformer": 156_768, "lora": 294_912, "convpass": 327_552, "convpass_attn": 163_776,
         "ln_tune": 38_400, "ssf": 205_824, "fact_tt": 8_448, "fact_tk": 13_952, "repadapter": 239_808,
+        "repadapter_attn": 119_904,
         "difffit": 140_544, "houlsby_adapter": 313_536, "pfeiffer_adapter": 156_768, "bi_adaptformer": 589_824,
         "bi_lora": 1_179_648,
     }  # fmt: skip

@@ -284,5 +284,5 @@ def test_all_methods_leaves_out_what_cannot_run_here(monkeypatch, capsys, tmp_pa
     assert "zero_shot on tiny_test_vit / colours" in text and "noah on tiny_test_vit / colours" in text
     methods = {r.method for r in records.load_records(out)}
     assert methods == {"full", "linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora",
-                       "convpass", "convpass_attn", "ln_tune", "ssf", "fact_tt", "fact_tk", "repadapter", "difffit",
+                       "convpass", "convpass_attn", "ln_tune", "ssf", "fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit",
                        "houlsby_adapter", "pfeiffer_adapter", "bi_adaptformer", "bi_lora"}  # fmt: skip
