@@ -26,7 +26,7 @@ def chosen_datasets(names: list[str]) -> list[datasets.Dataset]:
         else:
             found = [d for _, d in registry.DATASETS.items() if d.suite == name]
         if not found:
-            known = ", ".join(registry.DATASETS.names())
+            known = ", ".join(d.name for _, d in registry.DATASETS.items())
             raise UserError(f"unknown dataset or suite '{name}'; choose from: {known} (or a suite: vtab, fewshot, dg)")
         chosen += [d for d in found if d not in chosen]
     return chosen
