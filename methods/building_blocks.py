@@ -60,6 +60,21 @@ def xavier_init_(module: Bottleneck, zero_up: bool = False) -> Bottleneck:
     return module
 
 
+@torch.no_grad()
+def scale_outputs_(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None = None) -> nn.Module:
+    """Fold ``y -> scale * y + shift`` (per output channel) into a conv, Linear or LayerNorm: ``W' = diag(scale) W``,
+    ``b' = scale * b + shift`` (a bias is created for a shift when the module has none)."""
+    scale = scale.to(module.weight.dtype)
+    module.weight.mul_(scale.view(-1, *([1] * (module.weight.ndim - 1))))
+    if shift is not None and module.bias is None:
+        module.bias = nn.Parameter(torch.zeros_like(scale), requires_grad=False)
+    if module.bias is not None:
+        module.bias.mul_(scale)
+        if shift is not None:
+            module.bias.add_(shift.to(module.bias.dtype))
+    return module
+
+
 @dataclass(frozen=True)
 class Residual:
     """One pre-norm residual sub-block of a transformer block: ``x + drop_path(branch(norm(x)))``."""

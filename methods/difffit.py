@@ -19,6 +19,7 @@ from petl_bench.model import Method
 from petl_bench.registry import register_method
 
 from .baselines import bias_parameters, layer_norm_parameters
+from .building_blocks import scale_outputs_
 
 
 class ScaledOutput(nn.Module):
@@ -65,9 +66,5 @@ class DiffFit(Method):
             block = model.backbone.get_submodule(path)
             for attribute, target in SUB_BLOCKS:
                 scaled = getattr(block, attribute)
-                linear = block.get_submodule(target)
-                gamma = scaled.gamma.to(linear.weight.dtype)
-                linear.weight.mul_(gamma[:, None])
-                if linear.bias is not None:
-                    linear.bias.mul_(gamma)
+                scale_outputs_(block.get_submodule(target), scaled.gamma)
                 setattr(block, attribute, scaled.layer_scale)

@@ -22,6 +22,8 @@ from petl_bench.backbones import VIT
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
+from .building_blocks import scale_outputs_
+
 
 class ScaleShift(nn.Module):
     """``module(x) * ssf_scale + ssf_shift`` on the channel dimension (last, or 1 for a conv's NCHW output)."""
@@ -42,16 +44,9 @@ class ScaleShift(nn.Module):
         y = self.module(x)
         return y * self._shaped(self.ssf_scale, y) + self._shaped(self.ssf_shift, y)
 
-    @torch.no_grad()
     def folded(self) -> nn.Module:
         """The wrapped conv / Linear / LayerNorm with the affine folded into its weight and bias."""
-        module = self.module
-        scale = self.ssf_scale.to(module.weight.dtype)
-        module.weight.mul_(scale.view(-1, *([1] * (module.weight.ndim - 1))))
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros_like(scale), requires_grad=False)
-        module.bias.copy_(scale * module.bias + self.ssf_shift.to(module.bias.dtype))
-        return module
+        return scale_outputs_(self.module, self.ssf_scale, self.ssf_shift)
 
 
 def ssf_sites(model: nn.Module, info) -> list[tuple[str, int]]:
