@@ -12,6 +12,7 @@ from . import datasets, registry
 from .errors import UserError
 from .output import console, render
 from .progress import progress_for
+from .task import data_root
 
 data_app = typer.Typer(help="Get, check and fingerprint the data: VTAB-1K, few-shot FGVC, ImageNet and its variants.")
 RootOption = typer.Option(None, "--root", help="Data root (default: $PETL_BENCH_DATA, else ~/.cache/petl-bench/data).")
@@ -49,7 +50,7 @@ def presence(dataset: datasets.Dataset, root: Path) -> str:
 @data_app.command("list")
 def list_command(root: Optional[Path] = RootOption) -> None:
     """Every dataset the tool knows: where it comes from, its size, whether it downloads, whether it is here."""
-    folder = datasets.data_root(root)
+    folder = data_root(root)
     rows = [
         {"dataset": d.name, "suite": d.suite, "tasks": len(d.checked_tasks()), "source": d.source, "disk": d.size,
          "download": "automatic" if d.automatic else "by hand",
@@ -97,7 +98,7 @@ def verify_command(
 ) -> None:
     """Check lists, line counts, labels and images of every task; write petl-bench-manifest.json. Exit 1
     when anything is wrong."""
-    folder = datasets.data_root(root)
+    folder = data_root(root)
     if suite:
         chosen = chosen_datasets([suite])
     else:
@@ -120,7 +121,7 @@ def get_command(
 ) -> None:
     """Download and arrange datasets under the data root, then verify them (a no-op once verified).
     Datasets that cannot be downloaded for you print the steps to follow."""
-    folder = datasets.data_root(root)
+    folder = data_root(root)
     chosen = chosen_datasets(names)
     folder.mkdir(parents=True, exist_ok=True)
     to_verify = []

@@ -151,7 +151,7 @@ def _decode(job: tuple[str, int, int, str]) -> np.ndarray:
         raise UserError(f"cannot decode image {path}: {error} (a corrupt or truncated download?)") from None
 
 
-def _cache_key(split: Split, size: tuple[int, int], interpolation: str) -> str:
+def cache_key(split: Split, size: tuple[int, int], interpolation: str) -> str:
     digest = hashlib.sha256()
     digest.update(f"v2|{size}|{interpolation}|{split.root.resolve()}\n".encode())
     digest.update(split.list_file.read_bytes())
@@ -261,7 +261,7 @@ def decoded_images(
     if interpolation not in INTERPOLATIONS:
         raise UserError(f"unknown interpolation '{interpolation}'; choose from: {', '.join(INTERPOLATIONS)}")
     folder = cache_subdir("decoded")
-    key = _cache_key(split, size, interpolation)
+    key = cache_key(split, size, interpolation)
     target, sidecar = folder / f"{key}.npy", folder / f"{key}.json"
     shape = (len(split), 3, size[0], size[1])
     if target.exists() and sidecar.exists():

@@ -29,7 +29,7 @@ from typing import Callable
 
 from PIL import Image
 
-from .data import cache_dir, cache_subdir, file_digest
+from .data import cache_key, cache_subdir, file_digest
 from .errors import UserError
 from .hub import require_hub
 from .records import now, write_atomic
@@ -39,12 +39,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "petl-bench-manifest.json"
 PARTIAL = ".partial-"  # prefix of temporary extraction folders
-
-
-def data_root(option: str | Path | None) -> Path:
-    """``--root``, else ``$PETL_BENCH_DATA``, else ``data`` in the cache folder (``~/.cache/petl-bench/data``)."""
-    value = option or os.environ.get("PETL_BENCH_DATA")
-    return Path(value).expanduser() if value else cache_dir() / "data"
 
 
 @dataclass(frozen=True)
@@ -286,15 +280,21 @@ def _decode_all(check: TaskCheck) -> int:
     return decoded
 
 
-def images_digest(check: TaskCheck, workers: int = 4) -> str:
-    """One sha256 over every image of the task: relative path, size and sha256 of each, sorted."""
-    files = sorted((os.path.relpath(root / path, check.folder), root / path) for root, path in check.images)
+def files_digest(files: list[tuple[str, Path]], start: bytes = b"", workers: int = 4) -> str:
+    """sha256 over ``start`` and one line per file, in the order given: its name, size and sha256."""
     with ThreadPoolExecutor(workers) as pool:
         digests = list(pool.map(lambda item: file_digest(item[1]), files))
-    total = hashlib.sha256()
-    for (relative, path), digest in zip(files, digests):
-        total.update(f"{relative}\t{path.stat().st_size}\t{digest}\n".encode())
+    total = hashlib.sha256(start)
+    for (name, path), digest in zip(files, digests):
+        total.update(f"{name}\t{path.stat().st_size}\t{digest}\n".encode())
     return total.hexdigest()
+
+
+def images_digest(check: TaskCheck) -> str:
+    """One sha256 over every image of the task: relative path, size and sha256 of each, sorted."""
+    return files_digest(
+        sorted((os.path.relpath(root / path, check.folder), root / path) for root, path in check.images)
+    )
 
 
 def manifest_entry(check: TaskCheck, root: Path) -> dict:
@@ -345,21 +345,14 @@ def verified_entry(task, root: Path) -> dict | None:
 
 
 def split_fingerprint(split) -> str:
-    """sha256 over the list file and every image it names (path, size, content), cached under the same
-    key as the decoded images (list content, sizes and modification times)."""
-    stamp = hashlib.sha256(f"fingerprint-v1|{split.root.resolve()}\n".encode())
-    stamp.update(split.list_file.read_bytes())
-    for path in split.files():
-        stat = path.stat()
-        stamp.update(f"{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    cached = cache_subdir("fingerprints") / f"{stamp.hexdigest()[:32]}.txt"
+    """sha256 over the list file and every image it names (path, size, content), cached under the key of
+    the decoded images (list content, image sizes and modification times)."""
+    cached = cache_subdir("fingerprints") / f"{cache_key(split, (0, 0), 'sha256')}.txt"
     if cached.is_file():
         return cached.read_text().strip()
-    digest = hashlib.sha256(split.list_file.read_bytes())
-    for relative, path in zip(split.paths, split.files()):
-        digest.update(f"{relative}\t{path.stat().st_size}\t{file_digest(path)}\n".encode())
-    write_atomic(cached, digest.hexdigest())
-    return digest.hexdigest()
+    digest = files_digest(list(zip(split.paths, split.files())), start=split.list_file.read_bytes())
+    write_atomic(cached, digest)
+    return digest
 
 
 def manifest_for(list_file: Path, levels: int = 4) -> tuple[str, dict] | None:

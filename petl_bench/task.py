@@ -63,14 +63,19 @@ class Suite:
     seeds: tuple[int, ...] = (0,)
 
 
-def data_root_from(option: str | Path | None) -> Path | None:
-    """``--data-root``, else the ``PETL_BENCH_DATA`` environment variable, else where ``petl-bench data get``
-    puts data by default (``~/.cache/petl-bench/data``) when it exists."""
+def data_root(option: str | Path | None) -> Path:
+    """``--data-root`` / ``--root``, else ``$PETL_BENCH_DATA``, else ``data`` in the cache folder
+    (``~/.cache/petl-bench/data``), where ``petl-bench data get`` puts data by default."""
     value = option or os.environ.get("PETL_BENCH_DATA")
-    if value:
-        return Path(value).expanduser()
-    default = cache_dir() / "data"
-    return default if default.is_dir() else None
+    return Path(value).expanduser() if value else cache_dir() / "data"
+
+
+def data_root_from(option: str | Path | None) -> Path | None:
+    """The data root a run reads: as :func:`data_root`, but None when none was given and the default
+    folder does not exist."""
+    explicit = option or os.environ.get("PETL_BENCH_DATA")
+    root = data_root(explicit)
+    return root if explicit or root.is_dir() else None
 
 
 @dataclass

@@ -263,7 +263,7 @@ def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damag
     folder = make_task_folder(tmp_path / "t")
     split = read_split("test", folder / "test.txt", folder, 4)
     expected = decoded_images(split, (16, 16)).clone()
-    (entry,) = (data_module.cache_dir() / "decoded").glob(f"{data_module._cache_key(split, (16, 16), 'bicubic')}.npy")
+    (entry,) = (data_module.cache_dir() / "decoded").glob(f"{data_module.cache_key(split, (16, 16), 'bicubic')}.npy")
     size = entry.stat().st_size
     data_module._VERIFIED.clear()  # a new process
     if damage == "zeroed":
@@ -278,7 +278,7 @@ def test_a_cache_without_room_is_an_error_before_writing(tmp_path, monkeypatch):
     folder = make_task_folder(tmp_path / "t")
     split = read_split("test", folder / "test.txt", folder, 4)
     monkeypatch.setattr(data_module.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    key = data_module._cache_key(split, (13, 13), "bicubic")  # a size no other test decodes
+    key = data_module.cache_key(split, (13, 13), "bicubic")  # a size no other test decodes
     with pytest.raises(UserError, match="not enough free space"):
         decoded_images(split, (13, 13))
     assert not list((data_module.cache_dir() / "decoded").glob(f"*{key}*"))
