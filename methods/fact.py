@@ -31,7 +31,6 @@ from petl_bench.errors import UserError
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-SLOTS = ("qkv", "proj", "fc1", "fc2")  # the wrapped Linear of each slot: attn.qkv, attn.proj, mlp.fc1, mlp.fc2
 CHUNKS = 4  # the MLP hidden width is 4 d, read as 4 chunks of d
 
 

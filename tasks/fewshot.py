@@ -9,7 +9,6 @@ Cars: directly in the dataset folder). Lines ``<path> <label>`` split on the las
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from petl_bench.backbones import PAPER_BACKBONE
 from petl_bench.datasets import Dataset, downloading, link_or_copy
 from petl_bench.engine import Recipe
+from petl_bench.records import write_atomic
 from petl_bench.registry import register_dataset, register_suite, register_task
 from petl_bench.task import FileListTask, ListNames, Suite
 
@@ -97,9 +97,7 @@ def install_lists(noah_name: str, folder: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if not (target / item.name).is_file():
-            with item.open("rb") as reader, open(target / f".{item.name}.partial", "wb") as writer:
-                shutil.copyfileobj(reader, writer)
-            (target / f".{item.name}.partial").replace(target / item.name)
+            write_atomic(target / item.name, item.read_text(encoding="utf-8"))
 
 
 def torchvision_fetch(noah_name: str, dataset_class: str, images: str):
