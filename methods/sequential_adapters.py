@@ -6,10 +6,17 @@ after" a sub-block: ``h = DP(branch(norm x))``, then ``x + DP(h + A(h))``: the s
 acts a second time on the adapted output, as in the code (in eval mode it is ``x + h + A(h)``). On
 a backbone with LayerScale the code would apply ``ls`` a second time too; here it is applied once.
 
-* Houlsby (``rand_h_adapter``): after the attention and after the MLP, ``xavier`` init (xavier_uniform
-  weights, biases N(0, 1e-6)): not the identity at init. ``24 (1537 h + 768)`` parameters on ViT-B/16.
-* Pfeiffer (``lora_p_adapter``): after the MLP only, ``lora_xavier`` init (down xavier_uniform, up and
-  biases zero): the identity at init. ``12 (1537 h + 768)``. ``init=xavier`` is ``rand_p_adapter``.
+* Houlsby (``rand_h_adapter``): after the attention and after the MLP. ``24 (1537 h + 768)`` parameters
+  on ViT-B/16.
+* Pfeiffer (``lora_p_adapter``): after the MLP only. ``12 (1537 h + 768)``. ``adapter_init=xavier`` is
+  ``rand_p_adapter``.
+
+Effective init (``init="official"``, the default): the adapter applies its declared ``adapter_init``
+(``xavier``: xavier_uniform weights, biases N(0, 1e-6); ``lora_xavier``: down xavier_uniform, up and
+biases zero), but ``VisionTransformerPETL.__init__`` then ends with timm's ``init_weights``, which
+re-initialises every ``nn.Linear``, the adapter's two projections included: trunc_normal(0.02), zero
+bias. So the official runs start from that, and neither adapter is the identity at init. ``init="module"``
+keeps the declared ``adapter_init`` (under which Pfeiffer's ``lora_xavier`` is the identity at init).
 
 ReLU makes them non-linear: they do not fold into the backbone.
 """
@@ -22,12 +29,12 @@ from torch import nn
 
 from petl_bench.backbones import CLIP, SWIN, VIT
 from petl_bench.errors import UserError
-from petl_bench.model import Method
+from petl_bench.model import Method, vit_linear_init_
 from petl_bench.registry import register_method
 
-from .building_blocks import Bottleneck, Tap, adapt_blocks, xavier_init_
+from .building_blocks import Bottleneck, Tap, adapt_blocks, check_init, xavier_init_
 
-INITS = ("xavier", "lora_xavier")
+ADAPTER_INITS = ("xavier", "lora_xavier")
 CITATION = "Mai et al., Lessons and Insights from a Unifying Study of PEFT in Visual Recognition (PETL_Vision), 2024"
 
 
@@ -36,12 +43,13 @@ class SequentialAdapterConfig:
     dim: int = 8  # h, the README example
     scale: float = 1.0  # s, the README example
     dropout: float = 0.1
-    init: str = "xavier"  # "xavier" (random init) or "lora_xavier" (zero up-projection: identity at init)
+    init: str = "official"  # "official": PETL_Vision's runs (trunc_normal 0.02, zero bias); "module": adapter_init
+    adapter_init: str = "xavier"  # the declared init: "xavier" (random) or "lora_xavier" (zero up-projection)
 
 
 @dataclass
 class PfeifferConfig(SequentialAdapterConfig):
-    init: str = "lora_xavier"
+    adapter_init: str = "lora_xavier"
 
 
 @register_method
@@ -58,15 +66,22 @@ class HoulsbyAdapter(Method):
     after_attention = True
 
     def check_config(self, config):
-        if config.init not in INITS:
-            raise UserError(f"{self.name}.init is {config.init!r}; choose from: {', '.join(INITS)}")
+        check_init(self.name, config.init)
+        if config.adapter_init not in ADAPTER_INITS:
+            raise UserError(
+                f"{self.name}.adapter_init is {config.adapter_init!r}; choose from: {', '.join(ADAPTER_INITS)}"
+            )
 
     def attach(self, model, info, config):
         self.check_config(config)
 
         def adapter(width: int) -> Bottleneck:
-            module = Bottleneck(width, config.dim, nn.ReLU(), config.dropout)
-            return xavier_init_(module, zero_up=config.init == "lora_xavier")
+            module = xavier_init_(
+                Bottleneck(width, config.dim, nn.ReLU(), config.dropout), zero_up=config.adapter_init == "lora_xavier"
+            )
+            if config.init == "official":  # timm's init_weights, run after the adapters are built
+                vit_linear_init_([module])
+            return module
 
         return adapt_blocks(
             model,
@@ -81,7 +96,8 @@ class HoulsbyAdapter(Method):
 
 @register_method
 class PfeifferAdapter(HoulsbyAdapter):
-    """Pfeiffer placement: one ReLU adapter after the MLP of every block, the identity at init."""
+    """Pfeiffer placement: one ReLU adapter after the MLP of every block (the identity at init only under
+    ``init=module``)."""
 
     name = "pfeiffer_adapter"
     published_as = ("Pfeiffer adapter",)

@@ -3,7 +3,9 @@
 A per-channel affine ``gamma * t + beta`` after the patch-embedding convolution, after every ``norm1``,
 ``qkv``, ``proj``, ``norm2``, ``fc1`` (before GELU) and ``fc2``, and after the final norm: 8 sites,
 205,824 parameters on ViT-B/16. Init gamma ~ N(1, 0.02), beta ~ N(0, 0.02) (``init_ssf_scale_shift``):
-not the identity at init. The patch-embedding affine acts on patch tokens only (the cls token and the
+not the identity at init. The classifier starts as the official runs' does: ``init_weights`` re-initialises
+it to trunc_normal(0.02) with zero bias (the 21k checkpoint's head is copied only when its shape matches,
+never for VTAB). The patch-embedding affine acts on patch tokens only (the cls token and the
 position embedding are added afterwards), as in the official code.
 
 Every affine folds into the module it follows (a conv, Linear or LayerNorm: ``W' = diag(gamma) W``,
@@ -74,6 +76,7 @@ class SSF(Method):
     trains = "a per-channel scale and shift after 6 operations per block, the patch embedding and the final norm"
     kinds = (VIT,)
     merges = True
+    head_init = "trunc_normal"
 
     def attach(self, model, info, config):
         params = []

@@ -52,7 +52,7 @@ EXPECTED_HEAD = {
     "full": "default", "linear": "default", "bitfit": "default", "vpt_shallow": "default", "vpt_deep": "default",
     "adapter": "trunc_normal",
     "lora": "trunc_normal", "noah": "trunc_normal", "adaptformer": "default", "convpass": "default",
-    "convpass_attn": "default",
+    "convpass_attn": "default", "ssf": "trunc_normal",
 }  # fmt: skip
 
 
@@ -78,6 +78,29 @@ def test_adapter_official_and_module_init():
     module = _model("adapter", init="module")
     _normal(_tensors(module, "adapter_mlp.up.weight"), XAVIER_ADAPTER)
     assert 0 < _tensors(module, "adapter_mlp.up.bias").abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["houlsby_adapter", "pfeiffer_adapter"])
+def test_sequential_adapters_official_init_is_timms_linear_init_and_module_init_is_declared(method):
+    """PETL_Vision's init_weights re-initialises the adapters' projections after their declared init."""
+    sites = ("adapter_attn", "adapter_mlp") if method == "houlsby_adapter" else ("adapter_mlp",)
+    official = _model(method)
+    for site in sites:
+        for part in ("down.weight", "up.weight"):
+            values = _tensors(official, f"{site}.{part}")
+            _normal(values, 0.02)
+        for part in ("down.bias", "up.bias"):
+            _zero(_tensors(official, f"{site}.{part}"))
+    module = _model(method, init="module")
+    down = _tensors(module, "adapter_mlp.down.weight")
+    assert down.abs().max().item() <= math.sqrt(6 / (192 + 8))  # xavier_uniform, in both declared inits
+    _normal(down, XAVIER_ADAPTER)
+    if method == "houlsby_adapter":  # xavier: random up, N(0, 1e-6) biases
+        _normal(_tensors(module, "adapter_mlp.up.weight"), XAVIER_ADAPTER)
+        assert 0 < _tensors(module, "adapter_mlp.up.bias").abs().max() < 1e-4
+    else:  # lora_xavier: up and biases zero
+        for part in ("up.weight", "up.bias", "down.bias"):
+            _zero(_tensors(module, f"adapter_mlp.{part}"))
 
 
 def test_lora_official_init_is_not_the_identity_and_module_init_is():

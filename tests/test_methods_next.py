@@ -18,8 +18,8 @@ from petl_bench.methods.binary import QLinear, normal_codes
 NEW = ["ssf", "fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "houlsby_adapter", "pfeiffer_adapter",
        "bi_adaptformer", "bi_lora"]  # fmt: skip
 SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
-IDENTITY_AT_INIT = ["fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "pfeiffer_adapter"]
-NOT_IDENTITY = ["ssf", "houlsby_adapter", "bi_adaptformer", "bi_lora"]
+IDENTITY_AT_INIT = ["fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "pfeiffer_adapter/module"]
+NOT_IDENTITY = ["ssf", "houlsby_adapter", "pfeiffer_adapter", "bi_adaptformer", "bi_lora"]
 FOLDS = ["ssf", "fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "bi_lora"]
 DOES_NOT_FOLD = ["houlsby_adapter", "pfeiffer_adapter", "bi_adaptformer"]
 SSF_SITES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
@@ -124,7 +124,9 @@ def test_exactly_the_intended_tensors_train_and_get_gradients(method):
 
 @pytest.mark.parametrize("method", IDENTITY_AT_INIT)
 def test_zero_initialised_methods_reproduce_the_frozen_backbone(method):
-    reference, model = with_method(method, tiny_backbone(TINY_VIT, init_values=1e-1), **SMALL.get(method, {}))
+    method, _, init = method.partition("/")
+    overrides = {**SMALL.get(method, {}), **({"init": init} if init else {})}
+    reference, model = with_method(method, tiny_backbone(TINY_VIT, init_values=1e-1), **overrides)
     x = images(TINY_VIT)
     model.eval()
     with torch.no_grad():
@@ -262,9 +264,9 @@ def test_difffit_and_sequential_adapter_equations_in_training():
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
-def test_pfeiffer_and_houlsby_inits():
-    _, houlsby = with_method("houlsby_adapter", tiny_backbone(TINY_VIT))
-    _, pfeiffer = with_method("pfeiffer_adapter", tiny_backbone(TINY_VIT))
+def test_pfeiffer_and_houlsby_declared_inits():
+    _, houlsby = with_method("houlsby_adapter", tiny_backbone(TINY_VIT), init="module")
+    _, pfeiffer = with_method("pfeiffer_adapter", tiny_backbone(TINY_VIT), init="module")
     h_up = houlsby.backbone.blocks[0].adapter_mlp.up
     p_side = pfeiffer.backbone.blocks[0].adapter_mlp
     assert h_up.weight.abs().max() <= math.sqrt(6 / (32 + 8)) and h_up.weight.abs().max() > 0.1
@@ -272,7 +274,9 @@ def test_pfeiffer_and_houlsby_inits():
     assert torch.count_nonzero(p_side.up.weight) == 0 and torch.count_nonzero(p_side.down.bias) == 0
     assert pfeiffer.backbone.blocks[0].adapter_attn is None
     with pytest.raises(UserError, match="choose from: xavier, lora_xavier"):
-        with_method("pfeiffer_adapter", tiny_backbone(TINY_VIT), init="zero")
+        with_method("pfeiffer_adapter", tiny_backbone(TINY_VIT), adapter_init="zero")
+    with pytest.raises(UserError, match="choose from: official, module"):
+        with_method("pfeiffer_adapter", tiny_backbone(TINY_VIT), init="xavier")
 
 
 def test_quantiser_codes_and_straight_through_gradient():
