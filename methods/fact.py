@@ -16,6 +16,10 @@ input as 4 chunks of d. So the MLP must be ``d -> 4d -> d``. Every update is lin
 exactly into the four Linears of every block (``merge``). Official per-task (rank, scale) are the
 ``task_defaults``; the paper searched r in {1, 2, 4, 8, 16} (TT) / {2, 4, 8, 16, 32} (TK) and
 s in {0.01, 0.1, 1, 10, 100}.
+
+Equal in distribution, not in draws: dropout is drawn once on the stacked q/k/v hidden tensor, where the
+official code calls it per projection; the masks are independent Bernoulli(0.9) either way, so training
+follows the same distribution, but a given seed gives other masks than the official code's.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ linear, it folds into the following Linear (``W' = W M``, ``b' = b + W c`` with 
 as the official ``set_RepWeight``. Parameters keep the official conv shapes (``conv_A``, ``conv_B``).
 ``repadapter_attn`` (``repattn``) adapts only the attention input. Source: luogen1996/RepAdapter,
 repadapter.py, configs/{repblock,repattn}/<task>.yaml.
+
+Equal in distribution, not in draws: the blocks use timm's ``drop_path1`` / ``drop_path2`` where the
+official block uses ``drop_path1`` for both (the same rate), and dropout acts in the token layout
+rather than the transposed conv layout (the same i.i.d. masks over other memory orders).
 """
 
 from __future__ import annotations
