@@ -136,3 +136,71 @@ def test_later_methods_print_beside_their_published_numbers_with_source_and_aver
     assert "published_vtab1k_next.csv" in table.note and "best test epoch" in table.note
     write_report(runs, tmp_path)
     assert "(published: FacT-TT (r=4); FacT paper" in (tmp_path / "report.md").read_text()
+
+
+def with_settings(run, epochs: int, fingerprint: str = "", finished: str = "2026-01-01T00:00:00"):
+    run.hparams = {"method": {}, "recipe": {"epochs": epochs, "lr": 1e-3, "workers": 4}, "input_size": [224, 224]}
+    run.data = {"fingerprint": fingerprint or f"data-{run.task}"}
+    run.finished_at = finished
+    run.run_id += f"__e{epochs}{fingerprint}"
+    return run
+
+
+def test_runs_with_other_settings_are_other_rows_and_aggregates_follow_the_shown_cells():
+    """The demo's case: a 10-epoch run of every task, then a 2-epoch run of one task. Before, the one task's
+    cell pooled both as if seeds, and the means came from the last run of each seed."""
+    ten = [with_settings(r, 10) for r in full_sweep("linear", 0, 0.0)]
+    two = with_settings(record("linear", "cifar", 0, 30.0), 2, finished="2026-01-02T00:00:00")
+    (table,) = accuracy_tables(runs_frame(ten + [two]))
+    rows = table.ours()
+    assert set(rows) == {"linear (epochs 10)", "linear (epochs 2)"}
+    assert rows["linear (epochs 10)"]["cifar"] == (50.0, 0.0, 1)
+    assert rows["linear (epochs 2)"] == {"cifar": (30.0, 0.0, 1)}, "an incomplete row has no aggregate"
+    full = rows["linear (epochs 10)"]
+    shown = [full[t][0] for t in ALL_TASKS]
+    assert full[MEAN_OF_TASKS][0] == pytest.approx(sum(shown) / len(shown))
+    for group, tasks in VTAB_GROUPS.items():
+        assert full[group][0] == pytest.approx(sum(full[t][0] for t in tasks) / len(tasks))
+    assert full[MEAN_OF_GROUPS][0] == pytest.approx(sum(full[g][0] for g in VTAB_GROUPS) / 3)
+
+
+def test_execution_settings_do_not_split_rows_and_seeds_pool():
+    runs = [with_settings(r, 10) for r in full_sweep("linear", 0, 0.0) + full_sweep("linear", 1, 2.0)]
+    runs[0].hparams["recipe"]["workers"] = 8  # how it ran, not what it computed
+    (table,) = accuracy_tables(runs_frame(runs))
+    assert list(table.ours()) == ["linear"] and table.ours()["linear"]["cifar"] == (51.0, pytest.approx(2**0.5), 2)
+
+
+def test_aggregate_of_tasks_with_different_seeds_is_the_mean_of_the_cells_without_a_spread():
+    runs = [with_settings(r, 10) for r in full_sweep("linear", 0, 0.0)]
+    runs.append(with_settings(record("linear", "cifar", 1, 60.0), 10))  # a second seed on one task only
+    cells = accuracy_tables(runs_frame(runs))[0].ours()["linear"]
+    assert cells["cifar"] == (55.0, pytest.approx(50**0.5), 2)
+    shown = [cells[t][0] for t in ALL_TASKS]
+    assert cells[MEAN_OF_TASKS] == (pytest.approx(sum(shown) / 19), 0.0, 1)
+    assert cells["structured"][2] == 1 and cells["structured"][1] == 0.0
+
+
+def test_runs_on_another_copy_of_the_data_are_another_row():
+    first = [with_settings(r, 10) for r in full_sweep("linear", 0, 0.0)]
+    other = with_settings(record("linear", "cifar", 0, 20.0), 10, fingerprint="other", finished="2026-02-01T00:00:00")
+    (table,) = accuracy_tables(runs_frame(first + [other]))
+    rows = table.ours()
+    assert set(rows) == {"linear (data copy 1)", "linear (data copy 2)"}
+    assert rows["linear (data copy 2)"] == {"cifar": (20.0, 0.0, 1)}
+    assert "MIXED DATA" in table.title
+
+
+def test_published_rows_only_beside_the_backbone_and_input_size_they_were_published_for():
+    def table_for(backbone: str, size: int):
+        runs = full_sweep("convpass", 0, 0.0)
+        for run in runs:
+            run.backbone, run.hparams = backbone, {"recipe": {"image_size": size}}
+        (table,) = accuracy_tables(runs_frame(runs))
+        return table
+
+    same = table_for("vit_base_patch16_224.orig_in21k", 224)
+    assert any(row.source == "paper" for row in same.rows) and "No published rows" not in same.note
+    for backbone, size in (("vit_small_patch14_dinov2.imgfocus", 56), ("vit_base_patch16_224.orig_in21k", 56)):
+        other = table_for(backbone, size)
+        assert [row.source for row in other.rows] == ["ours"] and "No published rows" in other.note

@@ -63,7 +63,7 @@ def table_runs(frame: pd.DataFrame, key: dict[str, str]) -> pd.DataFrame:
 def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Per suite, backbone and method: parameters, checkpoint size, memory, throughput, wall time."""
     grouped = (
-        frame.groupby(["suite", "backbone", "method"], sort=False)
+        frame.groupby(["suite", "backbone", "method", "row"], sort=False)
         .agg(
             runs=("run_id", "count"),
             trainable_params=("trainable_params", count_range),
@@ -81,14 +81,15 @@ def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
         .reset_index()
     )
     order = {m: i for i, m in enumerate(method_order(grouped["method"]))}
-    return grouped.sort_values(["suite", "backbone", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
+    grouped = grouped.sort_values(["suite", "backbone", "method", "row"], key=lambda s: s.map(order) if s.name == "method" else s)
+    return grouped.drop(columns="method").rename(columns={"row": "method"})
 
 
 def method_costs(frame: pd.DataFrame, key: dict[str, str]) -> dict[str, dict]:
     """Mean cost per method over the runs a table covers, with what the measures are."""
     grouped = (
         table_runs(frame, key)
-        .groupby("method")
+        .groupby("row")
         .agg(
             trainable_params=("trainable_params", "mean"),
             peak_memory_mb=("peak_memory_bytes", lambda v: v.mean() / 2**20),

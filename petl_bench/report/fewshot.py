@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..registry import TASKS
-from .table import PAPER_METHODS, Stat, Table, method_order, slug, stats, with_paper
+from .table import PAPER_METHODS, Stat, Table, row_order, slug, stats, with_paper
 
 AVERAGE = "average"
 PAPER_AVERAGE = "Average of 5 datasets"
@@ -39,19 +39,21 @@ def fewshot_tables(frame: pd.DataFrame) -> list[Table]:
         shots = sorted(int(s) for s in runs["shots"].unique())
         columns = [_shot_column(s) for s in shots]
         per_dataset: dict[str, dict[str, dict[str, Stat]]] = {}
-        average: dict[str, dict[str, list[float]]] = {method: {} for method in method_order(runs["method"])}
+        rows = row_order(runs)
+        methods = dict(rows)
+        average: dict[str, dict[str, list[float]]] = {label: {} for label, _ in rows}
         for dataset in [d for d in datasets_all if d in set(runs["task"])]:
             cells: dict[str, dict[str, Stat]] = {}
-            for method in method_order(runs["method"]):
-                chosen = runs[(runs["task"] == dataset) & (runs["method"] == method)]
-                cells[method] = {_shot_column(int(k)): stats(list(v)) for k, v in chosen.groupby("shots")["top1"]}
+            for label, _ in rows:
+                chosen = runs[(runs["task"] == dataset) & (runs["row"] == label)]
+                cells[label] = {_shot_column(int(k)): stats(list(v)) for k, v in chosen.groupby("shots")["top1"]}
             per_dataset[dataset] = cells
-        for method in method_order(runs["method"]):
-            for (shot, _, _), group in runs[runs["method"] == method].groupby(["shots", "split_seed", "seed"]):
+        for label, _ in rows:
+            for (shot, _, _), group in runs[runs["row"] == label].groupby(["shots", "split_seed", "seed"]):
                 if set(group["task"]) >= set(datasets_all):  # the average needs every dataset
                     value = group.groupby("task")["top1"].mean().mean()
-                    average[method].setdefault(_shot_column(int(shot)), []).append(value)
-        params = runs.groupby("method")["trainable_params"].mean().to_dict()
+                    average[label].setdefault(_shot_column(int(shot)), []).append(value)
+        params = runs.groupby("row")["trainable_params"].mean().to_dict()
         sections = [
             *per_dataset.items(),
             (AVERAGE, {m: {c: stats(v) for c, v in s.items()} for m, s in average.items()}),
@@ -63,7 +65,7 @@ def fewshot_tables(frame: pd.DataFrame) -> list[Table]:
                     title=f"few-shot {display} on {backbone}, protocol '{protocol}'",
                     slug=slug("fewshot", dataset, backbone, protocol),
                     columns=columns,
-                    rows=with_paper(cells, _paper(dataset), params, {}),
+                    rows=with_paper(cells, _paper(dataset), params, {}, methods=methods),
                     key={"suite": "fewshot", "dataset": dataset, "backbone": backbone, "protocol": protocol},
                     note="Mean ± std over split seeds (and seeds). (paper): read off the paper's Figure 5 (about ±0.02).",
                 )
@@ -90,12 +92,12 @@ def plot_fewshot(tables: list[Table], path: Path) -> Path | None:
                 continue
             xs = [x for x, _ in points]
             means = [cell[0] for _, cell in points]
-            color = colors.setdefault(row.method, f"C{len(colors) % 10}")
+            color = colors.setdefault(row.label if row.source == "ours" else row.method, f"C{len(colors) % 10}")
             if row.source == "paper":
                 axis.plot(xs, means, "--", color=color, alpha=0.6, linewidth=1)
                 continue
             stds = [cell[1] for _, cell in points]
-            axis.plot(xs, means, "o-", color=color, label=plain(row.method))
+            axis.plot(xs, means, "o-", color=color, label=plain(row.label))
             axis.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                               color=color, alpha=0.2)  # fmt: skip
         axis.set_xscale("log", base=2)

@@ -40,7 +40,7 @@ def plot_accuracy_vs_params(table: Table, path: Path) -> Path | None:
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for row, (_, (mean, std, _)) in ours:
         axis.errorbar(row.params, mean, yerr=std or None, fmt="o", capsize=3)
-        axis.annotate(plain(row.method), (row.params, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axis.annotate(plain(row.label), (row.params, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for row in table.rows:
         if row.source == "paper" and row.params is not None and ours[0][1][0] in row.cells:
             axis.scatter([row.params], [row.cells[ours[0][1][0]][0]], facecolors="none", edgecolors="grey")
@@ -100,7 +100,7 @@ def cost_panels(costs: dict[str, dict]) -> list[tuple[str, str, set[str]]]:
 def plot_accuracy_vs_cost(table: Table, costs: dict[str, dict], path: Path) -> Path | None:
     """Accuracy against each comparable cost of a run (parameters; per-run memory; throughput of the
     full model), one point per method."""
-    points = [(row.method, headline(table, row.cells)) for row in table.rows if row.source == "ours"]
+    points = [(row.label, headline(table, row.cells)) for row in table.rows if row.source == "ours"]
     points = [(method, found) for method, found in points if found and method in costs]
     if not points:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -18,8 +19,14 @@ RUN_COLUMNS = [
     "checkpoint_bytes", "peak_memory_bytes", "train_images_per_s", "eval_images_per_s", "wall_seconds", "suite",
     "group", "eval_split", "shots", "split_seed", "class_mask", "pretrained", "run_id", "peak_memory_kind",
     "cached_features", "epochs", "lr", "batch_size", "image_size", "weights_notes", "inference_images_per_s",
-    "merged_inference_images_per_s", "data_fingerprint", "data_manifest",
+    "merged_inference_images_per_s", "data_fingerprint", "data_manifest", "finished_at", "settings", "row",
 ]  # fmt: skip
+# Recipe fields that say how a run executed, not what it computed (engine.Recipe.EXECUTION); a table row
+# never splits on them.
+EXECUTION = ("eval_batch_size", "workers", "cache_features", "compile")
+# The columns a table row is made of, besides its settings: runs that agree in these and in their settings
+# differ in seed alone, and only those share a row.
+ROW_KEY = ["suite", "backbone", "protocol", "class_mask", "method"]
 # Method names in the paper's tables -> registered names.
 PAPER_METHODS = {
     "Full": "full", "Linear": "linear", "VPT": "vpt_deep", "Adapter": "adapter", "AdaptFormer": "adaptformer",
@@ -50,18 +57,87 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
             "image_size": recipe.get("image_size"), "weights_notes": " ".join(r.notes),
             "inference_images_per_s": inference.get("as_trained"), "merged_inference_images_per_s": inference.get("merged"),
             "data_fingerprint": r.data.get("fingerprint") or "", "data_manifest": r.data.get("manifest") or "",
+            "finished_at": r.finished_at, "settings": json.dumps(run_settings(r), sort_keys=True, default=str),
         }  # fmt: skip
         row.update({f"top1_{name}": value for name, value in r.metrics.get("targets", {}).items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
     extra = sorted(c for c in frame.columns if c not in RUN_COLUMNS)
-    return frame.reindex(columns=RUN_COLUMNS + extra)
+    frame = frame.reindex(columns=RUN_COLUMNS + extra)
+    frame["row"] = row_labels(frame) if len(frame) else []
+    return frame
 
+
+def _flat(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flat(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = value
+
+
+def run_settings(record: RunRecord) -> dict:
+    """Everything a run was trained with except its seed and its task's own values: the method's settings
+    and the recipe (per-task defaults and the values a tuned run chose per task left out, since they are
+    the same request on another task), the input size and the weights. Flat: ``{"epochs": 2, ...}``."""
+    hparams, chosen = record.hparams, set((record.tuning or {}).get("chosen", {}))
+    defaults = hparams.get("task_defaults") or {}
+    method = {k: v for k, v in (hparams.get("method") or {}).items() if k not in chosen and defaults.get(k, object()) != v}
+    recipe = hparams.get("recipe") if isinstance(hparams.get("recipe"), dict) else {}
+    recipe = {k: v for k, v in recipe.items() if k not in EXECUTION and k not in chosen and k != "image_size"}
+    out: dict = {}
+    _flat("", {**recipe, **method}, out)
+    out["input"] = "x".join(map(str, hparams.get("input_size") or [])) or None
+    out["weights"] = record.pretrained + (f" {record.backbone_checkpoint_sha256[:8]}" if record.backbone_checkpoint_sha256 else "")
+    return out
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else text[:10] + "…" + text[-10:]
+
+
+def _differing(settings: list[dict]) -> list[str]:
+    keys = sorted({k for s in settings for k in s})
+    return [k for k in keys if len({json.dumps(s.get(k), sort_keys=True, default=str) for s in settings}) > 1]
+
+
+def row_labels(frame: pd.DataFrame) -> pd.Series:
+    """A table row per method and distinct settings (and per copy of a task's data): the method's name when
+    it has one such row, else the name with what differs, e.g. ``linear (epochs 2)`` and ``linear (epochs 10)``.
+    Runs of one task that read different copies of the data go to separate rows (``data copy 2``, in the
+    order the copies were first used)."""
+    labels = pd.Series("", index=frame.index, dtype=object)
+    for _, group in frame.groupby(ROW_KEY, dropna=False, sort=False):
+        order = group.sort_values("finished_at", kind="stable")
+        copies = {}
+        for index, run in order.iterrows():
+            known = copies.setdefault(run["task"], [])
+            if run["data_fingerprint"] and run["data_fingerprint"] not in known:
+                known.append(run["data_fingerprint"])
+        copy = {i: (copies[r["task"]].index(r["data_fingerprint"]) if r["data_fingerprint"] else 0)
+                for i, r in group.iterrows()}  # fmt: skip
+        keys = {i: (r["settings"], copy[i]) for i, r in group.iterrows()}
+        distinct = list(dict.fromkeys(keys[i] for i in order.index))
+        settings = [json.loads(text) for text, _ in distinct]
+        differing = _differing(settings)
+        for i, run in group.iterrows():
+            text, data_copy = keys[i]
+            parts = [f"{k} {_short(json.loads(text).get(k))}" for k in differing]
+            parts += [f"data copy {data_copy + 1}"] if any(c for _, c in distinct) else []
+            labels[i] = run["method"] + (f" ({', '.join(parts)})" if len(distinct) > 1 and parts else "")
+    return labels
 
 def method_order(methods) -> list[str]:
     registered = METHODS.names()
     return sorted(set(methods), key=lambda m: (registered.index(m) if m in registered else len(registered), m))
 
+
+def row_order(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """(label, method) of every table row of ``runs``, in the registry's method order, then by label."""
+    pairs = set(zip(runs["row"], runs["method"]))
+    rank = {m: i for i, m in enumerate(method_order(runs["method"]))}
+    return sorted(pairs, key=lambda pair: (rank[pair[1]], pair[0]))
 
 def stats(values: list[float]) -> Stat:
     mean = sum(values) / len(values)
@@ -137,7 +213,8 @@ class Table:
     summary: tuple[str, ...] = ()  # the columns a bar plot shows
 
     def ours(self) -> dict[str, dict[str, Stat]]:
-        return {row.method: row.cells for row in self.rows if row.source == "ours"}
+        """Our rows' cells by label (the method's name unless it has rows of several settings)."""
+        return {row.label: row.cells for row in self.rows if row.source == "ours"}
 
     def display_rows(self) -> list[dict[str, str]]:
         return [
@@ -179,12 +256,19 @@ def with_paper(
     params: dict,
     paper_params: dict,
     published: dict[str, list[Row]] | None = None,
+    methods: dict[str, str] | None = None,
 ) -> list[Row]:
-    """Our rows, each followed by the paper's row for the same method where the paper has one, then by the
-    rows other publications report for it."""
+    """Our rows (keyed by label; ``methods`` maps a label to its method, else the label is the method), the
+    last row of each method followed by the paper's row for it where the paper has one, then by the rows
+    other publications report for it."""
+    methods = methods or {label: label for label in ours}
+    labels = list(ours)
     rows = []
-    for method, cells in ours.items():
-        rows.append(Row(method, cells, params.get(method), "ours", method))
+    for position, label in enumerate(labels):
+        method = methods[label]
+        rows.append(Row(label, ours[label], params.get(label, params.get(method)), "ours", method))
+        if any(methods[later] == method for later in labels[position + 1 :]):
+            continue
         if method in paper:
             rows.append(Row(f"{method} (paper)", paper[method], paper_params.get(method), "paper", method))
         rows += (published or {}).get(method, [])
