@@ -12,8 +12,9 @@ from importlib.resources import files
 
 import pandas as pd
 
+from ..backbones import PAPER_BACKBONE
 from ..registry import METHODS, SUITES, TASKS
-from .table import PAPER_METHODS, Row, Stat, Table, method_order, slug, stats, with_paper
+from .table import PAPER_METHODS, Row, Stat, Table, row_order, slug, stats, with_paper
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def layout_for(suite: str, present: list[str]) -> Layout:
 
 
 def aggregates(values: dict[str, float], layout: Layout) -> dict[str, float]:
-    """Group means and averages of one seed's per-task accuracies; incomplete ones are left out."""
+    """Group means and averages of per-task accuracies; incomplete ones are left out."""
     out = {}
     for group, tasks in layout.groups.items():
         if all(t in values for t in tasks):
@@ -72,17 +73,33 @@ def aggregates(values: dict[str, float], layout: Layout) -> dict[str, float]:
     return out
 
 
-def accuracy_cells(frame: pd.DataFrame, layout: Layout) -> dict[str, dict[str, Stat]]:
-    """method -> column -> stats over seeds; columns are tasks, group means and averages."""
-    cells: dict[str, dict[str, Stat]] = {}
-    for method in method_order(frame["method"]):
-        runs = frame[frame["method"] == method]
-        row: dict[str, list[float]] = {task: list(values) for task, values in runs.groupby("task")["top1"]}
-        for _, seed_runs in runs.groupby("seed"):
-            for column, value in aggregates(dict(zip(seed_runs["task"], seed_runs["top1"])), layout).items():
-                row.setdefault(column, []).append(value)
-        cells[method] = {column: stats(values) for column, values in row.items()}
+def row_cells(runs: pd.DataFrame, layout: Layout) -> dict[str, Stat]:
+    """One row's cells: per task the mean ± std over its seeds; every aggregate is the aggregate of the
+    task cells shown (means of means). Its ± is the std over seeds of the per-seed aggregate, where every
+    task of the aggregate has the same seeds; else none is shown."""
+    cells = {task: stats(list(values)) for task, values in runs.groupby("task")["top1"]}
+    means = aggregates({task: cell[0] for task, cell in cells.items()}, layout)
+    seeds = {task: frozenset(group["seed"]) for task, group in runs.groupby("task")}
+    per_seed: dict[str, list[float]] = {}
+    for seed, seed_runs in runs.groupby("seed"):
+        for column, value in aggregates(dict(zip(seed_runs["task"], seed_runs["top1"])), layout).items():
+            per_seed.setdefault(column, []).append(value)
+    for column, mean in means.items():
+        tasks = layout.groups.get(column) or layout.tasks
+        same_seeds = len({seeds[t] for t in tasks}) == 1 and len(per_seed.get(column, [])) == len(seeds[tasks[0]])
+        spread = stats(per_seed[column]) if same_seeds else (mean, 0.0, 1)
+        cells[column] = (mean, spread[1], spread[2])
     return cells
+
+
+def accuracy_cells(frame: pd.DataFrame, layout: Layout) -> tuple[dict[str, dict[str, Stat]], dict[str, str]]:
+    """(row label -> column -> stats over seeds, row label -> method): one row per method and settings
+    (``report.table.row_labels``); columns are tasks, group means and averages."""
+    cells, methods = {}, {}
+    for label, method in row_order(frame):
+        cells[label] = row_cells(frame[frame["row"] == label], layout)
+        methods[label] = method
+    return cells, methods
 
 
 def _reference(name: str) -> pd.DataFrame:
@@ -149,12 +166,30 @@ def mixed_data(runs: pd.DataFrame) -> dict[str, int]:
     return {task: int(n) for task, n in counts.items() if n > 1}
 
 
+_WARNED: set[str] = set()
+
+
 def mixed_data_note(mixed: dict[str, int], title: str) -> str:
     if not mixed:
         return ""
     tasks = ", ".join(f"{task} ({n} copies)" for task, n in sorted(mixed.items()))
-    log.warning("%s: runs of %s read different data (different fingerprints); not comparable", title, tasks)
+    warning = f"{title}: runs of {tasks} read different data (different fingerprints); not comparable"
+    if warning not in _WARNED:  # a report builds its tables more than once (files, then the console)
+        _WARNED.add(warning)
+        log.warning("%s", warning)
     return f"WARNING: MIXED DATA. Runs of {tasks} read different copies of the data (their fingerprints differ)."
+
+
+NO_REFERENCE_NOTE = (
+    "No published rows beside these: the published VTAB-1K numbers are for ViT-B/16 (ImageNet-21k) at 224 px, "
+    "and these runs used another backbone or input size."
+)
+
+
+def published_setting(runs: pd.DataFrame) -> bool:
+    """The runs are on the backbone and input size the published VTAB-1K numbers were measured with."""
+    sizes = set(runs["image_size"].dropna().astype(int))
+    return set(runs["backbone"]) == {PAPER_BACKBONE} and sizes <= {224}
 
 
 def accuracy_tables(frame: pd.DataFrame) -> list[Table]:
@@ -162,13 +197,15 @@ def accuracy_tables(frame: pd.DataFrame) -> list[Table]:
     tables = []
     for (suite, backbone, protocol), runs in frame.groupby(["suite", "backbone", "protocol"], sort=True):
         layout = layout_for(suite, list(runs["task"].unique()))
-        ours = accuracy_cells(runs, layout)
-        params = runs.groupby("method")["trainable_params"].mean().to_dict()
-        paper, paper_params = paper_vtab(layout) if suite == "vtab" else ({}, {})
-        published = published_vtab(layout, ours) if suite == "vtab" else {}
+        ours, methods = accuracy_cells(runs, layout)
+        params = runs.groupby("row")["trainable_params"].mean().to_dict()
+        comparable = suite == "vtab" and published_setting(runs)
+        paper, paper_params = paper_vtab(layout) if comparable else ({}, {})
+        published = published_vtab(layout, set(methods.values())) if comparable else {}
         title = f"{suite} on {backbone}, protocol '{protocol}'"
         mixed = mixed_data(runs)
         notes = [mixed_data_note(mixed, title)] if mixed else []
+        notes += [NO_REFERENCE_NOTE] if suite == "vtab" and not comparable else []
         notes += [PAPER_NOTE] if paper else []
         notes += [PUBLISHED_NOTE] if published else []
         tables.append(
@@ -176,7 +213,7 @@ def accuracy_tables(frame: pd.DataFrame) -> list[Table]:
                 title=title + (" [MIXED DATA]" if mixed else ""),
                 slug=slug(suite, backbone, protocol),
                 columns=layout.tasks + layout.aggregate_columns(),
-                rows=with_paper(ours, paper, params, paper_params, published),
+                rows=with_paper(ours, paper, params, paper_params, published, methods),
                 key={"suite": suite, "backbone": backbone, "protocol": protocol},
                 note=" ".join(notes),
                 headline=(MEAN_OF_GROUPS, MEAN_OF_TASKS) if layout.groups else (MEAN_OF_TASKS,),
@@ -196,11 +233,13 @@ def backbone_table(frame: pd.DataFrame) -> Table | None:
     rows = []
     for (backbone, protocol), runs in vtab.groupby(["backbone", "protocol"], sort=True):
         layout = layout_for("vtab", list(runs["task"].unique()))
-        params = runs.groupby("method")["trainable_params"].mean().to_dict()
-        for method, cells in accuracy_cells(runs, layout).items():
-            label = f"{backbone} / {method}" + ("" if protocol == "final" else f" ({protocol})")
+        params = runs.groupby("row")["trainable_params"].mean().to_dict()
+        ours, methods = accuracy_cells(runs, layout)
+        for row_label, cells in ours.items():
+            method = methods[row_label]
+            label = f"{backbone} / {row_label}" + ("" if protocol == "final" else f" ({protocol})")
             rows.append(
-                Row(label, {c: v for c, v in cells.items() if c in columns}, params.get(method), "ours", method)
+                Row(label, {c: v for c, v in cells.items() if c in columns}, params.get(row_label), "ours", method)
             )
             short = PAPER_BACKBONES.get(backbone)
             for _, line in paper[(paper["model"] == short)].iterrows():
