@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import records
 from .errors import UserError
-from .runner import SweepSpec, run_sweep
+from .runner import SweepSpec, run_sweep, validate
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +86,8 @@ def submit(spec: SweepSpec, output: Path, options: SlurmOptions, *, force: bool,
     """Submit one SLURM array task per unfinished run; logs go to OUTPUT/slurm-logs."""
     import submitit
 
-    jobs = spec.jobs()
-    pending = [job for job in jobs if force or not records.is_finished(output / job.run_id)]
+    checked = validate(spec.jobs(), strict=False, skip_unsupported=spec.skip_unsupported)
+    pending = [job for job in checked.jobs if force or not checked.finished(job, output)]
     if not pending:
         return []
     try:  # name the cluster: submitit would otherwise fall back to running locally without saying so

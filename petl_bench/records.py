@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -119,13 +120,24 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    return _number(value) and math.isfinite(value)
+
+
+class NewerRecord(ValueError):
+    """A record written by a newer petl-bench (a higher schema version): left alone, never replaced."""
+
+
 def parse_record(text: str) -> RunRecord:
     """A record from its JSON text; ValueError (saying what is wrong) unless it parses and has every
     field a report reads, with the right types."""
     data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"not a JSON object but a {type(data).__name__}")
-    if data.get("schema_version") != SCHEMA_VERSION:
+    version = data.get("schema_version")
+    if _number(version) and version > SCHEMA_VERSION:
+        raise NewerRecord(f"written by a newer petl-bench (schema version {version}; this one reads {SCHEMA_VERSION})")
+    if version != SCHEMA_VERSION:
         raise ValueError(f"schema version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     for name in _NAMES:
         value = data.get(name)
@@ -139,13 +151,17 @@ def parse_record(text: str) -> RunRecord:
     if not isinstance(data.get("data", {}), dict) or not isinstance(data.get("data", {}).get("fingerprint", ""), str):
         raise ValueError("field 'data' is not an object with a string fingerprint")
     metrics, cost = data["metrics"], data["cost"]
-    if not _number(metrics.get("top1")):
-        raise ValueError(f"metrics.top1 is not a number: {metrics.get('top1')!r}")
+    if not _finite(metrics.get("top1")) or not 0 <= metrics["top1"] <= 100:
+        raise ValueError(f"metrics.top1 is not a percentage: {metrics.get('top1')!r}"[:200])
+    targets = metrics.get("targets", {})
+    if not isinstance(targets, dict) or not all(_finite(v) and 0 <= v <= 100 for v in targets.values()):
+        raise ValueError("metrics.targets holds a value that is not a percentage")
     if not isinstance(metrics.get("eval_split"), str):
         raise ValueError("metrics.eval_split is missing")
-    missing = [name for name in _COSTS if not _number(cost.get(name))]
-    if missing or not isinstance(cost.get("seconds"), dict) or not _number(cost["seconds"].get("total")):
-        raise ValueError(f"cost fields missing or not numbers: {', '.join(missing) or 'seconds.total'}")
+    missing = [name for name in _COSTS if not _finite(cost.get(name)) or cost[name] < 0]
+    seconds = cost.get("seconds")
+    if missing or not isinstance(seconds, dict) or not _finite(seconds.get("total")) or seconds["total"] < 0:
+        raise ValueError(f"cost fields missing, negative or not finite: {', '.join(missing) or 'seconds.total'}")
     if not all(isinstance(v, str) for v in data.get("notes", [])) or not isinstance(data.get("task_variant", {}), dict):
         raise ValueError("notes or task_variant malformed")
     return RunRecord.from_dict(data)
@@ -168,6 +184,8 @@ def is_finished(run_dir: Path, repair: bool = True) -> bool:
     try:
         read_record(path)
         return True
+    except NewerRecord as error:
+        raise UserError(f"{path}: {error}; upgrade petl-bench, or use another --output") from None
     except ValueError as error:
         if not repair:
             return False
@@ -178,6 +196,41 @@ def is_finished(run_dir: Path, repair: bool = True) -> bool:
         except OSError:
             pass
         return False
+
+
+def recorded_fingerprint(run_dir: Path) -> str:
+    """The data fingerprint a run's valid record holds ("" when none, or no valid record)."""
+    try:
+        return read_record(run_dir / RECORD).data.get("fingerprint") or ""
+    except ValueError:
+        return ""
+
+
+def finished_on(run_dir: Path, fingerprint: str, repair: bool = True) -> bool:
+    """A valid record exists and was trained on the data whose fingerprint is ``fingerprint`` (a record
+    without one, from before fingerprints, counts as this data's)."""
+    if not is_finished(run_dir, repair):
+        return False
+    recorded = recorded_fingerprint(run_dir)
+    return not recorded or not fingerprint or recorded == fingerprint
+
+
+def set_aside_other_data(run_dir: Path, fingerprint: str) -> Path | None:
+    """A finished run trained on other data than ``fingerprint`` is not this data's result: its folder is
+    renamed to ``<run id>.data-<its fingerprint>`` (kept, and still reported, as a run on that copy), so
+    the run trains again on this data. Returns the new folder, None when nothing was moved."""
+    if not is_finished(run_dir, repair=False) or finished_on(run_dir, fingerprint, repair=False):
+        return None
+    recorded = recorded_fingerprint(run_dir)
+    aside = run_dir.with_name(f"{run_dir.name}.data-{recorded[:12]}")
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = run_dir.with_name(f"{run_dir.name}.data-{recorded[:12]}-{suffix}")
+    os.replace(run_dir, aside)
+    log.warning("%s was trained on other data (fingerprint %s, now %s); kept as %s, training again on this data",
+                run_dir.name, recorded[:12], fingerprint[:12], aside.name)  # fmt: skip
+    return aside
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
@@ -235,12 +288,19 @@ def load_records(results: Path) -> list[RunRecord]:
         raise UserError(f"no results folder {results}; run 'petl-bench run' first or pass --results")
     if not results.is_dir():
         raise UserError(f"--results {results} is not a folder")
-    records = []
+    records, seen = [], {}
     for path in sorted(results.rglob(RECORD)):
         try:
-            records.append(read_record(path))
+            record = read_record(path)
         except ValueError as error:
             log.warning("skipping %s: %s", path, error)
+            continue
+        key = (record.run_id, record.data.get("fingerprint") or "")
+        if key in seen:  # a copied folder: one run counted twice would look like two seeds
+            log.warning("run %s is in %s and in %s; counted once (the first)", record.run_id, seen[key], path)
+            continue
+        seen[key] = path
+        records.append(record)
     return records
 
 

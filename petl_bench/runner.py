@@ -511,9 +511,20 @@ class Checked:
     jobs: list[Job]
     left_out: list[str]
     infos: dict[tuple[str, int | None], Any]
+    fingerprints: dict[tuple[str, str], str] = field(default_factory=dict)  # by Job.data_key
 
     def info(self, job: Job):
         return self.infos[(job.backbone, job.recipe.image_size)]
+
+    def fingerprint(self, job: Job) -> str:
+        """The fingerprint of the data ``job`` reads (computed once per task, cached on disk)."""
+        if job.data_key not in self.fingerprints:
+            self.fingerprints[job.data_key] = data_identity(self.data[job.data_key])["fingerprint"]
+        return self.fingerprints[job.data_key]
+
+    def finished(self, job: Job, output: Path, repair: bool = True) -> bool:
+        """``job`` has a record in ``output`` trained on the data it reads now."""
+        return records.finished_on(records.run_folder(output, job.run_id), self.fingerprint(job), repair)
 
 
 def validate(jobs: list[Job], strict: bool, skip_unsupported: bool = False) -> Checked:
@@ -556,16 +567,23 @@ def plan_rows(checked: Checked, output: Path) -> list[dict[str, Any]]:
             "method": job.method, "task": job.task.key, "backbone": job.backbone, "seed": job.seed,
             "protocol": job.protocol, "image_size": f"{size[0]}x{size[1]}", "epochs": job.recipe.epochs,
             "batch": job.recipe.batch_size, "train_images": len(checked.data[job.data_key].train),
-            "status": "finished" if records.is_finished(output / job.run_id, repair=False) else "to run", "run_id": job.run_id,
+            "status": _status(checked, job, output), "run_id": job.run_id,
         })  # fmt: skip
     return rows
+
+
+def _status(checked: Checked, job: Job, output: Path) -> str:
+    if checked.finished(job, output, repair=False):
+        return "finished"
+    other_data = records.is_finished(records.run_folder(output, job.run_id), repair=False)
+    return "to run (data changed)" if other_data else "to run"
 
 
 def plan_summary(checked: Checked, output: Path) -> str:
     """One line before a sweep starts: runs, input sizes and the estimated compute (a training step
     costs about three forward passes; the backbone's forward FLOPs at the run's input size)."""
     rows = plan_rows(checked, output)
-    todo = [(job, row) for job, row in zip(checked.jobs, rows) if row["status"] == "to run"]
+    todo = [(job, row) for job, row in zip(checked.jobs, rows) if row["status"] != "finished"]
     flops: dict[tuple[str, int | None], int] = {}
     total = 0.0
     for job, row in todo:
@@ -626,19 +644,20 @@ def run_sweep(
     The overall bar counts epochs, so its time estimate follows the training actually left."""
     checked = checked or validate(jobs, strict, skip_unsupported)
     summary = SweepSummary(left_out=checked.left_out)
-    todo = [job for job in checked.jobs if force or not records.is_finished(records.run_folder(output, job.run_id))]
+    todo = [job for job in checked.jobs if force or not checked.finished(job, output)]
     total = sum(job.recipe.epochs for job in todo)
     overall = progress.add_task(f"runs 0/{len(todo)}", total=total) if progress and todo else None
     done = 0
     for job in checked.jobs:
         run_dir = records.run_folder(output, job.run_id)
-        if records.is_finished(run_dir) and not force:
+        if checked.finished(job, output) and not force:
             summary.skipped.append(job.run_id)
             continue
+        records.set_aside_other_data(run_dir, checked.fingerprint(job))
         with records.run_lock(run_dir) as acquired:
             if not acquired:
                 summary.busy.append(job.run_id)
-            elif records.is_finished(run_dir) and not force:
+            elif checked.finished(job, output) and not force:
                 summary.skipped.append(job.run_id)
             else:
                 record = _run_one(job, run_dir, checked.data[job.data_key], device, progress, checkpoint_seconds,

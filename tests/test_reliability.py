@@ -125,6 +125,12 @@ MALFORMED = {
     "top-1 as a string": lambda d: {**d, "metrics": {**d["metrics"], "top1": "50"}},
     "no cost.seconds": lambda d: {**d, "cost": {k: v for k, v in d["cost"].items() if k != "seconds"}},
     "NUL in a name": lambda d: {**d, "method": "lo\x00ra"},
+    "top-1 1e308": lambda d: {**d, "metrics": {**d["metrics"], "top1": 1e308}},
+    "top-1 -1e308": lambda d: {**d, "metrics": {**d["metrics"], "top1": -1e308}},
+    "top-1 above 100": lambda d: {**d, "metrics": {**d["metrics"], "top1": 100.5}},
+    "a target's top-1 NaN": lambda d: {**d, "metrics": {**d["metrics"], "targets": {"imagenet_a": float("nan")}}},
+    "negative cost": lambda d: {**d, "cost": {**d["cost"], "trainable_params": -1}},
+    "infinite seconds": lambda d: {**d, "cost": {**d["cost"], "seconds": {"total": float("inf")}}},
     "truncated": None,
 }
 

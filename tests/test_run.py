@@ -286,3 +286,34 @@ def test_all_methods_leaves_out_what_cannot_run_here(monkeypatch, capsys, tmp_pa
     assert methods == {"full", "linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "adaptformer", "lora",
                        "convpass", "convpass_attn", "ln_tune", "ssf", "fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit",
                        "houlsby_adapter", "pfeiffer_adapter", "bi_adaptformer", "bi_lora"}  # fmt: skip
+
+
+def test_a_finished_run_is_not_reused_on_changed_data(monkeypatch, capsys, tmp_path, task, tiny_plugin):
+    """A copy of the data with one image changed is other data: the run trains again, and the first result is
+    kept (and reported) as a run on the first copy, in a row of its own."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "runs"
+    args = ["run", "--plugin", str(tiny_plugin), "--methods", "linear", "--epochs", "1", "--output", str(out), *TINY_RUN]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--task-dir", str(task))
+    assert code == 0 and "1 run(s) trained" in stdout, stderr
+    copy = tmp_path / "copy" / task.name
+    shutil.copytree(task, copy)
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--task-dir", str(copy))
+    assert "0 run(s) trained, 1 already finished" in stdout, "an identical copy is the same data"
+    image = copy / "images" / "train" / "000000.jpg"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--task-dir", str(copy), "--dry-run")
+    assert "plan: 1 run(s) to train, 0 finished" in stderr and "data changed" in stdout
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--task-dir", str(copy))
+    assert code == 0 and "1 run(s) trained, 0 already finished" in stdout, stderr
+    found = records.load_records(out)
+    assert len(found) == 2 and len({r.data["fingerprint"] for r in found}) == 2
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--task-dir", str(copy))
+    assert "0 run(s) trained, 1 already finished" in stdout
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "report", "--results", str(out), "--out", str(tmp_path / "r"))
+    assert code == 0 and "linear (data copy 1)" in stdout and "linear (data copy 2)" in stdout
+    assert stderr.count("MIXED DATA") + stderr.count("different data") <= 1
