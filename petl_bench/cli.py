@@ -185,13 +185,19 @@ def print_tables(run_records: list, fmt: str = "table") -> None:
 
 # Options shared by `run` and `tune`.
 O_METHODS = typer.Option(None, help="Comma-separated methods, or 'all' (default: the suite's).")
-O_SUITE = typer.Option(None, help="vtab, demo, ... (default: demo, unless --tasks/--task-dir).")
+O_SUITE = typer.Option(
+    None, metavar="vtab|fewshot|dg|demo", help="The suite (default: demo, unless --tasks/--task-dir)."
+)
 O_TASKS = typer.Option(None, help="Comma-separated registered tasks (default: the suite's).")
 O_TASK_DIR = typer.Option(None, "--task-dir", help="Folder with train/test list files (repeatable).")
 O_BACKBONE = typer.Option(None, help="Backbone (default: the suite's).")
 O_BACKBONES = typer.Option(None, help="Comma-separated backbones, each crossed with every method.")
-O_PRETRAINED = typer.Option("hub", help="hub, none, or a weights file.")
-O_DATA_ROOT = typer.Option(None, help="Data folder (default: $PETL_BENCH_DATA).")
+O_PRETRAINED = typer.Option("hub", metavar="hub|none|PATH", help="The backbone's weights: hub, none, or a weights file.")
+O_DATA_ROOT = typer.Option(
+    None, "--data-root", "--root",
+    help="Data folder (default: $PETL_BENCH_DATA, else data/ in the cache folder, $PETL_BENCH_CACHE/data, "
+    "where 'petl-bench data get' puts it).",
+)
 O_SEEDS = typer.Option(None, help="Comma-separated seeds (default: the suite's).")
 O_SHOTS = typer.Option(None, help="Few-shot: comma-separated shots (default 1,2,4,8,16).")
 O_SPLIT_SEEDS = typer.Option(None, "--split-seeds", help="Few-shot / dg: split list seeds (default 0,1,2).")
@@ -203,12 +209,14 @@ O_IMAGE_SIZE = typer.Option(
 )
 O_DRY_RUN = typer.Option(False, "--dry-run", help="List the runs (finished or to run) and exit.")
 O_OUTPUT = typer.Option(Path("results/runs"), help="Where run folders go.")
-O_DEVICE = typer.Option("auto", help="auto, cpu or cuda[:N].")
+O_DEVICE = typer.Option("auto", metavar="auto|cpu|cuda[:N]", help="Where to train.")
 O_FORCE = typer.Option(False, help="Rerun finished runs.")
 O_STRICT = typer.Option(False, help="Fail (not warn) when a split has an unexpected size.")
 O_CHECKPOINT = typer.Option(60.0, help="Save the training state at most this often (resume after a crash).")
 O_SET = typer.Option(None, "--set", help="SCOPE.KEY=VALUE, e.g. convpass.scale=10, recipe.lr=5e-4, lora.lr=5e-4.")
-O_EXECUTOR = typer.Option("local", help="local (this process, or one per GPU with --gpus) or slurm (submitit).")
+O_EXECUTOR = typer.Option(
+    "local", metavar="local|slurm", help="local (this process, or one per GPU with --gpus) or slurm (submitit)."
+)
 O_GPUS = typer.Option(1, help="local: worker processes, one per visible GPU.")
 O_CLUSTER = typer.Option("slurm", help="submitit cluster: slurm, or local/debug to try it without one.")
 O_PARTITION = typer.Option(None, help="SLURM partition.")
@@ -330,7 +338,8 @@ def run_command(
     epochs: Optional[int] = O_EPOCHS, batch_size: Optional[int] = O_BATCH, lr: Optional[float] = O_LR,
     image_size: Optional[int] = O_IMAGE_SIZE, dry_run: bool = O_DRY_RUN,
     protocol: str = typer.Option(
-        "final", help="final (last epoch, honest), paper (max over test evals), tune (train -> val)."
+        "final", metavar="final|paper|tune",
+        help="final (last epoch, honest), paper (max over test evals), tune (train -> val).",
     ),
     output: Path = O_OUTPUT, device: str = O_DEVICE, force: bool = O_FORCE, strict: bool = O_STRICT,
     checkpoint_seconds: float = O_CHECKPOINT, settings: Optional[list[str]] = O_SET, executor: str = O_EXECUTOR,
@@ -361,10 +370,13 @@ def tune_command(
     backbones: Optional[str] = O_BACKBONES, pretrained: str = O_PRETRAINED, data_root: Optional[Path] = O_DATA_ROOT,
     seeds: Optional[str] = O_SEEDS, shots: Optional[str] = O_SHOTS, split_seeds: Optional[str] = O_SPLIT_SEEDS,
     epochs: Optional[int] = O_EPOCHS, batch_size: Optional[int] = O_BATCH, image_size: Optional[int] = O_IMAGE_SIZE,
+    lr: Optional[float] = typer.Option(None, help="Fix the learning rate instead of tuning it (--grid recipe.lr=LR)."),
     grid: Optional[list[str]] = typer.Option(
         None, "--grid", help="SCOPE.KEY=V1,V2 replaces an axis: convpass.scale=0.1,1,10, recipe.lr=1e-3,5e-3."
     ),
-    search: str = typer.Option("grid", help="grid (every configuration) or halving (successive halving)."),
+    search: str = typer.Option(
+        "grid", metavar="grid|halving", help="grid (every configuration) or halving (successive halving)."
+    ),
     search_only: bool = typer.Option(False, "--search-only", help="Run stage 1 and print the choices; no stage 2."),
     dry_run: bool = O_DRY_RUN, output: Path = O_OUTPUT, device: str = O_DEVICE, force: bool = O_FORCE,
     strict: bool = O_STRICT, checkpoint_seconds: float = O_CHECKPOINT, settings: Optional[list[str]] = O_SET,
@@ -381,7 +393,8 @@ def tune_command(
     spec = sweep_spec(
         TuneSpec, methods=methods, suite=suite, tasks=tasks, task_dir=task_dir, backbone=backbone,
         backbones=backbones, pretrained=pretrained, data_root=data_root, seeds=seeds, shots=shots,
-        split_seeds=split_seeds, overrides=overrides, settings=settings, plugin=plugin, grid=list(grid or []),
+        split_seeds=split_seeds, overrides=overrides, settings=settings, plugin=plugin,
+        grid=list(grid or []) + ([f"recipe.lr={lr}"] if lr is not None else []),
         search=search, output=str(output),
     )  # fmt: skip
     run = execution(output, device, force, strict, checkpoint_seconds, executor, gpus, slurm_cluster, partition,
@@ -449,7 +462,7 @@ def report_command(
 
 @app.command("export")
 def export_command(
-    run_dir: Path = typer.Argument(..., help="A finished run's folder (under --output of run/tune)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A finished run's folder (under --output of run/tune)."),
     out: Path = typer.Option(..., "--out", help="The .safetensors file to write (a .json is written beside it)."),
     merged: bool = typer.Option(False, "--merged", help="Fold the method into the backbone: the whole model."),
     plugin: Optional[list[Path]] = PluginOption,
@@ -475,7 +488,7 @@ def noah_search_command(
     task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Or a folder with train/val/test lists."),
     backbone: Optional[str] = typer.Option(None, help="Backbone (default: the task's suite's)."),
     pretrained: str = typer.Option("hub", help="hub, none, or a weights file."),
-    data_root: Optional[Path] = typer.Option(None, help="Data folder (default: $PETL_BENCH_DATA)."),
+    data_root: Optional[Path] = O_DATA_ROOT,
     seed: int = typer.Option(0, help="Seed of the supernet, the search and the retrain."),
     budget: float = typer.Option(0.64, help="Parameter limit in millions (NOAH's --param-limits)."),
     counter: str = typer.Option(
@@ -489,7 +502,7 @@ def noah_search_command(
     crossover: int = typer.Option(25, help="Children made by crossover per generation (NOAH: 25)."),
     m_prob: float = typer.Option(0.2, help="Probability that a mutation changes a module's depth (NOAH: 0.2)."),
     s_prob: float = typer.Option(0.4, help="Probability that a mutation changes a block's size (NOAH: 0.4)."),
-    generations: int = typer.Option(15),
+    generations: int = typer.Option(15, help="Generations of the evolutionary search (NOAH: 15)."),
     sizes: str = typer.Option("1,5,10", help="Candidate prompt lengths / LoRA ranks / adapter widths."),
     depths: str = typer.Option("3,6,9,12", help="Candidate numbers of blocks carrying each module type."),
     epochs: Optional[int] = typer.Option(None, help="Retrain epochs (default: the suite's recipe)."),
@@ -570,12 +583,29 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def tidy_help(command) -> None:
+    """Help that shows values, not Python types: a flag takes no value (no ``<bool>``), a repeatable option
+    says PATH or TEXT (not ``<list[Path]>``). Options with a fixed set of values declare it as their metavar."""
+    for param in getattr(command, "params", []):
+        if getattr(param, "metavar", None) is not None or getattr(param, "param_type_name", "") != "option":
+            continue
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif getattr(param, "multiple", False):
+            annotation = str(getattr(getattr(param, "type_descriptor", None), "annotation", ""))
+            param.metavar = "PATH" if "Path" in annotation else "TEXT"
+    for sub in getattr(command, "commands", {}).values():
+        tidy_help(sub)
+
+
 def main() -> None:
     """Entry point. Exit codes: 0 done; 1 a run failed; 2 a usage or data error (one ``error:`` line);
     130 interrupted (Ctrl-C). ``--debug`` shows tracebacks instead."""
     debug = "--debug" in sys.argv[1:]
     try:
-        code = app(standalone_mode=False)
+        command = typer.main.get_command(app)
+        tidy_help(command)
+        code = command(standalone_mode=False)
     except (UserError, OSError) as error:
         if debug:
             raise

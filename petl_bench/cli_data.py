@@ -15,7 +15,11 @@ from .progress import progress_for
 from .task import data_root
 
 data_app = typer.Typer(help="Get, check and fingerprint the data: VTAB-1K, few-shot FGVC, ImageNet and its variants.")
-RootOption = typer.Option(None, "--root", help="Data root (default: $PETL_BENCH_DATA, else ~/.cache/petl-bench/data).")
+RootOption = typer.Option(
+    None, "--root", "--data-root",
+    help="Data root (default: $PETL_BENCH_DATA, else data/ in the cache folder: $PETL_BENCH_CACHE/data, "
+    "~/.cache/petl-bench/data when unset).",
+)  # fmt: skip
 
 
 def chosen_datasets(names: list[str]) -> list[datasets.Dataset]:
@@ -61,17 +65,32 @@ def list_command(root: Optional[Path] = RootOption) -> None:
     console.print("'petl-bench data get NAME' downloads an automatic one (or prints the steps) and verifies it.")
 
 
-def verify_datasets(chosen: list[datasets.Dataset], root: Path, deep: bool) -> int:
-    """Check every task of ``chosen``, print the table and the problems, record the good ones in the
-    manifest; the number of problems."""
-    checks = []
+def check_all(tasks: list, root: Path, deep: bool) -> list:
     with progress_for() as progress:
-        bar = progress.add_task("verifying", total=sum(len(d.checked_tasks()) for d in chosen))
-        for dataset in chosen:
-            for task in dataset.checked_tasks():
-                checks.append(datasets.check_task(task, root, deep))
-                progress.update(bar, advance=1)
-        good = {c.task: datasets.manifest_entry(c, root) for c in checks if c.ok}
+        bar = progress.add_task("verifying", total=len(tasks))
+        checks = []
+        for task in tasks:
+            checks.append(datasets.check_task(task, root, deep))
+            progress.update(bar, advance=1)
+    return checks
+
+
+def record_manifest(checks: list, root: Path) -> None:
+    """Fingerprint the tasks that verified, forget those that did not; a root that cannot be written is
+    said, not an error (the data was still checked)."""
+    good = {c.task: datasets.manifest_entry(c, root) for c in checks if c.ok}
+    try:
+        manifest = datasets.write_manifest(root, good, failed=[c.task for c in checks if not c.ok])
+    except OSError as error:
+        console.print(f"the manifest could not be written under {root} ({error.strerror}); runs will not name it")
+        return
+    if good:
+        console.print(f"{len(good)} task(s) verified; fingerprints in {manifest}")
+
+
+def verify_tasks(tasks: list, root: Path, deep: bool) -> int:
+    """Check every task, print the table and every problem, update the manifest; the number of problems."""
+    checks = check_all(tasks, root, deep)
     rows = [
         {"task": c.task, "folder": str(c.folder) if c.folder else "-", "lists": len(c.lists),
          "lines": " / ".join(f"{n}" for n in c.lines.values()) or "-", "images": len(c.images),
@@ -79,10 +98,9 @@ def verify_datasets(chosen: list[datasets.Dataset], root: Path, deep: bool) -> i
          "status": "ok" if c.ok else f"{len(c.problems)} problem(s)"}
         for c in checks
     ]  # fmt: skip
-    render(rows, f"Verified under {root}", "table")
-    if good:
-        manifest = datasets.write_manifest(root, good)
-        console.print(f"{len(good)} task(s) verified; fingerprints in {manifest}")
+    ok = sum(c.ok for c in checks)
+    render(rows, f"Checked under {root}: {ok} of {len(checks)} task(s) verified", "table")
+    record_manifest(checks, root)
     problems = [p for c in checks for p in c.problems]
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     for problem in problems:
@@ -90,22 +108,52 @@ def verify_datasets(chosen: list[datasets.Dataset], root: Path, deep: bool) -> i
     return len(problems)
 
 
+def verify_datasets(chosen: list[datasets.Dataset], root: Path, deep: bool) -> int:
+    return verify_tasks([task for dataset in chosen for task in dataset.checked_tasks()], root, deep)
+
+
+def present(task, root: Path) -> bool:
+    try:
+        task.folder(root)
+        return True
+    except UserError:
+        return False
+
+
+def tasks_to_verify(root: Path, suite: str | None, names: list[str]) -> list:
+    """``--tasks``, else every task of ``--suite``, else every task present under the root (saying how many
+    of each dataset's tasks are not there)."""
+    if names:
+        return [registry.TASKS.get(name) for name in names]
+    if suite:
+        return [task for dataset in chosen_datasets([suite]) for task in dataset.checked_tasks()]
+    tasks = []
+    for _, dataset in registry.DATASETS.items():
+        if dataset.suite == "demo":
+            continue
+        found = [task for task in dataset.checked_tasks() if present(task, root)]
+        if found and len(found) < len(dataset.checked_tasks()):
+            console.print(f"{dataset.name}: {len(found)} of {len(dataset.checked_tasks())} tasks here; checking those "
+                          f"(--suite {dataset.suite} checks them all)")  # fmt: skip
+        tasks += found
+    if not tasks:
+        raise UserError(f"no dataset found under {root}; get one with: petl-bench data get vtab-1k")
+    return tasks
+
+
 @data_app.command("verify")
 def verify_command(
     root: Optional[Path] = RootOption,
-    suite: Optional[str] = typer.Option(None, help="Only this suite's datasets (vtab, fewshot, dg, demo)."),
+    suite: Optional[str] = typer.Option(None, help="Every task of this suite (vtab, fewshot, dg, demo), present or not."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (default: every task found under the root)."),
     deep: bool = typer.Option(False, "--deep", help="Also decode every image."),
 ) -> None:
-    """Check lists, line counts, labels and images of every task; write petl-bench-manifest.json. Exit 1
-    when anything is wrong."""
+    """Check lists, line counts, labels, images and the lists against each other (consistent labels, train +
+    val = train+val, no image shared between train, val and test); write petl-bench-manifest.json. Exit 1
+    when anything is wrong, listing every problem."""
     folder = data_root(root)
-    if suite:
-        chosen = chosen_datasets([suite])
-    else:
-        chosen = [d for _, d in registry.DATASETS.items() if d.suite != "demo" and presence(d, folder) != "no"]
-        if not chosen:
-            raise UserError(f"no dataset found under {folder}; get one with: petl-bench data get vtab-1k")
-    if verify_datasets(chosen, folder, deep):
+    names = [name.strip() for name in (tasks or "").split(",") if name.strip()]
+    if verify_tasks(tasks_to_verify(folder, suite, names), folder, deep):
         raise typer.Exit(1)
 
 

@@ -81,31 +81,38 @@ class Split:
         return [self.root / path for path in self.paths]
 
 
-def read_split(name: str, list_file: Path, root: Path, num_classes: int | None, how_to_get: str = "") -> Split:
-    """Parse and validate a list file: every line ``path label``, labels in range, every image present."""
+LINE_PROBLEMS_SHOWN = 10
+
+
+def list_problems(name: str, list_file: Path, root: Path, num_classes: int | None, how_to_get: str = ""):
+    """(the split of a list file's good lines or None, every problem found): unreadable file, each malformed
+    line and label out of range (the first few, then a count), no lines at all, missing images."""
     hint = f" {how_to_get}" if how_to_get else ""
     if not list_file.is_file():
-        raise UserError(f"missing list file {list_file}.{hint}")
+        return None, [f"missing list file {list_file}.{hint}"]
     try:
         text = list_file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first path
     except UnicodeDecodeError as error:
-        raise UserError(f"{list_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        return None, [f"{list_file} is not UTF-8 text ({error.reason} at byte {error.start})"]
     except OSError as error:
-        raise UserError(f"cannot read {list_file}: {error.strerror}") from None
-    paths, labels = [], []
+        return None, [f"cannot read {list_file}: {error.strerror}"]
+    paths, labels, bad = [], [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rstrip().rsplit(maxsplit=1)  # paths may contain spaces: split on the last one
         if len(parts) != 2 or not LABEL.fullmatch(parts[1]):
-            raise UserError(f"{list_file}:{number}: malformed line {line!r}; expected '<image path> <integer label>'")
-        label = int(parts[1])
-        if num_classes is not None and not 0 <= label < num_classes:
-            raise UserError(f"{list_file}:{number}: label {label} outside [0, {num_classes})")
-        paths.append(parts[0])
-        labels.append(label)
-    if not paths:
-        raise UserError(f"{list_file} lists no images.{hint}")
+            bad.append(f"{list_file}:{number}: malformed line {line!r}; expected '<image path> <integer label>'")
+        elif num_classes is not None and not 0 <= int(parts[1]) < num_classes:
+            bad.append(f"{list_file}:{number}: label {int(parts[1])} outside [0, {num_classes})")
+        else:
+            paths.append(parts[0])
+            labels.append(int(parts[1]))
+    problems = bad[:LINE_PROBLEMS_SHOWN]
+    if len(bad) > LINE_PROBLEMS_SHOWN:
+        problems.append(f"{list_file}: {len(bad) - LINE_PROBLEMS_SHOWN} more malformed lines or labels")
+    if not paths and not bad:
+        return None, [f"{list_file} lists no images.{hint}"]
     unique = len(set(zip(paths, labels)))
     if unique < len(paths):  # NOAH's 1-shot Oxford Pets lists repeat every line
         log.warning("%s repeats lines: %d lines, %d unique (kept as listed)", list_file, len(paths), unique)
@@ -114,9 +121,16 @@ def read_split(name: str, list_file: Path, root: Path, num_classes: int | None, 
     if missing:
         shown = ", ".join(f"{root / path} (line {number})" for number, path in missing[:MISSING_SHOWN])
         more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
-        raise UserError(
-            f"{len(missing)} of {len(split)} images listed in {list_file} are missing: {shown}{more}.{hint}"
-        )
+        problems.append(f"{len(missing)} of {len(split)} images listed in {list_file} are missing: {shown}{more}.{hint}")
+    return split, problems
+
+
+def read_split(name: str, list_file: Path, root: Path, num_classes: int | None, how_to_get: str = "") -> Split:
+    """Parse and validate a list file: every line ``path label``, labels in range, every image present."""
+    split, problems = list_problems(name, list_file, root, num_classes, how_to_get)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); 'petl-bench data verify' lists them)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
     return split
 
 

@@ -25,7 +25,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from PIL import Image
 
@@ -246,26 +246,64 @@ def task_lists(task) -> list[str]:
 
 
 def check_task(task, root: Path, deep: bool = False) -> TaskCheck:
+    """Every fault of one task in one pass: each list's lines, labels, sizes and images, then the lists
+    against each other (see :func:`cross_check`)."""
     try:
         folder = task.folder(root)
     except UserError as error:
         return TaskCheck(task.name, None, problems=[f"{task.name}: {str(error).split('. ')[0]}"])
     check = TaskCheck(task.name, folder)
+    splits = {}
     for name in task_lists(task):
-        try:
-            split = task.read(folder, name, strict=False)
-        except UserError as error:
-            check.problems.append(f"{task.name}: {error}")
+        split, problems = task.check_list(folder, name)
+        check.problems += [f"{task.name}: {problem}" for problem in problems]
+        if split is None:
             continue
+        splits[name] = split
         check.lists[name] = file_digest(folder / name)
         check.lines[name] = len(split)
         expected = task.sizes.get(name)
         if expected is not None and len(split) != expected:
             check.problems.append(f"{task.name}: {folder / name} has {len(split)} lines, expected {expected}")
         check.images.update((split.root, path) for path in split.paths)
+    for variant in task.variants():
+        check.problems += [f"{task.name}: {p}" for p in cross_check(variant.lists, splits) if f"{task.name}: {p}" not in check.problems]
     if deep:
         check.decoded = _decode_all(check)
     return check
+
+
+def _pairs(split) -> list[tuple[str, int]]:
+    return [(os.path.normpath(split.root / path), label) for path, label in zip(split.paths, split.labels)]
+
+
+def cross_check(lists, splits: dict) -> list[str]:
+    """The lists of one task against each other: an image has one label everywhere; train ∪ val is
+    train+val (VTAB-1K's train800 ∪ val200 = train800val200); val shares no image with train, test none
+    with either; test lists no image twice."""
+    found = {role: splits.get(name) for role, name in
+             (("train", lists.train), ("val", lists.val), ("trainval", lists.trainval), ("test", lists.test))}  # fmt: skip
+    problems, labels, conflicts = [], {}, []
+    for role, split in found.items():
+        for image, label in _pairs(split) if split else []:
+            if labels.setdefault(image, (label, role))[0] != label:
+                first, where = labels[image]
+                conflicts.append(f"{image} is labelled {first} in {getattr(lists, where)} and {label} in {getattr(lists, role)}")
+    problems += conflicts[:3] + ([f"{len(conflicts) - 3} more images with two labels"] if len(conflicts) > 3 else [])
+    train, val, trainval, test = (set(_pairs(found[r])) if found[r] else None for r in ("train", "val", "trainval", "test"))
+    distinct = lists.train != lists.trainval and lists.val not in (lists.train, lists.trainval)
+    if distinct and None not in (train, val, trainval) and train | val != trainval:
+        problems.append(f"{lists.train} and {lists.val} together are not {lists.trainval} "
+                        f"({len(train | val - trainval)} lines only in them, {len(trainval - (train | val))} only in {lists.trainval})")  # fmt: skip
+    images = {role: {image for image, _ in _pairs(split)} for role, split in found.items() if split}
+    if distinct and "train" in images and "val" in images and images["train"] & images["val"]:
+        problems.append(f"{len(images['train'] & images['val'])} image(s) of {lists.val} are also in {lists.train} (a leak)")
+    for role in ("train", "val", "trainval"):
+        shared = images.get("test", set()) & images.get(role, set())
+        if shared and lists.test != getattr(lists, role):
+            problems.append(f"{len(shared)} image(s) of {lists.test} are also in {getattr(lists, role)} (a leak)")
+            break
+    return list(dict.fromkeys(problems))
 
 
 def _decode_all(check: TaskCheck) -> int:
@@ -307,17 +345,44 @@ def manifest_entry(check: TaskCheck, root: Path) -> dict:
     }
 
 
+def _valid_entry(entry) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("folder", ""), str)
+        and isinstance(entry.get("lists", {}), dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in entry.get("lists", {}).items())
+        and isinstance(entry.get("images", ""), str)
+    )
+
+
+_WARNED_ENTRIES: set[tuple[str, str]] = set()
+
+
 def read_manifest(root: Path) -> dict:
+    """The manifest under ``root`` ({"tasks": {}} when there is none or it does not parse); an entry that is
+    not a well-formed object is dropped with a warning (``verify`` rewrites the file without it)."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
-        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("tasks"), dict) else {"tasks": {}}
     except (OSError, ValueError):
         return {"tasks": {}}
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), dict):
+        return {"tasks": {}}
+    for name, entry in list(manifest["tasks"].items()):
+        if not _valid_entry(entry):
+            if (str(root), name) not in _WARNED_ENTRIES:
+                _WARNED_ENTRIES.add((str(root), name))
+                log.warning("%s: the entry for %r is malformed; ignored (petl-bench data verify rewrites it)",
+                            root / MANIFEST, name)  # fmt: skip
+            del manifest["tasks"][name]
+    return manifest
 
 
-def write_manifest(root: Path, entries: dict[str, dict]) -> Path:
+def write_manifest(root: Path, entries: dict[str, dict], failed: Iterable[str] = ()) -> Path:
+    """Record ``entries`` (tasks that verified), drop the entries of ``failed`` tasks and malformed ones."""
     manifest = read_manifest(root)
     manifest["tasks"].update(entries)
+    for name in failed:
+        manifest["tasks"].pop(name, None)
     manifest["version"] = 1
     write_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return root / MANIFEST

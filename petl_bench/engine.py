@@ -475,11 +475,11 @@ def fit(
             log.top1, result.eval_images_per_s = evaluate(model, evaluation, normalizer, device, recipe.eval_batch_size)
             result.eval_seconds += time.perf_counter() - eval_start
         result.epochs.append(log)
+        if resume is not None and not last and time.monotonic() - last_save >= checkpoint_seconds:
+            _save_state(resume, epoch, model, optimizer, order, result)  # before the log line: a logged epoch is saved
+            last_save = time.monotonic()
         if on_epoch:
             on_epoch(log)
-        if resume is not None and not last and time.monotonic() - last_save >= checkpoint_seconds:
-            _save_state(resume, epoch, model, optimizer, order, result)
-            last_save = time.monotonic()
     result.top1 = result.epochs[-1].top1
     result.train_images_per_s = images_per_epoch * recipe.epochs / max(result.train_seconds, 1e-9)
     return result

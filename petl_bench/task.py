@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import Split, cache_dir, check_size, read_split
+from .data import Split, cache_dir, check_size, list_problems, read_split
 from .engine import Recipe
 from .errors import UserError
 from .records import variant_key
@@ -125,16 +125,22 @@ class FileListTask:
         for candidate in candidates:
             if candidate.is_dir():
                 return candidate
-        looked = ", ".join(str(c) for c in candidates[: len(names)])
+        looked = ", ".join(str(c) for c in candidates)
         raise UserError(f"task '{self.name}' not found under {data_root} (looked for {looked}). {self.how_to_get}")
 
-    def read(self, folder: Path, list_name: str, strict: bool) -> Split:
+    def _list_args(self, folder: Path, list_name: str) -> tuple:
         image_root = folder / self.image_dirs.get(list_name, self.image_dir)
-        split = read_split(
-            Path(list_name).name.removesuffix(".txt"), folder / list_name, image_root, self.num_classes, self.how_to_get
-        )
+        name = Path(list_name).name.removesuffix(".txt")
+        return name, folder / list_name, image_root, self.num_classes, self.how_to_get
+
+    def read(self, folder: Path, list_name: str, strict: bool) -> Split:
+        split = read_split(*self._list_args(folder, list_name))
         check_size(split, self.sizes.get(list_name), strict)
         return split
+
+    def check_list(self, folder: Path, list_name: str) -> tuple[Split | None, list[str]]:
+        """(the split of the good lines or None, every problem of the list file), for ``data verify``."""
+        return list_problems(*self._list_args(folder, list_name))
 
     def splits(self, data_root: Path | None, protocol: str, strict: bool = False) -> TaskData:
         if protocol not in SPLIT_PROTOCOLS:

@@ -68,9 +68,10 @@ def parse_grid(items: list[str], methods: list[str]) -> dict[str, dict[str, tupl
         if scope != "recipe":
             types.update(typing.get_type_hints(get_method(scope).Config))
         if key not in types or key in Recipe.EXECUTION:
-            raise UserError(f"--grid {item!r}: {scope} has no setting {key!r} to tune")
+            tunable = ", ".join(sorted(k for k in types if k not in Recipe.EXECUTION and not k.isupper()))
+            raise UserError(f"--grid {item!r}: {scope} has no setting {key!r} to tune; settings: {tunable}")
         parsed = tuple(parse_value(v.strip(), types[key], f"{scope}.{key}") for v in values.split(","))
-        grid.setdefault(scope, {})[key] = parsed
+        grid.setdefault(scope, {})[key] = tuple(dict.fromkeys(parsed))  # a value given twice is one configuration
     for scope in grid:
         if scope != "recipe" and scope not in methods:
             raise UserError(f"--grid names method '{scope}', which this tuning does not run ({', '.join(methods)})")

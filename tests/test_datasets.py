@@ -37,18 +37,24 @@ def png(seed: int) -> bytes:
 
 
 def vtab_zip(path: Path, *, short: str | None = None, missing: str | None = None, tasks=None) -> Path:
-    """NOAH's layout with the published line counts, each task's lists cycling over three images."""
+    """NOAH's layout with the published line counts, each list cycling over three images of its own (train800
+    and val200 making up train800val200), an image's label the same wherever it is listed."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bundle:
         for _, name, _, classes, test_size in tasks or VTAB_TASKS:
             folder = f"vtab-1k/{ALIASES.get(name, name)}"
-            for index in range(3):
-                bundle.writestr(f"{folder}/images/{index}.png", png(index))
-            sizes = {"train800.txt": 800, "val200.txt": 200, "train800val200.txt": 1000, "test.txt": test_size}
+            for split in ("train", "val", "test"):
+                for index in range(3):
+                    bundle.writestr(f"{folder}/images/{split}{index}.png", png(index))
+            sizes = {"train800.txt": 800, "val200.txt": 200, "test.txt": test_size}
+            lists = {}
             for list_name, size in sizes.items():
                 size -= int(name == short and list_name == "test.txt")
-                lines = [f"images/{i % 3}.png {i % classes}" for i in range(size)]
-                if name == missing and list_name == "val200.txt":
-                    lines[5] = f"images/absent.png {5 % classes}"
+                split = list_name.removesuffix(".txt").rstrip("0123456789")
+                lists[list_name] = [f"images/{split}{i % 3}.png {i % 3 % classes}" for i in range(size)]
+            if name == missing:
+                lists["val200.txt"][5] = f"images/absent.png {5 % classes}"
+            lists["train800val200.txt"] = lists["train800.txt"] + lists["val200.txt"]
+            for list_name, lines in lists.items():
                 bundle.writestr(f"{folder}/{list_name}", "\n".join(lines) + "\n")
     return path
 
@@ -91,7 +97,7 @@ def test_get_vtab_from_an_offline_hub_cache_verifies_maps_aliases_and_reruns_as_
     manifest = json.loads((root / "petl-bench-manifest.json").read_text())["tasks"]
     assert manifest["oxford_iiit_pet"]["folder"] == "vtab-1k/oxford_iiit_pet"  # the alias folder, renamed
     assert set(manifest["cifar"]["lists"]) == {"train800.txt", "val200.txt", "train800val200.txt", "test.txt"}
-    assert manifest["cifar"]["image_count"] == 3 and len(manifest["cifar"]["images"]) == 64
+    assert manifest["cifar"]["image_count"] == 9 and len(manifest["cifar"]["images"]) == 64
     again = data_cli(tmp_path, cache, "get", "vtab-1k", "--root", str(root))
     assert again.returncode == 0 and "already verified" in again.stdout and "extracting" not in again.stderr
     listed = data_cli(tmp_path, cache, "list", "--root", str(root))
@@ -121,8 +127,8 @@ def test_uncached_offline_is_one_error_line(tmp_path):
 @pytest.mark.parametrize(
     "broken,expected",
     [
-        ({"missing": "dtd"}, "1 of 200 images listed in"),
-        ({"short": "kitti"}, "test.txt has 710 lines, expected 711"),
+        ({"missing": "dtd"}, ["1 of 200 images listed in", "1 of 1000 images listed in"]),
+        ({"short": "kitti"}, ["test.txt has 710 lines, expected 711"]),
     ],
     ids=["missing-image", "wrong-line-count"],
 )
@@ -133,11 +139,12 @@ def test_a_broken_copy_fails_verification_naming_the_task_and_file(tmp_path, bro
     assert done.returncode == 1
     task = next(iter(broken.values()))
     problems = [line for line in done.stderr.splitlines() if line.startswith("problem:")]
-    assert len(problems) == 1 and problems[0].startswith(f"problem: {task}:") and expected in problems[0]
+    assert len(problems) == len(expected), problems  # the image is missing from val200 and from train800val200
+    assert all(p.startswith(f"problem: {task}:") and e in p for p, e in zip(problems, expected))
     manifest = json.loads((root / "petl-bench-manifest.json").read_text())["tasks"]
     assert task not in manifest and len(manifest) == 18, "only what verified is fingerprinted"
     verify = data_cli(tmp_path, cache, "verify", "--root", str(root), "--suite", "vtab")
-    assert verify.returncode == 1 and expected in verify.stderr
+    assert verify.returncode == 1 and expected[0] in verify.stderr
 
 
 def test_an_interrupted_extraction_leaves_nothing_and_a_rerun_completes(tmp_path, monkeypatch, capsys, good_zip):
