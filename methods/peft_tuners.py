@@ -1,7 +1,9 @@
 """Hugging Face PEFT's tuners on the harness's backbones: ``peft:<type>`` for any tuner type PEFT registers.
 
-The tuner types come from PEFT itself (its config mapping, prompt-learning types left out), not from a
-hand-kept list; ``peft:dora`` is PEFT's LoRA with ``use_dora=True``. A tuner is injected with PEFT's
+The tuner types come from PEFT itself (its config mapping, prompt-learning types left out); those
+made for language models are refused with the reason (``NOT_FOR_VISION``), and ``petl-bench methods``
+lists those tested here on ViT, Swin and CLIP towers (``TESTED``); a type newer than both is usable with
+a warning. ``peft:dora`` is PEFT's LoRA with ``use_dora=True``. A tuner is injected with PEFT's
 own ``get_peft_model`` into the timm / open_clip backbone, in place: the backbone keeps its classes and
 forward, PEFT's layers replace the targeted ``nn.Linear`` modules, and the wrapper PEFT returns is
 dropped. The hyperparameters are the fields of the tuner's PEFT config (``--set peft:lora.r=8``); by
@@ -36,6 +38,24 @@ TARGETS = {
     CLIP: r".*resblocks\.\d+\.(attn\.out_proj|mlp\.(c_fc|c_proj))$",
 }
 FEEDFORWARD = {VIT: r".*mlp\.fc2$", SWIN: r".*mlp\.fc2$", CLIP: r".*mlp\.c_proj$"}  # IA3's input-scaled layers
+# LayerNorm tuning's targets: the blocks' LayerNorms and the final one (as the native ``ln_tune``).
+NORMS = {VIT: r"(.*\.)?(norm1|norm2)|norm", SWIN: r"(.*\.)?(norm1|norm2)|norm", CLIP: r".*\.(ln_1|ln_2|ln_post)"}
+TARGETS_OF = {"ln_tuning": NORMS}
+# Tuner types made for language models: refused, with the reason.
+NOT_FOR_VISION = {
+    "adaption_prompt": "it adapts the attention of a LLaMA-style transformers language model",
+    "adalora": "its rank allocation needs update_and_allocate() after every optimizer step, which no method here calls",
+    "poly": "it routes every input by a task id (multi-task training); a task here has none",
+    "shadow": "it wraps the backbone of a transformers language model",
+    "trainable_tokens": "it trains a language model's token embeddings; a vision backbone has none",
+    "xlora": "it mixes LoRA adapters trained beforehand and trains none of its own",
+}
+# Tested on a tiny ViT (tests/test_peft.py: attach, count, one step); the listing shows these.
+TESTED = (
+    "adamss", "beft", "boft", "c3a", "deft", "delora", "dora", "fourierft", "frod", "glora", "gralora", "hira", "hra",
+    "ia3", "lily", "ln_tuning", "loha", "lokr", "lora", "miss", "oft", "osf", "peanut", "psoft", "pvera", "randlora",
+    "road", "shira", "supertuning", "tinylora", "unilora", "vblora", "vera", "waveft",
+)  # fmt: skip
 
 
 def _peft():
@@ -60,8 +80,9 @@ def tuner_types() -> dict[str, type]:
 
 
 def listing() -> list[str]:
+    """The tuners to offer: those of the installed PEFT that were tested here on vision backbones."""
     try:
-        return sorted([*tuner_types(), *ALIASES])
+        return sorted(name for name in [*tuner_types(), *ALIASES] if name in TESTED)
     except UserError:
         return []
 
@@ -70,7 +91,7 @@ def resolved(config, kind: str):
     """``config`` with the default targets of a ``kind`` backbone where it names none."""
     changes = {}
     if config.target_modules is None:
-        changes["target_modules"] = TARGETS[kind]
+        changes["target_modules"] = TARGETS_OF.get(str(getattr(config.peft_type, "value", config.peft_type)).lower(), TARGETS)[kind]
     if hasattr(config, "feedforward_modules") and config.feedforward_modules is None:
         changes["feedforward_modules"] = FEEDFORWARD[kind]
     return dataclasses.replace(config, **changes) if changes else config
@@ -124,9 +145,13 @@ class PeftTuner(Method):
 def make(member: str) -> type[Method]:
     peft = _peft()
     kind, preset = ALIASES.get(member, (member, {}))
+    if member in NOT_FOR_VISION:
+        raise UserError(f"peft:{member} does not apply to vision backbones: {NOT_FOR_VISION[member]}")
     types = tuner_types()
     if kind.lower() not in types:
         raise UserError(f"unknown PEFT tuner '{member}'; PEFT {peft.__version__} has: {', '.join(listing())}")
+    if member not in TESTED:
+        warnings.warn(f"peft:{member} (new in PEFT {peft.__version__}) was not tested on vision backbones here", stacklevel=2)
     config = types[kind.lower()]
     return type(
         f"Peft{member.title().replace('_', '')}",

@@ -101,3 +101,44 @@ def test_unknown_tuner_and_a_run_recording_the_peft_config(monkeypatch, capsys, 
     assert record.hparams["method"]["r"] == 4 and record.hparams["method"]["peft_type"] == "LORA"
     code, stdout, _ = run_cli(monkeypatch, capsys, "methods")
     assert "peft:<name>" in stdout and f"PEFT {peft.__version__}" in stdout
+
+
+# Settings for the 32-wide test ViT where a tuner's defaults assume a wider model (ViT-B's 768 is fine).
+SMALL_MODEL = {
+    "c3a": {"block_size": 8}, "miss": {"r": 8}, "road": {"group_size": 8}, "shira": {"r": 2},
+    "vblora": {"vector_length": 8}, "waveft": {"n_frequency": 64},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tuner", __import__("petl_bench.methods.peft_tuners", fromlist=["listing"]).listing())
+def test_every_listed_tuner_attaches_counts_as_peft_and_trains(tuner):
+    method = f"peft:{tuner}"
+    backbone = tiny_backbone(TINY_VIT)
+    reference, model = with_method(method, backbone, **SMALL_MODEL.get(tuner, {}))
+    counted, _ = pb.count_trainable(model)
+    peft_model = peft.get_peft_model(copy.deepcopy(reference), resolved(model.config, model.info.kind))
+    own = peft_model.get_nb_trainable_parameters()[0]
+    assert 0 < counted == own, (tuner, counted, own)
+    frozen = {name for name, _ in reference.named_parameters() if not name.startswith("head.")}
+    trained = set(pb.trainable_parameters(model))
+    assert not trained & frozen and not any(".base_layer." in name for name in trained), "the backbone stays frozen"
+    x = images(TINY_VIT)
+    before = model.eval()(x).detach()
+    _train_step(model, TINY_VIT)
+    after = model.eval()(x).detach()
+    assert torch.isfinite(after).all() and (after - before).abs().max() > 0
+
+
+def test_ln_tuning_trains_the_layer_norms():
+    _, model = with_method("peft:ln_tuning", tiny_backbone(TINY_VIT))
+    depth, width = 2, 32
+    assert pb.count_trainable(model)[0] == (2 * depth + 1) * 2 * width
+
+
+@pytest.mark.parametrize("tuner", ["adaption_prompt", "xlora", "trainable_tokens", "poly"])
+def test_language_model_tuners_are_refused_with_the_reason(tuner):
+    from petl_bench.methods.peft_tuners import listing
+
+    assert tuner not in listing()
+    with pytest.raises(UserError, match="does not apply to vision backbones: it "):
+        pb.METHODS.get(f"peft:{tuner}")
