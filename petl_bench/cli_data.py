@@ -162,28 +162,56 @@ def already_verified(dataset: datasets.Dataset, root: Path) -> bool:
     return bool(tasks) and all(datasets.verified_entry(task, root) for task in tasks)
 
 
+def get_one(dataset: datasets.Dataset, folder: Path, archive: Path | None) -> None:
+    """Fetch (or, with ``archive``, install from a file fetched elsewhere) one dataset, or print its steps."""
+    if archive is not None:
+        if dataset.from_file is None:
+            raise UserError(f"--from works for datasets that come as one archive (vtab-1k), not {dataset.name}")
+        if not archive.is_file():
+            raise UserError(f"--from {archive}: no such file")
+        console.print(f"{dataset.name}: installing {archive}")
+        dataset.from_file(archive, folder)
+    elif dataset.automatic:
+        console.print(f"{dataset.name}: getting it from {dataset.source} ({dataset.size})")
+        dataset.fetch(folder)
+    else:
+        console.print(f"{dataset.name} cannot be downloaded for you. {dataset.steps}")
+        if dataset.arrange:
+            dataset.arrange(folder)
+
+
 @data_app.command("get")
 def get_command(
     names: list[str] = typer.Argument(..., help="Datasets (see data list) or suites: vtab-1k, fewshot, dg, ..."),
     root: Optional[Path] = RootOption,
+    archive: Optional[Path] = typer.Option(
+        None, "--from", metavar="PATH", help="An archive fetched elsewhere (vtab-1k.zip) to install instead of downloading."
+    ),
 ) -> None:
     """Download and arrange datasets under the data root, then verify them (a no-op once verified).
-    Datasets that cannot be downloaded for you print the steps to follow."""
+    Datasets that cannot be downloaded for you print the steps to follow. A dataset that fails to download
+    is reported and the others go on; exit 1 when any failed."""
     folder = data_root(root)
     chosen = chosen_datasets(names)
+    if archive is not None and len(chosen) != 1:
+        raise UserError("--from installs one dataset: name only it (e.g. petl-bench data get vtab-1k --from vtab-1k.zip)")
     folder.mkdir(parents=True, exist_ok=True)
-    to_verify = []
+    to_verify, failed = [], []
     for dataset in chosen:
-        if already_verified(dataset, folder):
+        if archive is None and already_verified(dataset, folder):
             console.print(f"{dataset.name}: already verified under {folder}; nothing to do")
             continue
-        if dataset.automatic:
-            console.print(f"{dataset.name}: getting it from {dataset.source} ({dataset.size})")
-            dataset.fetch(folder)
-        else:
-            console.print(f"{dataset.name} cannot be downloaded for you. {dataset.steps}")
-            if dataset.arrange:
-                dataset.arrange(folder)
+        try:
+            get_one(dataset, folder, archive)
+        except UserError as error:
+            if len(chosen) == 1:
+                raise
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]failed[/] {dataset.name}: {error}")
+            failed.append(dataset.name)
+            continue
         to_verify.append(dataset)
-    if to_verify and verify_datasets(to_verify, folder, deep=False):
+    problems = verify_datasets(to_verify, folder, deep=False) if to_verify else 0
+    if failed:
+        console.print(f"not downloaded: {', '.join(failed)} (see above); run the same command again to retry them")
+    if problems or failed:
         raise typer.Exit(1)

@@ -51,6 +51,7 @@ class Dataset:
     size: str  # disk space it needs
     tasks: tuple[str, ...] = ()  # registered task names
     fetch: Callable[[Path], None] | None = None  # None: cannot be fetched for the user
+    from_file: Callable[[Path, Path], None] | None = None  # (archive fetched elsewhere, root): ``get --from``
     steps: str = ""  # what the user does by hand (manual datasets)
     arrange: Callable[[Path], None] | None = None  # manual datasets: what get adds once the files are in place
     extra_tasks: tuple = field(default=(), compare=False)  # unregistered FileListTasks to verify (dg targets)
@@ -66,7 +67,7 @@ class Dataset:
 # --- downloading and extracting ------------------------------------------------------------------
 
 
-def hub_file(repo_id: str, filename: str, repo_type: str = "dataset") -> Path:
+def hub_file(repo_id: str, filename: str, repo_type: str = "dataset", advice: str = "") -> Path:
     """A file from the Hugging Face hub through ``huggingface_hub``: resumable, into the user's HF cache,
     honouring ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE``, with its progress bar."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -74,7 +75,7 @@ def hub_file(repo_id: str, filename: str, repo_type: str = "dataset") -> Path:
 
     cached = try_to_load_from_cache(repo_id, filename, repo_type=repo_type)
     if not isinstance(cached, str):
-        require_hub(f"{filename} of the hub dataset {repo_id}", "get it where the hub is reachable and run this again")
+        require_hub(f"{filename} of the hub dataset {repo_id}", advice or "get it where the hub is reachable and run this again")
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type=repo_type))
     except LocalEntryNotFoundError:
@@ -84,15 +85,15 @@ def hub_file(repo_id: str, filename: str, repo_type: str = "dataset") -> Path:
 
 
 @contextlib.contextmanager
-def downloading(what: str):
-    """Network and checksum failures while downloading ``what`` as one UserError line."""
+def downloading(what: str, host: str = ""):
+    """Network and checksum failures while downloading ``what`` (from ``host``) as one UserError line."""
     try:
         yield
     except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError; torchvision's md5 check a RuntimeError
         reason = error
         if isinstance(error, OSError):
             reason = getattr(error, "reason", None) or error.strerror or error
-        raise UserError(f"cannot download {what}: {reason}") from None
+        raise UserError(f"cannot download {what}{f' from {host}' if host else ''}: {reason}") from None
 
 
 def remove_partials(folder: Path) -> None:

@@ -100,6 +100,17 @@ def install_lists(noah_name: str, folder: Path) -> None:
             write_atomic(target / item.name, item.read_text(encoding="utf-8"))
 
 
+def host_of(loader) -> str:
+    """The host a torchvision dataset class downloads from (its URL attributes), "" when it names none."""
+    import re
+    import urllib.parse
+
+    text = " ".join(str(v) for klass in loader.__mro__ for k, v in vars(klass).items()
+                    if "url" in k.lower() or "resources" in k.lower())  # fmt: skip
+    found = re.search(r"https?://[^\s'\"/]+", text)
+    return urllib.parse.urlparse(found.group(0)).hostname or "" if found else ""
+
+
 def torchvision_fetch(noah_name: str, dataset_class: str, images: str):
     """``fetch(root)``: torchvision's downloader into ``<root>/downloads/torchvision`` (checksummed where
     torchvision knows the checksum), NOAH's lists, and ``images/`` linked to the extracted image folder."""
@@ -108,8 +119,9 @@ def torchvision_fetch(noah_name: str, dataset_class: str, images: str):
         import torchvision.datasets
 
         downloads = root / "downloads" / "torchvision"
-        with downloading(f"{dataset_class} with torchvision"):
-            getattr(torchvision.datasets, dataset_class)(str(downloads), split="test", download=True)
+        loader = getattr(torchvision.datasets, dataset_class)
+        with downloading(f"{dataset_class} with torchvision", host_of(loader)):
+            loader(str(downloads), split="test", download=True)
         folder = root / "few-shot" / noah_name
         install_lists(noah_name, folder)
         link_or_copy(downloads / images, folder / "images")

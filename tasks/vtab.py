@@ -68,11 +68,21 @@ register_suite(
 )
 
 
-def fetch_vtab(root: Path) -> None:
-    """The zip from the hub (resumable, into the HF cache), extracted under ``<root>/vtab-1k``."""
-    archive = hub_file(HUB_REPOSITORY, HUB_FILE)
+OFFLINE_ADVICE = (
+    f"download https://huggingface.co/datasets/{HUB_REPOSITORY}/resolve/main/{HUB_FILE} (4.7 GB) where the hub is "
+    f"reachable, copy it here and run: petl-bench data get vtab-1k --from PATH/{HUB_FILE}"
+)
+
+
+def vtab_from_file(archive: Path, root: Path) -> None:
+    """``vtab-1k.zip`` fetched elsewhere, extracted under ``<root>/vtab-1k``."""
     with progress_for() as progress:
         install_archive(archive, root / "vtab-1k", [TASKS.get(name) for _, name, *_ in VTAB_TASKS], progress)
+
+
+def fetch_vtab(root: Path) -> None:
+    """The zip from the hub (resumable, into the HF cache), extracted under ``<root>/vtab-1k``."""
+    vtab_from_file(hub_file(HUB_REPOSITORY, HUB_FILE, advice=OFFLINE_ADVICE), root)
 
 
 register_dataset(
@@ -83,5 +93,6 @@ register_dataset(
         size="4.7 GB download (kept in the HF cache) + 4.7 GB extracted",
         tasks=tuple(name for _, name, *_ in VTAB_TASKS),
         fetch=fetch_vtab,
+        from_file=vtab_from_file,
     )
 )

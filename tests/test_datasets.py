@@ -303,3 +303,45 @@ def test_an_imagenet_variant_archive_becomes_a_verified_target_with_imagenet_1k_
     assert listed == ["n01443537/0.jpg 1", "n01443537/1.jpg 1", "n01484850/0.jpg 2", "n01484850/1.jpg 2"]
     assert datasets.check_task(target_task("imagenet_r"), root).ok
     assert not [p for p in root.iterdir() if p.name.startswith(".partial")]
+
+
+def test_get_vtab_from_a_file_fetched_elsewhere_and_the_offline_message_says_how(tmp_path, good_zip):
+    archive = tmp_path / "elsewhere" / "vtab-1k.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(good_zip)
+    empty_cache, root = tmp_path / "empty-hf-cache", tmp_path / "data"
+    offline = data_cli(tmp_path, empty_cache, "get", "vtab-1k", "--root", str(root))
+    assert offline.returncode == 2 and "data get vtab-1k --from PATH/vtab-1k.zip" in " ".join(offline.stderr.split())
+    done = data_cli(tmp_path, empty_cache, "get", "vtab-1k", "--root", str(root), "--from", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert "19 task(s) verified" in done.stdout
+    wrong = data_cli(tmp_path, empty_cache, "get", "food101", "--root", str(root), "--from", str(archive))
+    assert wrong.returncode == 2 and "--from works for datasets that come as one archive" in wrong.stderr
+
+
+def test_get_fewshot_names_the_host_that_failed_and_goes_on(monkeypatch, capsys, tmp_path):
+    import urllib.error
+
+    import torchvision.datasets
+
+    calls = []
+
+    def unreachable(name):
+        original = getattr(torchvision.datasets, name)
+
+        class Unreachable(original):
+            def __init__(self, *args, **kwargs):
+                calls.append(name)
+                raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+        return Unreachable
+
+    for name in ("FGVCAircraft", "Food101", "Flowers102", "OxfordIIITPet"):
+        monkeypatch.setattr(torchvision.datasets, name, unreachable(name))
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "data", "get", "fewshot", "--root", str(tmp_path / "data"))
+    assert code == 1 and len(calls) == 4, "every dataset is tried"
+    text = " ".join(stderr.split())
+    assert "failed fgvc-aircraft: cannot download FGVCAircraft with torchvision from www.robots.ox.ac.uk" in text
+    assert "from data.vision.ee.ethz.ch" in text and "Traceback" not in stderr
+    assert "not downloaded: fgvc-aircraft, food101, oxford-flowers102, oxford-pets" in " ".join(stdout.split())
+    assert "stanford-cars cannot be downloaded for you" in " ".join(stdout.split())
