@@ -166,9 +166,13 @@ def progress_bars():
 
 
 def finished_line(record) -> str:
+    from .runner import configuration_text
+
     seconds = record.cost["seconds"]["total"]
+    configuration = record.tuning.get("configuration")
+    shown = f", {configuration_text(configuration)}" if configuration is not None else ""
     return (
-        f"finished {record.method} on {record.task} ({record.backbone}, seed {record.seed}, {record.protocol}): "
+        f"finished {record.method} on {record.task} ({record.backbone}, seed {record.seed}, {record.protocol}{shown}): "
         f"top-1 {record.metrics['top1']:.1f} on {record.metrics['eval_split']} in {seconds:.0f}s"
     )
 
@@ -409,15 +413,20 @@ def tune_command(
             stderr_console().print(f"{title}: depends on the rung before; not listed")
             continue
         result = execute(stage_one, run, dry_run=dry_run, title=title)
+        if result is None and dry_run:
+            continue
         if result is None:
-            if not dry_run:
-                console.print("stage 1 submitted; run the same command again when it has finished for stage 2")
+            console.print("stage 1 submitted; run the same command again when it has finished for stage 2")
             return
         if result[1].failed:
             report_sweep(*result, run)
         if run.executor == "local" and run.gpus <= 1:
             console.print(f"{title}: {counts_line(result[1], run.output)}")
     if dry_run:
+        stderr_console().print(
+            "stage 2 (train800val200 -> test): one run per seed of each method, task and backbone, with the "
+            "configuration stage 1 chooses on val200; listed once stage 1 has finished"
+        )
         return
     print_choices(spec)
     if search_only:

@@ -25,10 +25,11 @@ def render(rows: list[dict], title: str, fmt: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
         sys.stdout.write(buffer.getvalue())
-    elif fmt == "md":
+    elif fmt == "md" or not console.is_terminal:  # a file or pipe gets Markdown, not a table squeezed to 80 columns
         from .report.table import markdown_table
 
-        sys.stdout.write(markdown_table(columns, [[str(row[c]) for c in columns] for row in rows]))
+        heading = f"{title}\n\n" if fmt != "md" and title else ""
+        sys.stdout.write(heading + markdown_table(columns, [[str(row[c]) for c in columns] for row in rows]) + "\n")
     else:
         table = Table(title=title)
         for column in columns:

@@ -563,13 +563,20 @@ def plan_rows(checked: Checked, output: Path) -> list[dict[str, Any]]:
     rows = []
     for job in checked.jobs:
         size = checked.info(job).preprocessing.image_size
+        configuration = (job.tuning or {}).get("configuration")
         rows.append({
+            **({"configuration": configuration_text(configuration)} if configuration is not None else {}),
             "method": job.method, "task": job.task.key, "backbone": job.backbone, "seed": job.seed,
             "protocol": job.protocol, "image_size": f"{size[0]}x{size[1]}", "epochs": job.recipe.epochs,
             "batch": job.recipe.batch_size, "train_images": len(checked.data[job.data_key].train),
             "status": _status(checked, job, output), "run_id": job.run_id,
         })  # fmt: skip
     return rows
+
+
+def configuration_text(values: dict) -> str:
+    """A tuning configuration as ``lr=0.001, scale=10`` (``-`` when it sets nothing)."""
+    return ", ".join(f"{key}={value}" for key, value in values.items()) or "-"
 
 
 def _status(checked: Checked, job: Job, output: Path) -> str:

@@ -142,7 +142,12 @@ class TuneSpec(SweepSpec):
                     recipe=base.recipe, settings={**settings, base.method: scoped}, data_root=base.data_root)  # fmt: skip
 
     def _point_jobs(self, base: Job, points: list[dict], seed: int, epochs: int | None) -> list[tuple[dict, Job]]:
-        return [(point, self._configured(base, point, [seed], "tune", epochs)[0]) for point in points]
+        """Stage-1 jobs, each carrying its configuration (shown by ``--dry-run``, logged, recorded)."""
+        return [
+            (point, dataclasses.replace(self._configured(base, point, [seed], "tune", epochs)[0],
+                                        tuning={"configuration": dict(point)}))
+            for point in points
+        ]  # fmt: skip
 
     def _rung_epochs(self, base: Job, rung: int, rungs: int) -> int | None:
         if self.search == "grid" or rung == rungs - 1:

@@ -100,7 +100,20 @@ def test_dry_run_prints_every_grid_and_the_runs(monkeypatch, capsys, tmp_path, t
     assert code == 0, stderr
     assert "scale=0.01,0.1,1,10,100" in stdout and "xavier_init=True,False" in stdout
     assert "lr=0.001,0.01,0.1" in stdout and "plan: 46 run(s) to train" in stderr  # 40 + 6 configurations
+    assert "| configuration |" in stdout, "not a terminal: the plan is a Markdown table, not a squeezed one"
+    assert "lr=0.001, weight_decay=0.0001, scale=0.01, xavier_init=True" in stdout, "each run shows its values"
+    assert "stage 2 (train800val200 -> test)" in " ".join(stderr.split())
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_duplicate_grid_value_is_one_configuration_and_a_typo_lists_the_keys(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    args = [a for a in _tune(tiny_plugin, task, out, "--methods", "linear", "--dry-run") if a not in GRID]
+    code, _, once = run_cli(monkeypatch, capsys, *args, "--grid", "recipe.lr=1e-3")
+    code, _, stderr = run_cli(monkeypatch, capsys, *args, "--grid", "recipe.lr=1e-3,1e-3,0.001")
+    assert code == 0 and once.split(";")[0] == stderr.split(";")[0], stderr
+    code, _, stderr = run_cli(monkeypatch, capsys, *args, "--grid", "recipe.lrr=1e-3")
+    assert code == 2 and "settings: " in stderr and "weight_decay" in stderr
 
 
 def test_halving_keeps_the_best_third_and_ends_on_the_full_schedule(monkeypatch, capsys, tmp_path, tiny_plugin):
