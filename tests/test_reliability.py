@@ -102,10 +102,10 @@ def test_an_unusable_training_state_is_never_run_and_the_run_starts_afresh(tmp_p
 
 def test_report_neutralises_formulas_markup_and_mathtext(tmp_path):
     evil = [
-        synthetic_record('=HYPERLINK("http://x","y")', "cifar", 0, 50.0),
-        synthetic_record("<img src=x onerror=alert(1)>", "cifar", 0, 60.0),
-        synthetic_record("convpass", "cifar", 0, 70.0),
-    ]
+        synthetic_record('=HYPERLINK("http://x","y")', "cifar", 0, 50.0, suite="custom"),
+        synthetic_record("<img src=x onerror=alert(1)>", "cifar", 0, 60.0, suite="custom"),
+        synthetic_record("convpass", "cifar", 0, 70.0, suite="custom"),
+    ]  # one task of its own suite: every row complete, so every plot is drawn
     evil[2].backbone = "$\\foo{x}$|[link](http://x)"
     pb.report.write_report(evil, tmp_path)
     markdown = (tmp_path / "report.md").read_text()

@@ -118,7 +118,7 @@ def test_later_methods_print_beside_their_published_numbers_with_source_and_aver
     assert labels[start + 1 : start + 4] == [
         f"fact_tt (published: FacT-TT (r=4); FacT paper; {average})",
         f"fact_tt (published: FacT-TT (r<=16 per task); FacT paper; {average})",
-        f"fact_tt (published: FacT-TT (PETL_Vision grid r in 8/16/32) [PETL_Vision re-run]; PETL_Vision re-run; {average})",
+        f"fact_tt (published: FacT-TT (PETL_Vision grid r in 8/16/32) [PETL_Vision re-run]; {average})",
     ]
     paper = rows[labels[start + 1]]
     assert paper["cifar"] == "69.4" and paper[MEAN_OF_GROUPS] == "73.5" and paper["params"] == "0.008M"
@@ -131,7 +131,7 @@ def test_later_methods_print_beside_their_published_numbers_with_source_and_aver
     ]
     assert binary[MEAN_OF_GROUPS] == "76.7" and binary["cifar"] == "–" and binary[MEAN_OF_TASKS] == "–"
     assert f"ssf (published: SSF; SSF paper; {average})" in rows
-    assert f"ssf (published: SSF [PETL_Vision re-run]; PETL_Vision re-run; {average})" in rows
+    assert f"ssf (published: SSF [PETL_Vision re-run]; {average})" in rows
     assert not any("RepAdapter" in label for label in labels), "only the methods that ran"
     assert "published_vtab1k_next.csv" in table.note and "best test epoch" in table.note
     write_report(runs, tmp_path)
@@ -204,3 +204,12 @@ def test_published_rows_only_beside_the_backbone_and_input_size_they_were_publis
     for backbone, size in (("vit_small_patch14_dinov2.imgfocus", 56), ("vit_base_patch16_224.orig_in21k", 56)):
         other = table_for(backbone, size)
         assert [row.source for row in other.rows] == ["ours"] and "No published rows" in other.note
+
+
+def test_a_partial_vtab_run_draws_no_empty_plot_and_names_what_a_plot_leaves_out(tmp_path):
+    partial = [record("linear", t, 0, 40.0 + i) for i, t in enumerate(ALL_TASKS[:3])]
+    write_report(partial, tmp_path / "partial")
+    assert not list((tmp_path / "partial").glob("*.png")), "no group is complete: nothing to draw"
+    mixed = full_sweep("convpass", 0, 0.0) + partial
+    write_report(mixed, tmp_path / "mixed")
+    assert (tmp_path / "mixed" / "groups__vtab__vit_base_patch16_224.orig_in21k__final.png").is_file()

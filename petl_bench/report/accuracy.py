@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..backbones import PAPER_BACKBONE
 from ..registry import METHODS, SUITES, TASKS
-from .table import PAPER_METHODS, Row, Stat, Table, row_order, slug, stats, with_paper
+from .table import PAPER_METHODS, Row, Stat, Table, escape_markdown, row_order, slug, stats, with_paper
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,9 @@ def published_vtab(layout: Layout, methods) -> dict[str, list[Row]]:
             cells[MEAN_OF_GROUPS] = (float(line["mean"]), 0.0, 1)
         if all(t in cells for t in layout.tasks):
             cells[MEAN_OF_TASKS] = (sum(cells[t][0] for t in layout.tasks) / len(layout.tasks), 0.0, 1)
-        label = (
-            f"{method} (published: {line['method']}; {short_source(line['source'])}; {AVERAGE_KINDS.get(kind, kind)})"
-        )
+        source = short_source(line["source"])
+        shown = line["method"] if source in line["method"] else f"{line['method']}; {source}"
+        label = f"{method} (published: {shown}; {AVERAGE_KINDS.get(kind, kind)})"
         rows.setdefault(method, []).append(Row(label, cells, float(line["params_m"]) * 1e6, "published", method))
     return rows
 
@@ -172,7 +172,7 @@ _WARNED: set[str] = set()
 def mixed_data_note(mixed: dict[str, int], title: str) -> str:
     if not mixed:
         return ""
-    tasks = ", ".join(f"{task} ({n} copies)" for task, n in sorted(mixed.items()))
+    tasks = ", ".join(f"{escape_markdown(task)} ({n} copies)" for task, n in sorted(mixed.items()))
     warning = f"{title}: runs of {tasks} read different data (different fingerprints); not comparable"
     if warning not in _WARNED:  # a report builds its tables more than once (files, then the console)
         _WARNED.add(warning)

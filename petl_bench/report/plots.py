@@ -29,22 +29,42 @@ def headline(table: Table, cells: dict) -> tuple[str, tuple] | None:
     return None
 
 
+def readable_ylim(axis, values: list[float], least: float = 4.0) -> None:
+    """At least ``least`` points of accuracy on the y axis, so one or two close values do not get a
+    hundredth-of-a-percent scale."""
+    low, high = min(values), max(values)
+    if high - low < least:
+        middle = (low + high) / 2
+        axis.set_ylim(middle - least / 2, middle + least / 2)
+
+
+def left_out_note(figure, rows: list) -> None:
+    """Say which of our rows a plot does not draw (no complete average)."""
+    if rows:
+        names = ", ".join(plain(row.label) for row in rows)
+        figure.text(0.01, 0.01, f"not drawn (no complete average): {names}", fontsize=7, ha="left", va="bottom")
+
+
 def plot_accuracy_vs_params(table: Table, path: Path) -> Path | None:
     """One point per method: its average accuracy against its trainable parameters (symmetric log x);
-    the paper's points hollow. Methods without a complete average are not drawn."""
-    ours = [(row, headline(table, row.cells)) for row in table.rows if row.source == "ours" and row.params is not None]
+    the paper's points hollow. Methods without a complete average are not drawn, and named below the plot."""
+    candidates = [row for row in table.rows if row.source == "ours" and row.params is not None]
+    ours = [(row, headline(table, row.cells)) for row in candidates]
     ours = [(row, found) for row, found in ours if found]
     if not ours:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for row, (_, (mean, std, _)) in ours:
-        axis.errorbar(row.params, mean, yerr=std or None, fmt="o", capsize=3)
+    for index, (row, (_, (mean, std, _))) in enumerate(ours):
+        axis.errorbar(row.params, mean, yerr=std or None, fmt="o", capsize=3, color=f"C{index % 10}")
         axis.annotate(plain(row.label), (row.params, mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for row in table.rows:
         if row.source == "paper" and row.params is not None and ours[0][1][0] in row.cells:
             axis.scatter([row.params], [row.cells[ours[0][1][0]][0]], facecolors="none", edgecolors="grey")
     axis.set_xscale("symlog", linthresh=1e4)
+    axis.margins(x=0.2)
+    readable_ylim(axis, [found[1][0] for _, found in ours])
+    left_out_note(figure, [row for row in candidates if not headline(table, row.cells)])
     axis.set_xlabel("trainable parameters (classifier excluded; symlog)")
     axis.set_ylabel(f"top-1 (%), {plain(ours[0][1][0])}")
     has_paper = any(row.source == "paper" for row in table.rows)
@@ -52,7 +72,7 @@ def plot_accuracy_vs_params(table: Table, path: Path) -> Path | None:
         plain(table.title) + ("\nhollow: paper (best-of-10 test evaluations)" if has_paper else ""), fontsize=9
     )
     axis.grid(alpha=0.3)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04, 1, 1))  # room for the note of rows not drawn
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
@@ -60,10 +80,11 @@ def plot_accuracy_vs_params(table: Table, path: Path) -> Path | None:
 
 def plot_bars(table: Table, path: Path) -> Path | None:
     """The summary columns (group means, averages, targets), one bar per row of ours."""
-    rows = [row for row in table.rows if row.source == "ours"]
+    everyone = [row for row in table.rows if row.source == "ours"]
     columns = list(table.summary)
+    rows = [row for row in everyone if any(c in row.cells for c in columns)]
     if not rows or not columns:
-        return None
+        return None  # nothing to draw: no row has a complete group (a partial run), so no empty plot
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(columns) * len(rows)), 4.2))
     width = 0.8 / len(rows)
@@ -71,13 +92,15 @@ def plot_bars(table: Table, path: Path) -> Path | None:
         present = [(i, row.cells[c]) for i, c in enumerate(columns) if c in row.cells]
         errors = [cell[1] for _, cell in present]
         axis.bar([i + index * width for i, _ in present], [cell[0] for _, cell in present], width,
-                 yerr=errors if any(errors) else None, label=plain(row.label), capsize=2)  # fmt: skip
+                 yerr=errors if any(errors) else None, label=plain(row.label), capsize=2, color=f"C{index % 10}")  # fmt: skip
     axis.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))], [plain(c) for c in columns], fontsize=8)
     axis.set_ylabel("top-1 (%)")
+    axis.set_ylim(0, min(100, max(cell[0] + cell[1] for row in rows for cell in row.cells.values()) * 1.1 + 1))
     axis.set_title(plain(table.title), fontsize=9)
     axis.legend(fontsize=7, ncols=2)
+    left_out_note(figure, [row for row in everyone if row not in rows])
     axis.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
@@ -109,15 +132,17 @@ def plot_accuracy_vs_cost(table: Table, costs: dict[str, dict], path: Path) -> P
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     axes = axes[0]
     for axis, (cost, label, drawn) in zip(axes, panels):
-        for method, (_, (mean, std, _)) in points:
+        for index, (method, (_, (mean, std, _))) in enumerate(points):
             if method not in drawn:
                 continue
-            axis.errorbar(costs[method][cost], mean, yerr=std or None, fmt="o", capsize=3)
+            axis.errorbar(costs[method][cost], mean, yerr=std or None, fmt="o", capsize=3, color=f"C{index % 10}")
             axis.annotate(
                 plain(method), (costs[method][cost], mean), textcoords="offset points", xytext=(4, 3), fontsize=7
             )
         if cost == "trainable_params":
             axis.set_xscale("symlog", linthresh=1e4)
+        axis.margins(x=0.25)
+        readable_ylim(axis, [found[1][0] for _, found in points])
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel(f"top-1 (%), {plain(points[0][1][0])}")

@@ -208,7 +208,7 @@ class Table:
     columns: list[str]
     rows: list[Row]
     key: dict[str, str] = field(default_factory=dict)  # suite, backbone, protocol, ... (CSV)
-    note: str = ""
+    note: str = ""  # Markdown written by the report itself (text from records escaped where it is put in)
     headline: tuple[str, ...] = ()  # the column(s) a plot takes as the row's overall number, by preference
     summary: tuple[str, ...] = ()  # the columns a bar plot shows
 
@@ -228,7 +228,7 @@ class Table:
 
     def markdown(self) -> str:
         header = ["method", "params", *self.columns]
-        lines = [f"### {escape_markdown(self.title)}", ""] + ([escape_markdown(self.note), ""] if self.note else [])
+        lines = [f"### {escape_markdown(self.title)}", ""] + ([self.note, ""] if self.note else [])
         body = markdown_table(header, [[row[c] for c in header] for row in self.display_rows()])
         return "\n".join(lines) + "\n" + body
 
