@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 import warnings
 
@@ -105,7 +106,14 @@ class PeftTuner(Method):
     preset: typing.ClassVar[dict] = {}
 
     def build_config(self, values: dict):
-        """The tuner's PEFT config from ``--set peft:<type>.FIELD=VALUE``; PEFT's own checks apply."""
+        """The tuner's PEFT config from ``--set peft:<type>.FIELD=VALUE``; PEFT's own checks apply, and a
+        ``target_modules`` regex must compile."""
+        for key in ("target_modules", "feedforward_modules"):
+            if isinstance(values.get(key), str):
+                try:
+                    re.compile(values[key])
+                except re.error as error:
+                    raise UserError(f"{self.name}.{key}={values[key]!r} is not a regular expression: {error}") from None
         try:
             return self.Config(**{**self.preset, **values})
         except (ValueError, TypeError) as error:

@@ -28,6 +28,7 @@ from torch import nn
 from .errors import UserError
 from .hub import require_hub
 from .registry import BACKBONES, canonical
+from .tensors import checked_state
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,7 @@ def build_backbone(
                 f"{error}); pass a local file with --pretrained PATH, or --pretrained none"
             ) from error
         raise UserError(f"could not build backbone '{name}': {error}") from error
-    if isinstance(weights, Path):
-        load_local_weights(model, weights)
+    note = load_local_weights(model, weights) if isinstance(weights, Path) else ""
     if num_classes:
         model.reset_classifier(num_classes)
     info = describe_timm(model, name, source_label)
@@ -152,6 +152,8 @@ def build_backbone(
         info.checkpoint_sha256 = file_sha256(weights)
     if source:
         info.notes = source.notes
+    if note:
+        info.notes = "; ".join(n for n in (info.notes, note) if n)
     return model, info
 
 
@@ -222,7 +224,7 @@ def _resolve_weights(pretrained: str | Path, source: BackboneSource | None) -> t
     return path, str(path)
 
 
-def load_local_weights(model: nn.Module, path: Path) -> None:
+def load_local_weights(model: nn.Module, path: Path) -> str:
     """Load a local checkpoint into a timm model; every tensor but the classifier must be present.
 
     ``.npz`` files in the original Google ViT format go through timm's own converter; state dicts
@@ -240,15 +242,15 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
             model.load_pretrained(str(path))
         except (KeyError, ValueError, RuntimeError) as error:
             raise UserError(f"{path} does not match the architecture: {error}") from error
-        return
+        checked_state(dict(model.state_dict()), path)  # NaN or inf in the file: refused here too
+        return ""
     try:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as error:  # noqa: BLE001 - whatever the file holds, the answer is the same
         raise UserError(
             f"{path} is not a readable checkpoint of tensors ({type(error).__name__}: {str(error)[:200]})"
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict of tensors")
+    state, note = checked_state(state, path)
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
@@ -268,6 +270,7 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
             f"{path} does not match the architecture: missing {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
         )
+    return note
 
 
 @functools.lru_cache(maxsize=32)

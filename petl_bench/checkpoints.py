@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from .errors import UserError
 from .model import PetlModel, trainable_parameters
+from .tensors import checked_state
 
 FORMAT = "petl-bench-trainable/1"
 FORMATS = ("petl-bench", "convpass-official")
@@ -60,17 +60,22 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def _read(path: Path, format: str) -> dict[str, torch.Tensor]:
     if format == "petl-bench":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise UserError(f"{path} is not a readable safetensors checkpoint: {error}") from error
+        return read_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a crafted or broken file: refused, never run
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict of tensors (the official Convpass release format)")
+    state, _ = checked_state(state, path)
     return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked (floating, finite); one UserError for any fault."""
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, a crafted header: the same answer
+        raise UserError(f"{path} is not a readable safetensors checkpoint: {str(error)[:200]}") from None
+    return checked_state(state, path)[0]
 
 
 def load_trainable(model: PetlModel, path: str | Path, format: str = "petl-bench") -> PetlModel:

@@ -22,15 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from . import records, registry
-from .backbones import PAPER_BACKBONE, build_backbone
-from .checkpoints import checkpoint_bytes
 from .cli_data import data_app
-from .engine import Recipe
 from .errors import UserError
-from .model import attach_method, count_trainable, get_method
 from .output import console, render
 from .progress import stderr_console
-from .task import data_root_from
+
+# torch, timm and the methods are imported by the commands that need them: --version and --help start fast.
+PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k"  # backbones.PAPER_BACKBONE (a test holds them equal)
 
 app = typer.Typer(
     add_completion=False,
@@ -127,6 +125,10 @@ def params_command(
     plugin: Optional[list[Path]] = PluginOption,
 ) -> None:
     """Trainable parameters of each method, without and with the classifier, and checkpoint bytes."""
+    from .backbones import build_backbone
+    from .checkpoints import checkpoint_bytes
+    from .model import attach_method, count_trainable, get_method
+
     load_plugins(plugin)
     if num_classes is None:
         num_classes = registry.TASKS.get(task).num_classes if task and task in registry.TASKS else 100
@@ -474,13 +476,14 @@ def export_command(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A finished run's folder (under --output of run/tune)."),
     out: Path = typer.Option(..., "--out", help="The .safetensors file to write (a .json is written beside it)."),
     merged: bool = typer.Option(False, "--merged", help="Fold the method into the backbone: the whole model."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing export at --out."),
     plugin: Optional[list[Path]] = PluginOption,
 ) -> None:
     """Write a trained run for deployment: merged into the backbone, or its trainable-only checkpoint."""
     from .export import export_run
 
     load_plugins(plugin)
-    weights, sidecar = export_run(run_dir, out, merged)
+    weights, sidecar = export_run(run_dir, out, merged, force)
     kind = "merged model" if merged else "trainable-only checkpoint"
     console.print(f"wrote the {kind} to {weights} and its description to {sidecar}; load with pb.load_exported")
 
@@ -524,7 +527,9 @@ def noah_search_command(
 ) -> None:
     """Train a NOAH supernet on train, search a subnet on val under a budget, retrain it on train+val."""
     from . import runner
+    from .engine import Recipe
     from .methods.noah_search import SearchSettings, SearchSpace, run_search
+    from .paths import data_root_from
 
     load_plugins(plugin)
     if (task is None) == (task_dir is None):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 
-from . import datasets, registry
+from . import registry
 from .errors import UserError
 from .output import console, render
+from .paths import data_root
 from .progress import progress_for
-from .task import data_root
+
+if TYPE_CHECKING:
+    from . import datasets
 
 data_app = typer.Typer(help="Get, check and fingerprint the data: VTAB-1K, few-shot FGVC, ImageNet and its variants.")
 RootOption = typer.Option(
@@ -39,15 +42,11 @@ def chosen_datasets(names: list[str]) -> list[datasets.Dataset]:
 
 def presence(dataset: datasets.Dataset, root: Path) -> str:
     tasks = dataset.checked_tasks()
-    found = 0
-    for task in tasks:
-        try:
-            task.folder(root)
-            found += 1
-        except UserError:
-            continue
+    found = sum(task.present(root) for task in tasks)
     if found == len(tasks):
         return "yes"
+    if not found and dataset.suite == "demo":
+        return "no (generated on first use)"
     return "no" if not found else f"{found} of {len(tasks)} tasks"
 
 
@@ -66,6 +65,8 @@ def list_command(root: Optional[Path] = RootOption) -> None:
 
 
 def check_all(tasks: list, root: Path, deep: bool) -> list:
+    from . import datasets
+
     with progress_for() as progress:
         bar = progress.add_task("verifying", total=len(tasks))
         checks = []
@@ -78,6 +79,8 @@ def check_all(tasks: list, root: Path, deep: bool) -> list:
 def record_manifest(checks: list, root: Path) -> None:
     """Fingerprint the tasks that verified, forget those that did not; a root that cannot be written is
     said, not an error (the data was still checked)."""
+    from . import datasets
+
     good = {c.task: datasets.manifest_entry(c, root) for c in checks if c.ok}
     try:
         manifest = datasets.write_manifest(root, good, failed=[c.task for c in checks if not c.ok])
@@ -112,14 +115,6 @@ def verify_datasets(chosen: list[datasets.Dataset], root: Path, deep: bool) -> i
     return verify_tasks([task for dataset in chosen for task in dataset.checked_tasks()], root, deep)
 
 
-def present(task, root: Path) -> bool:
-    try:
-        task.folder(root)
-        return True
-    except UserError:
-        return False
-
-
 def tasks_to_verify(root: Path, suite: str | None, names: list[str]) -> list:
     """``--tasks``, else every task of ``--suite``, else every task present under the root (saying how many
     of each dataset's tasks are not there)."""
@@ -131,7 +126,7 @@ def tasks_to_verify(root: Path, suite: str | None, names: list[str]) -> list:
     for _, dataset in registry.DATASETS.items():
         if dataset.suite == "demo":
             continue
-        found = [task for task in dataset.checked_tasks() if present(task, root)]
+        found = [task for task in dataset.checked_tasks() if task.present(root)]
         if found and len(found) < len(dataset.checked_tasks()):
             console.print(f"{dataset.name}: {len(found)} of {len(dataset.checked_tasks())} tasks here; checking those "
                           f"(--suite {dataset.suite} checks them all)")  # fmt: skip
@@ -158,6 +153,8 @@ def verify_command(
 
 
 def already_verified(dataset: datasets.Dataset, root: Path) -> bool:
+    from . import datasets
+
     tasks = dataset.checked_tasks()
     return bool(tasks) and all(datasets.verified_entry(task, root) for task in tasks)
 

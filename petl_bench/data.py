@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .paths import cache_dir
 from .records import write_atomic
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,6 @@ INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest
 MISSING_SHOWN = 5
 LABEL = re.compile(r"-?[0-9]+")  # ASCII digits only: '²'.isdigit() is True, int('²') fails
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def cache_dir() -> Path:
-    """Where decoded images, converted weights and generated demo data live (``$PETL_BENCH_CACHE``)."""
-    folder = Path(os.environ.get("PETL_BENCH_CACHE", Path.home() / ".cache" / "petl-bench")).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"the cache {folder} (PETL_BENCH_CACHE) is not a folder")
-    return folder
 
 
 def cache_subdir(name: str) -> Path:

@@ -128,6 +128,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss: the run fails (a record at chance would be a made-up number)."""
+
+
 def check_bounds(label: str, value, low, high, high_excluded: bool) -> None:
     """A UserError unless ``value`` is None or a finite number within [low, high] (or [low, high))."""
     if value is None:
@@ -467,6 +471,11 @@ def fit(
         seconds = time.perf_counter() - start
         result.train_seconds += seconds
         log = EpochLog(epoch, lr, float(total_loss) / steps_per_epoch, images_per_epoch / seconds, seconds)
+        if not math.isfinite(log.loss):  # read once per epoch: no sync per step
+            raise NonFiniteLoss(
+                f"the training loss became {log.loss} in epoch {epoch}: a setting is likely too large or not a "
+                f"number (the learning rate, a method's scale), or the weights hold NaN/inf; the run stops as failed"
+            )
         last = epoch == recipe.epochs - 1
         if evaluation is not None and (
             last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1)

@@ -12,16 +12,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import records
 from .backbones import build_backbone
-from .checkpoints import load_trainable
+from .checkpoints import load_trainable, read_safetensors
 from .engine import seed_everything
 from .errors import UserError
 from .model import PetlModel, attach_method, get_method
@@ -118,24 +119,40 @@ def describe(model: PetlModel, record: records.RunRecord, merged: bool) -> dict:
     }
 
 
-def export_run(run_dir: Path, out: Path, merged: bool = False) -> tuple[Path, Path]:
+def _publish(temporary: Path, path: Path) -> None:
+    """Rename ``temporary`` onto ``path`` with the permissions a new file gets (0644 under the usual umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
+
+
+def export_run(run_dir: Path, out: Path, merged: bool = False, force: bool = False) -> tuple[Path, Path]:
     """Write ``out`` (safetensors) and ``out.json``; merged: the whole folded model, checked to give the
-    trained model's logits within ``MERGE_TOLERANCE``."""
+    trained model's logits within ``MERGE_TOLERANCE``. An existing export is replaced only with ``force``."""
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out} must end in .safetensors")
     records.check_writable(out.parent, "--out")
+    existing = [path for path in (out, out.with_suffix(".json")) if path.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]} exists; pass --force to overwrite it")
     model, record = rebuild(run_dir)
     if merged:
         folded = merge(model)
         difference = merge_difference(model, folded, model.info.preprocessing.image_size)
         if difference > MERGE_TOLERANCE:
             raise UserError(f"merging {record.method} changed the logits by {difference:.2e}; not exported")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in folded.state_dict().items()}
-        save_file(state, str(out), metadata={"format": FORMAT, "merged": "true"})
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / records.CHECKPOINT, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if merged:
+            state = {k: v.detach().contiguous() for k, v in folded.state_dict().items()}
+            save_file(state, str(temporary), metadata={"format": FORMAT, "merged": "true"})
+        else:
+            shutil.copyfile(run_dir / records.CHECKPOINT, temporary)
+        _publish(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
     sidecar = out.with_suffix(".json")
     records.write_atomic(sidecar, json.dumps(describe(model, record, merged), indent=2))
     return out, sidecar
@@ -157,7 +174,10 @@ def load_exported(path: str | Path) -> nn.Module:
     size = meta["preprocessing"]["image_size"][0]
     if meta["merged"]:
         network, _ = build_backbone(meta["backbone"], "none", num_classes=meta["num_classes"], image_size=size)
-        network.load_state_dict(load_file(str(path)), strict=True)
+        try:
+            network.load_state_dict(read_safetensors(path), strict=True)
+        except RuntimeError as error:
+            raise UserError(f"{path} does not match {meta['backbone']}: {str(error)[:200]}") from None
         return network.eval()
     return trained_model(meta["method"], meta["method_config"], meta["backbone"], meta["pretrained"], path,
                          seed=meta["seed"], num_classes=meta["num_classes"], image_size=size,

@@ -28,6 +28,21 @@ class NoConfig:
     """A method without hyperparameters."""
 
 
+# Bounds of hyperparameters by field name, for every method's config: (lowest, highest, highest excluded);
+# a method adds or replaces entries with its ``bounds``. Every number must also be finite.
+COMMON_BOUNDS: Mapping[str, tuple] = {
+    "dropout": (0.0, 1.0, True), "dim": (1, 8192, False), "rank": (1, 8192, False), "r": (1, 8192, False),
+    "super_dim": (1, 8192, False), "tokens": (1, 1000, False), "groups": (1, 8192, False), "bits": (1, 8, False),
+}  # fmt: skip
+
+
+def field_bounds(name: str, declared: Mapping[str, tuple]) -> tuple | None:
+    """The bounds of a config field: the method's own, else the common ones (``*_dropout`` as ``dropout``)."""
+    if name in declared:
+        return declared[name]
+    return COMMON_BOUNDS.get("dropout" if name.endswith("_dropout") else name)
+
+
 class Method:
     """Base class of a PETL method. Subclass, fill the class attributes, implement ``attach``."""
 
@@ -43,6 +58,8 @@ class Method:
     # The tuned protocol's grid: method hyperparameters, and the recipe axes (None: the shared RECIPE_GRID).
     search_space: ClassVar[Mapping[str, tuple]] = {}
     recipe_grid: ClassVar[Mapping[str, tuple] | None] = None
+    # Bounds of the config's fields beyond COMMON_BOUNDS: name -> (lowest, highest, highest excluded).
+    bounds: ClassVar[Mapping[str, tuple]] = {}
     # Names of the method in published_vtab1k_next.csv (before any " (variant)" or " [source]"); the report
     # prints those rows beside ours.
     published_as: ClassVar[tuple[str, ...]] = ()
@@ -97,7 +114,20 @@ class Method:
                 f"method '{self.name}' has no hyperparameter {', '.join(repr(u) for u in unknown)}; "
                 f"it has: {', '.join(sorted(known)) or '(none)'}"
             )
-        return self.build_config({key: parse_value(v, hints[key], f"{self.name}.{key}") for key, v in values.items()})
+        config = self.build_config({key: parse_value(v, hints[key], f"{self.name}.{key}") for key, v in values.items()})
+        self.check_values(config)
+        return config
+
+    def check_values(self, config: Any) -> None:
+        """A UserError for a number that is not finite or outside its bounds (before anything is built)."""
+        from .engine import check_bounds
+
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name, None)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            bounds = field_bounds(field.name, self.bounds)
+            check_bounds(f"{self.name}.{field.name}", value, *(bounds or (-math.inf, None, False)))
 
     def build_config(self, values: dict[str, Any]) -> Any:
         """The ``Config`` from parsed values (a method whose config checks itself turns its errors into

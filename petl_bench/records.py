@@ -310,7 +310,7 @@ def environment(device: str) -> dict[str, Any]:
     import timm
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     info = {
         "petl_bench": __version__,

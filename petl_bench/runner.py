@@ -143,7 +143,8 @@ class SweepSpec:
     def jobs(self) -> list[Job]:
         from .backbones import PAPER_BACKBONE
         from .registry import load_plugin
-        from .task import PROTOCOLS, data_root_from
+        from .paths import data_root_from
+        from .task import PROTOCOLS
 
         for plugin in self.plugins:
             load_plugin(plugin)
@@ -157,10 +158,8 @@ class SweepSpec:
         if suite is None and len(suites) == 1 and next(iter(suites)) in SUITES:  # --tasks of one suite: its defaults
             suite = next(iter(suites))
         definition = SUITES.get(suite) if suite else None
-        if not self.backbones and not self.suite and (self.tasks or self.task_dirs):  # say what a suite-less run uses
-            chosen = definition.backbone if definition else PAPER_BACKBONE
-            warn_once("no --backbone given: using %s (%s)", chosen, f"the {suite} suite's" if definition
-                        else "the paper's ViT-B/16; pass --backbone for another")  # fmt: skip
+        if not self.backbones and definition is None:  # tasks of no suite: say which backbone they get
+            warn_once("no --backbone given: using %s (the paper's ViT-B/16; pass --backbone for another)", PAPER_BACKBONE)
         recipe = (definition.recipe if definition else Recipe()).replace(**self.recipe_overrides)
         return plan(
             resolve_methods(self.methods, suite),

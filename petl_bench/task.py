@@ -7,11 +7,10 @@ and evaluates on val.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import Split, cache_dir, check_size, list_problems, read_split
+from .data import Split, check_size, list_problems, read_split
 from .engine import Recipe
 from .errors import UserError
 from .records import variant_key
@@ -63,21 +62,6 @@ class Suite:
     seeds: tuple[int, ...] = (0,)
 
 
-def data_root(option: str | Path | None) -> Path:
-    """``--data-root`` / ``--root``, else ``$PETL_BENCH_DATA``, else ``data`` in the cache folder
-    (``~/.cache/petl-bench/data``), where ``petl-bench data get`` puts data by default."""
-    value = option or os.environ.get("PETL_BENCH_DATA")
-    return Path(value).expanduser() if value else cache_dir() / "data"
-
-
-def data_root_from(option: str | Path | None) -> Path | None:
-    """The data root a run reads: as :func:`data_root`, but None when none was given and the default
-    folder does not exist."""
-    explicit = option or os.environ.get("PETL_BENCH_DATA")
-    root = data_root(explicit)
-    return root if explicit or root.is_dir() else None
-
-
 @dataclass
 class FileListTask:
     """A task stored as ``<folder>/{lists}`` plus images, e.g. one VTAB-1K task in NOAH's layout."""
@@ -127,6 +111,14 @@ class FileListTask:
                 return candidate
         looked = ", ".join(str(c) for c in candidates)
         raise UserError(f"task '{self.name}' not found under {data_root} (looked for {looked}). {self.how_to_get}")
+
+    def present(self, data_root: Path | None) -> bool:
+        """The task's folder is there (nothing is created or generated to find out)."""
+        try:
+            self.folder(data_root)
+            return True
+        except UserError:
+            return False
 
     def _list_args(self, folder: Path, list_name: str) -> tuple:
         image_root = folder / self.image_dirs.get(list_name, self.image_dir)

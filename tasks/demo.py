@@ -134,8 +134,15 @@ class GeneratedTask(FileListTask):
     generate: Callable[[np.random.Generator, int], list[tuple[Image.Image, int]]] | None = None
     seed: int = 0
 
+    def _target(self) -> Path:
+        return cache_dir() / "demo-data" / f"{self.name}-v{GENERATOR_VERSION}"
+
+    def present(self, data_root: Path | None) -> bool:
+        return (self._target() / LISTS.test).is_file()
+
     def folder(self, data_root: Path | None) -> Path:
-        target = cache_dir() / "demo-data" / f"{self.name}-v{GENERATOR_VERSION}"
+        """The generated task (generated on first use)."""
+        target = self._target()
         if not (target / LISTS.test).is_file():
             self._write(target)
         return target

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import TINY_SWIN, TINY_VIT, images, make_task_folder, randomize_trainable, tiny_backbone, with_method
@@ -63,6 +65,13 @@ def test_export_then_load_exported_gives_identical_logits(monkeypatch, capsys, t
         torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=1e-4 if merged else 0)
     description = target.with_suffix(".json").read_text()
     assert '"task": "colours"' in description and '"num_classes": 4' in description
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == target.with_suffix(".json").stat().st_mode & 0o777 == 0o666 & ~umask
+    again = ["export", str(out / record.run_id), "--out", str(target), "--plugin", str(tiny_plugin), *extra]
+    code, _, stderr = run_cli(monkeypatch, capsys, *again)
+    assert code == 2 and "exists; pass --force to overwrite it" in stderr
+    assert run_cli(monkeypatch, capsys, *again, "--force")[0] == 0
 
 
 def _test_top1(model, task) -> float:

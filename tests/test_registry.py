@@ -25,7 +25,7 @@ def readme_plugin_example() -> str:
 
 
 def test_readme_example_is_the_shipped_example_file():
-    shipped = (README.parent / "examples" / "norm_tuning.py").read_text()
+    shipped = (README.parent / "examples" / "partial_tuning.py").read_text()
     assert readme_plugin_example().strip() in shipped
 
 
@@ -33,12 +33,13 @@ def test_plugin_file_registers_a_method_usable_from_the_cli(tmp_path):
     plugin = tmp_path / "norm_plugin.py"
     plugin.write_text(readme_plugin_example())
     result = subprocess.run(
-        [sys.executable, "-m", "petl_bench.cli", "params", "--plugin", str(plugin), "--methods", "norm_tuning,linear",
+        [sys.executable, "-m", "petl_bench.cli", "params", "--plugin", str(plugin), "--methods", "partial_tuning,linear",
          "--backbone", "vit_base_patch16_224", "--format", "csv"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     rows = dict(line.split(",")[:3:2] for line in result.stdout.splitlines()[1:])
-    assert rows == {"norm_tuning": str(25 * 2 * 768), "linear": "0"}
+    block = 4 * 768 + (3 * 768 * 768 + 3 * 768) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768)
+    assert rows == {"partial_tuning": str(block + 2 * 768), "linear": "0"}
 
 
 def test_plugin_errors_are_user_errors(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from test_report import record as synthetic_record
 from test_run import TINY_RUN, run_cli
 
@@ -36,3 +37,93 @@ def test_a_record_of_a_newer_schema_is_left_alone_and_the_run_refused(monkeypatc
     assert code == 2 and "written by a newer petl-bench" in stderr and stderr.count("error:") == 1
     assert json.loads(path.read_text()) == newer and (path.parent / records.CHECKPOINT).read_bytes() == checkpoint
     assert not list(path.parent.glob("*.invalid"))
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("lora.dropout=2", "lora.dropout must be in [0.0, 1.0)"),
+        ("lora.rank=-1", "lora.rank must be in [1, 8192]"),
+        ("lora.rank=0", "lora.rank must be in [1, 8192]"),
+        ("vpt_deep.tokens=100000000", "vpt_deep.tokens must be in [1, 1000]"),
+        ("convpass.scale=nan", "convpass.scale must be a finite number"),
+        ("peft:lora.lora_dropout=nan", "peft:lora.lora_dropout must be a finite number"),
+        ("peft:lora.target_modules=[unclosed", "is not a regular expression"),
+    ],
+)
+def test_method_settings_out_of_bounds_are_one_line_before_anything_trains(
+    monkeypatch, capsys, tmp_path, tiny_plugin, setting, message
+):
+    from conftest import make_task_folder
+
+    task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    method = setting.split(".")[0]
+    base = ["--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", method, "--output", str(out), *TINY_RUN]
+    for command in (["run", *base, "--set", setting], ["run", *base, "--set", setting, "--dry-run"]):
+        code, _, stderr = run_cli(monkeypatch, capsys, *command)
+        assert code == 2 and message in " ".join(stderr.split()) and "Traceback" not in stderr, stderr
+    key, value = setting.split("=", 1)
+    if method == "lora":  # tune checks its grid's values the same way, before any training
+        code, _, stderr = run_cli(monkeypatch, capsys, "tune", *base, "--dry-run", "--grid", f"{key}={value}")
+        assert code == 2 and message in " ".join(stderr.split()), stderr
+    assert not out.exists() or not list(out.rglob(records.RECORD))
+
+
+def test_a_non_finite_loss_fails_the_run_naming_the_likely_cause(monkeypatch, capsys, tmp_path, tiny_plugin):
+    from conftest import make_task_folder
+
+    task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
+                                   "--methods", "convpass", "--epochs", "2", "--output", str(out), *TINY_RUN,
+                                   "--set", "convpass.scale=1e38")  # fmt: skip
+    assert code == 1 and "0 run(s) trained" in stdout and "1 failed" in stdout
+    assert "the training loss became" in " ".join(stdout.split()) and "a setting is likely too large" in stdout
+    assert not list(out.rglob(records.RECORD)), "no record at chance"
+
+
+@pytest.mark.parametrize("value,message", [(float("nan"), "holds NaN or infinite values"),
+                                           (None, "holds torch.int8 values, not floating-point weights")])
+def test_weights_with_nan_or_integer_tensors_are_refused(monkeypatch, capsys, tmp_path, tiny_plugin, value, message):
+    import torch
+    from conftest import make_task_folder
+    from safetensors.torch import save_file
+
+    import petl_bench as pb
+
+    task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    assert run_cli(monkeypatch, capsys, "methods", "--plugin", str(tiny_plugin))[0] == 0
+    model, _ = pb.build_backbone("tiny_test_vit", "none", num_classes=4, image_size=16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if value is None:
+        state["pos_embed"] = state["pos_embed"].to(torch.int8)
+    else:
+        state["pos_embed"][0, 0, 0] = value
+    weights = tmp_path / "weights.safetensors"
+    save_file(state, str(weights))
+    args = ["run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "linear", "--epochs", "1",
+            "--output", str(out), *TINY_RUN]  # fmt: skip
+    args[args.index("none")] = str(weights)
+    code, _, stderr = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and message in " ".join(stderr.split()) and stderr.count("error:") == 1, stderr
+    assert not list(out.rglob(records.RECORD))
+
+
+def test_float16_weights_are_cast_and_the_record_says_so(monkeypatch, capsys, tmp_path, tiny_plugin):
+    import torch
+    from conftest import make_task_folder
+    from safetensors.torch import save_file
+
+    import petl_bench as pb
+
+    task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    assert run_cli(monkeypatch, capsys, "methods", "--plugin", str(tiny_plugin))[0] == 0
+    model, _ = pb.build_backbone("tiny_test_vit", "none", num_classes=4, image_size=16)
+    weights = tmp_path / "half.safetensors"
+    save_file({k: v.to(torch.float16) for k, v in model.state_dict().items()}, str(weights))
+    args = ["run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "linear", "--epochs", "1",
+            "--output", str(out), *TINY_RUN]  # fmt: skip
+    args[args.index("none")] = str(weights)
+    code, _, stderr = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, stderr
+    (record,) = records.load_records(out)
+    assert any("float16 tensor(s) cast to float32" in note for note in record.notes), record.notes

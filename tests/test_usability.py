@@ -180,3 +180,19 @@ def test_unknown_recipe_settings_list_only_settings(monkeypatch, capsys, tmp_pat
     )
     assert code == 2 and "unknown recipe setting bogus" in stderr
     assert "EXECUTION" not in stderr and "CHOICES" not in stderr and "warmup_fraction" in " ".join(stderr.split())
+
+
+def test_version_and_help_start_without_torch():
+    import subprocess
+    import sys
+
+    from petl_bench import backbones, cli
+
+    assert cli.PAPER_BACKBONE == backbones.PAPER_BACKBONE
+    for argv in (["--version"], ["--help"], ["run", "--help"]):
+        probe = (
+            "import sys; from petl_bench import cli; sys.argv = ['petl-bench', *%r]\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)" % (argv,)
+        )
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        assert done.stderr.strip().splitlines()[-1] == "False", (argv, done.stderr)

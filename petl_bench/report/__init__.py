@@ -68,7 +68,7 @@ def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
             runs=("run_id", "count"),
             trainable_params=("trainable_params", count_range),
             trainable_params_with_head=("trainable_params_with_head", count_range),
-            checkpoint_mb=("checkpoint_bytes", lambda v: v.mean() / 1e6),
+            checkpoint_kb=("checkpoint_bytes", lambda v: v.mean() / 1e3),
             peak_memory_mb=("peak_memory_bytes", lambda v: v.max() / 2**20),
             peak_memory_kind=("peak_memory_kind", distinct),
             train_images_per_s=("train_images_per_s", "mean"),

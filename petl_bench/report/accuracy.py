@@ -81,7 +81,7 @@ def row_cells(runs: pd.DataFrame, layout: Layout) -> dict[str, Stat]:
     means = aggregates({task: cell[0] for task, cell in cells.items()}, layout)
     seeds = {task: frozenset(group["seed"]) for task, group in runs.groupby("task")}
     per_seed: dict[str, list[float]] = {}
-    for seed, seed_runs in runs.groupby("seed"):
+    for _, seed_runs in runs.groupby("seed"):
         for column, value in aggregates(dict(zip(seed_runs["task"], seed_runs["top1"])), layout).items():
             per_seed.setdefault(column, []).append(value)
     for column, mean in means.items():

@@ -111,7 +111,7 @@ def row_labels(frame: pd.DataFrame) -> pd.Series:
     for _, group in frame.groupby(ROW_KEY, dropna=False, sort=False):
         order = group.sort_values("finished_at", kind="stable")
         copies = {}
-        for index, run in order.iterrows():
+        for _, run in order.iterrows():
             known = copies.setdefault(run["task"], [])
             if run["data_fingerprint"] and run["data_fingerprint"] not in known:
                 known.append(run["data_fingerprint"])
