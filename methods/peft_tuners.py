@@ -92,7 +92,9 @@ def resolved(config, kind: str):
     """``config`` with the default targets of a ``kind`` backbone where it names none."""
     changes = {}
     if config.target_modules is None:
-        changes["target_modules"] = TARGETS_OF.get(str(getattr(config.peft_type, "value", config.peft_type)).lower(), TARGETS)[kind]
+        changes["target_modules"] = TARGETS_OF.get(
+            str(getattr(config.peft_type, "value", config.peft_type)).lower(), TARGETS
+        )[kind]
     if hasattr(config, "feedforward_modules") and config.feedforward_modules is None:
         changes["feedforward_modules"] = FEEDFORWARD[kind]
     return dataclasses.replace(config, **changes) if changes else config
@@ -159,7 +161,9 @@ def make(member: str) -> type[Method]:
     if kind.lower() not in types:
         raise UserError(f"unknown PEFT tuner '{member}'; PEFT {peft.__version__} has: {', '.join(listing())}")
     if member not in TESTED:
-        warnings.warn(f"peft:{member} (new in PEFT {peft.__version__}) was not tested on vision backbones here", stacklevel=2)
+        warnings.warn(
+            f"peft:{member} (new in PEFT {peft.__version__}) was not tested on vision backbones here", stacklevel=2
+        )
     config = types[kind.lower()]
     return type(
         f"Peft{member.title().replace('_', '')}",

@@ -198,9 +198,13 @@ O_TASKS = typer.Option(None, help="Comma-separated registered tasks (default: th
 O_TASK_DIR = typer.Option(None, "--task-dir", help="Folder with train/test list files (repeatable).")
 O_BACKBONE = typer.Option(None, help="Backbone (default: the suite's).")
 O_BACKBONES = typer.Option(None, help="Comma-separated backbones, each crossed with every method.")
-O_PRETRAINED = typer.Option("hub", metavar="hub|none|PATH", help="The backbone's weights: hub, none, or a weights file.")
+O_PRETRAINED = typer.Option(
+    "hub", metavar="hub|none|PATH", help="The backbone's weights: hub, none, or a weights file."
+)
 O_DATA_ROOT = typer.Option(
-    None, "--data-root", "--root",
+    None,
+    "--data-root",
+    "--root",
     help="Data folder (default: $PETL_BENCH_DATA, else data/ in the cache folder, $PETL_BENCH_CACHE/data, "
     "where 'petl-bench data get' puts it).",
 )
@@ -473,7 +477,9 @@ def report_command(
 
 @app.command("export")
 def export_command(
-    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A finished run's folder (under --output of run/tune)."),
+    run_dir: Path = typer.Argument(
+        ..., metavar="RUN_DIR", help="A finished run's folder (under --output of run/tune)."
+    ),
     out: Path = typer.Option(..., "--out", help="The .safetensors file to write (a .json is written beside it)."),
     merged: bool = typer.Option(False, "--merged", help="Fold the method into the backbone: the whole model."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing export at --out."),

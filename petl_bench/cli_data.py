@@ -139,7 +139,9 @@ def tasks_to_verify(root: Path, suite: str | None, names: list[str]) -> list:
 @data_app.command("verify")
 def verify_command(
     root: Optional[Path] = RootOption,
-    suite: Optional[str] = typer.Option(None, help="Every task of this suite (vtab, fewshot, dg, demo), present or not."),
+    suite: Optional[str] = typer.Option(
+        None, help="Every task of this suite (vtab, fewshot, dg, demo), present or not."
+    ),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (default: every task found under the root)."),
     deep: bool = typer.Option(False, "--deep", help="Also decode every image."),
 ) -> None:
@@ -182,7 +184,10 @@ def get_command(
     names: list[str] = typer.Argument(..., help="Datasets (see data list) or suites: vtab-1k, fewshot, dg, ..."),
     root: Optional[Path] = RootOption,
     archive: Optional[Path] = typer.Option(
-        None, "--from", metavar="PATH", help="An archive fetched elsewhere (vtab-1k.zip) to install instead of downloading."
+        None,
+        "--from",
+        metavar="PATH",
+        help="An archive fetched elsewhere (vtab-1k.zip) to install instead of downloading.",
     ),
 ) -> None:
     """Download and arrange datasets under the data root, then verify them (a no-op once verified).
@@ -191,7 +196,9 @@ def get_command(
     folder = data_root(root)
     chosen = chosen_datasets(names)
     if archive is not None and len(chosen) != 1:
-        raise UserError("--from installs one dataset: name only it (e.g. petl-bench data get vtab-1k --from vtab-1k.zip)")
+        raise UserError(
+            "--from installs one dataset: name only it (e.g. petl-bench data get vtab-1k --from vtab-1k.zip)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     to_verify, failed = [], []
     for dataset in chosen:

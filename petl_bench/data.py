@@ -114,7 +114,9 @@ def list_problems(name: str, list_file: Path, root: Path, num_classes: int | Non
     if missing:
         shown = ", ".join(f"{root / path} (line {number})" for number, path in missing[:MISSING_SHOWN])
         more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
-        problems.append(f"{len(missing)} of {len(split)} images listed in {list_file} are missing: {shown}{more}.{hint}")
+        problems.append(
+            f"{len(missing)} of {len(split)} images listed in {list_file} are missing: {shown}{more}.{hint}"
+        )
     return split, problems
 
 
@@ -122,7 +124,11 @@ def read_split(name: str, list_file: Path, root: Path, num_classes: int | None, 
     """Parse and validate a list file: every line ``path label``, labels in range, every image present."""
     split, problems = list_problems(name, list_file, root, num_classes, how_to_get)
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s); 'petl-bench data verify' lists them)" if len(problems) > 1 else ""
+        more = (
+            f" (and {len(problems) - 1} more problem(s); 'petl-bench data verify' lists them)"
+            if len(problems) > 1
+            else ""
+        )
         raise UserError(problems[0] + more)
     return split
 

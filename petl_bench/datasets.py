@@ -75,7 +75,9 @@ def hub_file(repo_id: str, filename: str, repo_type: str = "dataset", advice: st
 
     cached = try_to_load_from_cache(repo_id, filename, repo_type=repo_type)
     if not isinstance(cached, str):
-        require_hub(f"{filename} of the hub dataset {repo_id}", advice or "get it where the hub is reachable and run this again")
+        require_hub(
+            f"{filename} of the hub dataset {repo_id}", advice or "get it where the hub is reachable and run this again"
+        )
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type=repo_type))
     except LocalEntryNotFoundError:
@@ -268,7 +270,9 @@ def check_task(task, root: Path, deep: bool = False) -> TaskCheck:
             check.problems.append(f"{task.name}: {folder / name} has {len(split)} lines, expected {expected}")
         check.images.update((split.root, path) for path in split.paths)
     for variant in task.variants():
-        check.problems += [f"{task.name}: {p}" for p in cross_check(variant.lists, splits) if f"{task.name}: {p}" not in check.problems]
+        check.problems += [
+            f"{task.name}: {p}" for p in cross_check(variant.lists, splits) if f"{task.name}: {p}" not in check.problems
+        ]
     if deep:
         check.decoded = _decode_all(check)
     return check
@@ -289,16 +293,22 @@ def cross_check(lists, splits: dict) -> list[str]:
         for image, label in _pairs(split) if split else []:
             if labels.setdefault(image, (label, role))[0] != label:
                 first, where = labels[image]
-                conflicts.append(f"{image} is labelled {first} in {getattr(lists, where)} and {label} in {getattr(lists, role)}")
+                conflicts.append(
+                    f"{image} is labelled {first} in {getattr(lists, where)} and {label} in {getattr(lists, role)}"
+                )
     problems += conflicts[:3] + ([f"{len(conflicts) - 3} more images with two labels"] if len(conflicts) > 3 else [])
-    train, val, trainval, test = (set(_pairs(found[r])) if found[r] else None for r in ("train", "val", "trainval", "test"))
+    train, val, trainval, test = (
+        set(_pairs(found[r])) if found[r] else None for r in ("train", "val", "trainval", "test")
+    )
     distinct = lists.train != lists.trainval and lists.val not in (lists.train, lists.trainval)
     if distinct and None not in (train, val, trainval) and train | val != trainval:
         problems.append(f"{lists.train} and {lists.val} together are not {lists.trainval} "
                         f"({len(train | val - trainval)} lines only in them, {len(trainval - (train | val))} only in {lists.trainval})")  # fmt: skip
     images = {role: {image for image, _ in _pairs(split)} for role, split in found.items() if split}
     if distinct and "train" in images and "val" in images and images["train"] & images["val"]:
-        problems.append(f"{len(images['train'] & images['val'])} image(s) of {lists.val} are also in {lists.train} (a leak)")
+        problems.append(
+            f"{len(images['train'] & images['val'])} image(s) of {lists.val} are also in {lists.train} (a leak)"
+        )
     for role in ("train", "val", "trainval"):
         shared = images.get("test", set()) & images.get(role, set())
         if shared and lists.test != getattr(lists, role):

@@ -142,8 +142,8 @@ class SweepSpec:
 
     def jobs(self) -> list[Job]:
         from .backbones import PAPER_BACKBONE
-        from .registry import load_plugin
         from .paths import data_root_from
+        from .registry import load_plugin
         from .task import PROTOCOLS
 
         for plugin in self.plugins:
@@ -159,7 +159,9 @@ class SweepSpec:
             suite = next(iter(suites))
         definition = SUITES.get(suite) if suite else None
         if not self.backbones and definition is None:  # tasks of no suite: say which backbone they get
-            warn_once("no --backbone given: using %s (the paper's ViT-B/16; pass --backbone for another)", PAPER_BACKBONE)
+            warn_once(
+                "no --backbone given: using %s (the paper's ViT-B/16; pass --backbone for another)", PAPER_BACKBONE
+            )
         recipe = (definition.recipe if definition else Recipe()).replace(**self.recipe_overrides)
         return plan(
             resolve_methods(self.methods, suite),

@@ -18,7 +18,15 @@ from petl_bench.methods.binary import QLinear, normal_codes
 NEW = ["ssf", "fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "houlsby_adapter", "pfeiffer_adapter",
        "bi_adaptformer", "bi_lora"]  # fmt: skip
 SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
-IDENTITY_AT_INIT = ["fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "pfeiffer_adapter/module"]
+IDENTITY_AT_INIT = [
+    "fact_tt",
+    "fact_tk",
+    "repadapter",
+    "repadapter_attn",
+    "difffit",
+    "ln_tune",
+    "pfeiffer_adapter/module",
+]
 NOT_IDENTITY = ["ssf", "houlsby_adapter", "pfeiffer_adapter", "bi_adaptformer", "bi_lora"]
 FOLDS = ["ssf", "fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "bi_lora"]
 DOES_NOT_FOLD = ["houlsby_adapter", "pfeiffer_adapter", "bi_adaptformer"]

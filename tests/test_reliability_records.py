@@ -81,8 +81,10 @@ def test_a_non_finite_loss_fails_the_run_naming_the_likely_cause(monkeypatch, ca
     assert not list(out.rglob(records.RECORD)), "no record at chance"
 
 
-@pytest.mark.parametrize("value,message", [(float("nan"), "holds NaN or infinite values"),
-                                           (None, "holds torch.int8 values, not floating-point weights")])
+@pytest.mark.parametrize(
+    "value,message",
+    [(float("nan"), "holds NaN or infinite values"), (None, "holds torch.int8 values, not floating-point weights")],
+)
 def test_weights_with_nan_or_integer_tensors_are_refused(monkeypatch, capsys, tmp_path, tiny_plugin, value, message):
     import torch
     from conftest import make_task_folder

@@ -297,7 +297,18 @@ def test_a_finished_run_is_not_reused_on_changed_data(monkeypatch, capsys, tmp_p
     from PIL import Image
 
     out = tmp_path / "runs"
-    args = ["run", "--plugin", str(tiny_plugin), "--methods", "linear", "--epochs", "1", "--output", str(out), *TINY_RUN]
+    args = [
+        "run",
+        "--plugin",
+        str(tiny_plugin),
+        "--methods",
+        "linear",
+        "--epochs",
+        "1",
+        "--output",
+        str(out),
+        *TINY_RUN,
+    ]
     code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--task-dir", str(task))
     assert code == 0 and "1 run(s) trained" in stdout, stderr
     copy = tmp_path / "copy" / task.name

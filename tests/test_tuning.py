@@ -106,7 +106,9 @@ def test_dry_run_prints_every_grid_and_the_runs(monkeypatch, capsys, tmp_path, t
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_a_duplicate_grid_value_is_one_configuration_and_a_typo_lists_the_keys(monkeypatch, capsys, tmp_path, tiny_plugin):
+def test_a_duplicate_grid_value_is_one_configuration_and_a_typo_lists_the_keys(
+    monkeypatch, capsys, tmp_path, tiny_plugin
+):
     task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
     args = [a for a in _tune(tiny_plugin, task, out, "--methods", "linear", "--dry-run") if a not in GRID]
     code, _, once = run_cli(monkeypatch, capsys, *args, "--grid", "recipe.lr=1e-3")

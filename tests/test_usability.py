@@ -192,7 +192,8 @@ def test_version_and_help_start_without_torch():
     for argv in (["--version"], ["--help"], ["run", "--help"]):
         probe = (
             "import sys; from petl_bench import cli; sys.argv = ['petl-bench', *%r]\n"
-            "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)" % (argv,)
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)"
+            % (argv,)
         )
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
         assert done.stderr.strip().splitlines()[-1] == "False", (argv, done.stderr)

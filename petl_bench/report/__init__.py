@@ -81,7 +81,9 @@ def cost_frame(frame: pd.DataFrame) -> pd.DataFrame:
         .reset_index()
     )
     order = {m: i for i, m in enumerate(method_order(grouped["method"]))}
-    grouped = grouped.sort_values(["suite", "backbone", "method", "row"], key=lambda s: s.map(order) if s.name == "method" else s)
+    grouped = grouped.sort_values(
+        ["suite", "backbone", "method", "row"], key=lambda s: s.map(order) if s.name == "method" else s
+    )
     return grouped.drop(columns="method").rename(columns={"row": "method"})
 
 

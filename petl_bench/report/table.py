@@ -82,13 +82,17 @@ def run_settings(record: RunRecord) -> dict:
     the same request on another task), the input size and the weights. Flat: ``{"epochs": 2, ...}``."""
     hparams, chosen = record.hparams, set((record.tuning or {}).get("chosen", {}))
     defaults = hparams.get("task_defaults") or {}
-    method = {k: v for k, v in (hparams.get("method") or {}).items() if k not in chosen and defaults.get(k, object()) != v}
+    method = {
+        k: v for k, v in (hparams.get("method") or {}).items() if k not in chosen and defaults.get(k, object()) != v
+    }
     recipe = hparams.get("recipe") if isinstance(hparams.get("recipe"), dict) else {}
     recipe = {k: v for k, v in recipe.items() if k not in EXECUTION and k not in chosen and k != "image_size"}
     out: dict = {}
     _flat("", {**recipe, **method}, out)
     out["input"] = "x".join(map(str, hparams.get("input_size") or [])) or None
-    out["weights"] = record.pretrained + (f" {record.backbone_checkpoint_sha256[:8]}" if record.backbone_checkpoint_sha256 else "")
+    out["weights"] = record.pretrained + (
+        f" {record.backbone_checkpoint_sha256[:8]}" if record.backbone_checkpoint_sha256 else ""
+    )
     return out
 
 
@@ -128,6 +132,7 @@ def row_labels(frame: pd.DataFrame) -> pd.Series:
             labels[i] = run["method"] + (f" ({', '.join(parts)})" if len(distinct) > 1 and parts else "")
     return labels
 
+
 def method_order(methods) -> list[str]:
     registered = METHODS.names()
     return sorted(set(methods), key=lambda m: (registered.index(m) if m in registered else len(registered), m))
@@ -138,6 +143,7 @@ def row_order(runs: pd.DataFrame) -> list[tuple[str, str]]:
     pairs = set(zip(runs["row"], runs["method"]))
     rank = {m: i for i, m in enumerate(method_order(runs["method"]))}
     return sorted(pairs, key=lambda pair: (rank[pair[1]], pair[0]))
+
 
 def stats(values: list[float]) -> Stat:
     mean = sum(values) / len(values)
