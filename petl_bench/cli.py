@@ -596,6 +596,7 @@ ABORT, EXIT, CLICK_ERROR = _exception_types("Abort"), _exception_types("Exit"), 
 
 
 INTERRUPTED = 130
+TERMINATED = 143
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -618,10 +619,24 @@ def tidy_help(command) -> None:
         tidy_help(sub)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and ``kill`` send), handled like Ctrl-C (click turns both into an Abort)."""
+
+    received = False
+
+
+def _terminate(signum, frame) -> None:
+    Terminated.received = True
+    raise Terminated()
+
+
 def main() -> None:
     """Entry point. Exit codes: 0 done; 1 a run failed; 2 a usage or data error (one ``error:`` line);
-    130 interrupted (Ctrl-C). ``--debug`` shows tracebacks instead."""
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM), both saying so. ``--debug`` shows tracebacks instead."""
+    import signal
+
     debug = "--debug" in sys.argv[1:]
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         command = typer.main.get_command(app)
         tidy_help(command)
@@ -632,7 +647,7 @@ def main() -> None:
         if isinstance(error, OSError):
             where = f": {error.filename}" if error.filename else ""
             fail(f"{error.strerror or error}{where}")
-        fail(str(error))
+        fail(str(error), error.exit_code)
     except (KeyboardInterrupt, *ABORT):
         code = INTERRUPTED
     except CLICK_ERROR as error:
@@ -643,8 +658,11 @@ def main() -> None:
         fail(f"{error.format_message()}{hint}", getattr(error, "exit_code", 2) or 2)
     except EXIT as exit_:
         code = exit_.exit_code
-    if code == INTERRUPTED:  # typer turns Ctrl-C into this code itself
-        Console(stderr=True).print("interrupted; rerun the same command to continue where it stopped")
+    if code == INTERRUPTED and Terminated.received:
+        code = TERMINATED
+    if code in (INTERRUPTED, TERMINATED):  # typer turns Ctrl-C into this code itself
+        what = "terminated" if code == TERMINATED else "interrupted"
+        Console(stderr=True).print(f"{what}; rerun the same command to continue where it stopped")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,15 +175,24 @@ def cache_key(split: Split, size: tuple[int, int], interpolation: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _die_with_parent() -> None:
-    """Decode workers end when the process that started them dies, even by kill -9 (Linux)."""
-    try:
-        import ctypes
-        import signal
+def _die_with(owner: int) -> None:
+    """Decode workers end when the process that started the pool dies, even by kill -9 (Linux). A worker's
+    parent is the fork server, and each worker holds the fork server's keep-alive pipe, so a death signal
+    tied to the parent would never fire: a thread watches the owner instead and ends the worker, after
+    which the fork server sees its pipe close and ends too."""
+    import threading
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="die-with-owner").start()
 
 
 def _decode_into(path: Path, split: Split, size: tuple[int, int], interpolation: str, workers, progress) -> None:
@@ -199,10 +209,10 @@ def _decode_into(path: Path, split: Split, size: tuple[int, int], interpolation:
 
     if workers > 1 and len(jobs) >= 256:
         # from a fork server, not forked from here: workers inherit no file descriptor (a run's lock among
-        # them), and they die with this process, so a kill -9 leaves nothing holding the run
+        # them), and they (then the fork server) end with this process, so a kill -9 leaves nothing behind
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with, initargs=(os.getpid(),)) as pool:
             fill(array, pool.map(_decode, jobs, chunksize=64))
     else:
         fill(array, map(_decode, jobs))

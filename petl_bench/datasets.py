@@ -22,6 +22,7 @@ import os
 import shutil
 import tarfile
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,8 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
-from .data import cache_key, cache_subdir, file_digest
-from .errors import UserError
+from .data import cache_key, cache_subdir, ensure_free_space, file_digest
+from .errors import DownloadError, UserError
 from .hub import require_hub
 from .records import now, write_atomic
 from .registry import TASKS
@@ -83,7 +84,9 @@ def hub_file(repo_id: str, filename: str, repo_type: str = "dataset", advice: st
     except LocalEntryNotFoundError:
         raise UserError(f"{filename} of the hub dataset {repo_id} is not in the Hugging Face cache") from None
     except (HfHubHTTPError, OSError) as error:
-        raise UserError(f"cannot get {filename} from the hub dataset {repo_id}: {str(error).splitlines()[0]}") from None
+        raise DownloadError(
+            f"cannot get {filename} from the hub dataset {repo_id}: {str(error).splitlines()[0]}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -95,7 +98,7 @@ def downloading(what: str, host: str = ""):
         reason = error
         if isinstance(error, OSError):
             reason = getattr(error, "reason", None) or error.strerror or error
-        raise UserError(f"cannot download {what}{f' from {host}' if host else ''}: {reason}") from None
+        raise DownloadError(f"cannot download {what}{f' from {host}' if host else ''}: {reason}") from None
 
 
 def remove_partials(folder: Path) -> None:
@@ -105,24 +108,41 @@ def remove_partials(folder: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def declared_size(archive: Path) -> int:
+    """The bytes an archive says its members hold (zip: each member's size; tar: each file's)."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as bundle:
+            return sum(member.file_size for member in bundle.infolist())
+    with tarfile.open(archive) as bundle:
+        return sum(member.size for member in bundle.getmembers() if member.isfile())
+
+
 def extract_archive(archive: Path, into: Path, progress=None) -> None:
     """Every member of a zip (CRC-checked as it is read) or tar archive under ``into``; members that
-    would land outside ``into`` are refused."""
+    would land outside ``into`` are refused, and an archive declaring more than the free space is refused
+    before anything is written. A broken archive (truncated, corrupt data, encrypted or unknown
+    compression) is a DownloadError: one line, exit 1."""
+    broken = (zipfile.BadZipFile, tarfile.TarError, EOFError, zipfile.LargeZipFile, zlib.error, NotImplementedError)
     try:
+        into.parent.mkdir(parents=True, exist_ok=True)
+        ensure_free_space(into.parent, declared_size(archive), f"extracting {archive.name}")
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as bundle:
                 members = [m for m in bundle.infolist() if not m.is_dir()]
                 bar = progress.add_task(f"extracting {archive.name}", total=len(members)) if progress else None
                 for member in members:
+                    if member.flag_bits & 0x1:
+                        raise zipfile.BadZipFile(f"{member.filename} is encrypted")
                     bundle.extract(member, into)
                     if progress:
                         progress.update(bar, advance=1)
             return
         with tarfile.open(archive) as bundle:
             bundle.extractall(into, filter="data")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zipfile.LargeZipFile) as error:
-        raise UserError(
-            f"{archive} is truncated or corrupt ({error}); delete it (or the hub cache entry) and run the command again"
+    except broken as error:
+        raise DownloadError(
+            f"{archive} is truncated or corrupt ({str(error)[:120] or type(error).__name__}); delete it (or the hub "
+            f"cache entry) and download again"
         ) from None
 
 
@@ -139,8 +159,11 @@ def find_folder(tree: Path, names: tuple[str, ...], depth: int = 3) -> Path | No
 
 
 def move_into_place(source: Path, destination: Path) -> None:
-    """Rename ``source`` to ``destination``, replacing what is there (never a half-moved folder)."""
+    """Rename ``source`` to ``destination``, replacing a folder that is there (never a half-moved folder); a
+    file of that name is the user's, and is refused rather than deleted."""
     destination.parent.mkdir(parents=True, exist_ok=True)
+    if (destination.exists() or destination.is_symlink()) and not destination.is_dir():
+        raise UserError(f"{destination} is a file, not a task folder; move it away and run the command again")
     if destination.exists() or destination.is_symlink():
         old = destination.with_name(f"{PARTIAL}old-{destination.name}-{os.getpid()}")
         os.replace(destination, old)
@@ -232,6 +255,7 @@ class TaskCheck:
     images: set = field(default_factory=set)  # (image root, relative path)
     problems: list[str] = field(default_factory=list)
     decoded: int = 0
+    fingerprints: dict[str, str] = field(default_factory=dict)  # list name -> the fingerprint a run records
 
     @property
     def ok(self) -> bool:
@@ -264,6 +288,8 @@ def check_task(task, root: Path, deep: bool = False) -> TaskCheck:
             continue
         splits[name] = split
         check.lists[name] = file_digest(folder / name)
+        if not problems:  # every image is there: what a run will record for this list
+            check.fingerprints[name] = split_fingerprint(split)
         check.lines[name] = len(split)
         expected = task.sizes.get(name)
         if expected is not None and len(split) != expected:
@@ -330,12 +356,15 @@ def _decode_all(check: TaskCheck) -> int:
 
 
 def files_digest(files: list[tuple[str, Path]], start: bytes = b"", workers: int = 4) -> str:
-    """sha256 over ``start`` and one line per file, in the order given: its name, size and sha256."""
+    """sha256 over ``start`` and one line per file, in the order given: its name, size and sha256 (a file
+    listed several times is read once)."""
+    unique = list(dict.fromkeys(path for _, path in files))
     with ThreadPoolExecutor(workers) as pool:
-        digests = list(pool.map(lambda item: file_digest(item[1]), files))
+        digests = dict(zip(unique, pool.map(lambda path: (file_digest(path), path.stat().st_size), unique)))
     total = hashlib.sha256(start)
-    for (name, path), digest in zip(files, digests):
-        total.update(f"{name}\t{path.stat().st_size}\t{digest}\n".encode())
+    for name, path in files:
+        digest, size = digests[path]
+        total.update(f"{name}\t{size}\t{digest}\n".encode())
     return total.hexdigest()
 
 
@@ -352,6 +381,7 @@ def manifest_entry(check: TaskCheck, root: Path) -> dict:
         "lists": dict(sorted(check.lists.items())),
         "images": images_digest(check),
         "image_count": len(check.images),
+        "fingerprints": dict(sorted(check.fingerprints.items())),
         "verified_at": now(),
     }
 
@@ -442,6 +472,9 @@ def manifest_for(list_file: Path, levels: int = 4) -> tuple[str, dict] | None:
     return None
 
 
+_WARNED_MISMATCH: set[str] = set()
+
+
 def data_identity(data) -> dict:
     """What a record says about its data: each split's fingerprint, one over them all, and the
     manifest entry's digest when a verified copy has one."""
@@ -449,8 +482,27 @@ def data_identity(data) -> dict:
     fingerprints = {name: split_fingerprint(split) for name, split in splits.items()}
     combined = hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(fingerprints.items())).encode()).hexdigest()
     found = manifest_for(data.train.list_file)
+    mismatch = manifest_mismatch(found, splits, fingerprints) if found else ""
+    if mismatch and mismatch not in _WARNED_MISMATCH:
+        _WARNED_MISMATCH.add(mismatch)
+        log.warning("%s; the run records no manifest entry (run 'petl-bench data verify' to check the data)", mismatch)
     return {
         "fingerprint": combined,
         "splits": fingerprints,
-        "manifest": entry_digest(found[1]) if found else None,
+        "manifest": entry_digest(found[1]) if found and not mismatch else None,
+        **({"manifest_mismatch": mismatch} if mismatch else {}),
     }
+
+
+def manifest_mismatch(found: tuple[str, dict], splits: dict, fingerprints: dict) -> str:
+    """What differs between a task's manifest entry and the data a run read ("" when nothing does): a list
+    whose fingerprint (or, in an entry written before fingerprints, whose sha256) is not the recorded one."""
+    task, entry = found
+    recorded, digests = entry.get("fingerprints") or {}, entry.get("lists") or {}
+    for role, split in splits.items():
+        name = split.list_file.name
+        if name in recorded and recorded[name] != fingerprints[role]:
+            return f"the manifest entry of {task} does not match {name} (its images or lines changed since verify)"
+        if name not in recorded and name in digests and digests[name] != file_digest(split.list_file):
+            return f"the manifest entry of {task} does not match {name} (the list changed since verify)"
+    return ""

@@ -168,7 +168,10 @@ def parse_record(text: str) -> RunRecord:
 
 
 def read_record(path: Path) -> RunRecord:
-    """The record at ``path``; ValueError when it cannot be read, parsed or validated."""
+    """The record at ``path``; ValueError when it cannot be read, parsed or validated (or is not a regular
+    file: a fifo would block the reader)."""
+    if not path.is_file():
+        raise ValueError("not a regular file")
     try:
         return parse_record(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:

@@ -136,6 +136,8 @@ def load_plugin(path: str | Path) -> None:
     if path.resolve() in _loaded_plugins:
         return
     _loaded_plugins.add(path.resolve())
+    for registry in (METHODS, TASKS, BACKBONES, SUITES, DATASETS):  # built-ins first: a clash is the plugin's
+        registry._load()
     module_name = f"petl_bench_plugin_{canonical(path.stem)}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -144,5 +146,9 @@ def load_plugin(path: str | Path) -> None:
         spec.loader.exec_module(module)
     except UserError:
         raise
+    except SystemExit as exit_:
+        raise UserError(
+            f"plugin {path} called sys.exit({exit_.code!r}) while loading; a plugin only registers"
+        ) from None
     except Exception as error:
         raise UserError(f"plugin {path} failed to load: {type(error).__name__}: {error}") from error

@@ -112,7 +112,7 @@ def test_get_vtab_from_an_offline_hub_cache_verifies_maps_aliases_and_reruns_as_
 def test_a_truncated_zip_is_one_error_and_leaves_nothing_verify_accepts(tmp_path, good_zip):
     cache, root = hub_cache(tmp_path, good_zip[: len(good_zip) // 2]), tmp_path / "data"
     done = data_cli(tmp_path, cache, "get", "vtab-1k", "--root", str(root))
-    assert done.returncode == 2
+    assert done.returncode == 1, "a failed download, not a usage error"
     assert done.stderr.strip().startswith("error:") and "truncated or corrupt" in done.stderr
     assert not list((root / "vtab-1k").iterdir()), "no task folder, no partial extraction"
     assert not (root / "petl-bench-manifest.json").exists()
@@ -345,3 +345,69 @@ def test_get_fewshot_names_the_host_that_failed_and_goes_on(monkeypatch, capsys,
     assert "from data.vision.ee.ethz.ch" in text and "Traceback" not in stderr
     assert "not downloaded: fgvc-aircraft, food101, oxford-flowers102, oxford-pets" in " ".join(stdout.split())
     assert "stanford-cars cannot be downloaded for you" in " ".join(stdout.split())
+
+
+def _faulty_zip(path: Path, fault: str) -> Path:
+    """A one-task zip whose first image has ``fault``: encrypted, an unknown compression method, corrupt deflate."""
+    import struct
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED if fault == "compression" else zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("vtab-1k/kitti/images/a.png", png(1) * 50)
+        bundle.writestr("vtab-1k/kitti/test.txt", "images/a.png 0\n")
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    if fault == "encrypted":  # the general purpose flag's bit 0, in the local and the central header
+        data[6] |= 0x1
+        data[central + 8] |= 0x1
+    if fault == "compression":
+        data[8:10] = struct.pack("<H", 99)  # the local header's method
+        data[central + 10 : central + 12] = struct.pack("<H", 99)
+    if fault == "deflate":
+        start = 30 + len("vtab-1k/kitti/images/a.png")
+        data[start + 5 : start + 25] = b"\xff" * 20
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("fault", ["encrypted", "compression", "deflate"])
+def test_a_broken_archive_is_one_line_exit_1_and_nothing_half_extracted(tmp_path, fault):
+    archive = _faulty_zip(tmp_path / "vtab-1k.zip", fault)
+    root = tmp_path / "data"
+    done = data_cli(tmp_path, tmp_path / "hf", "get", "vtab-1k", "--root", str(root), "--from", str(archive))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("error:") == 1 and "download again" in done.stderr
+    assert not (root / "vtab-1k").exists() or not list((root / "vtab-1k").iterdir())
+
+
+def test_an_archive_larger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    archive = vtab_zip(tmp_path / "few.zip", tasks=[t for t in VTAB_TASKS if t[1] == "kitti"])
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(datasets, "declared_size", lambda path: usage.free * 2)
+    with pytest.raises(UserError, match="not enough free space for extracting few.zip"):
+        datasets.install_archive(archive, tmp_path / "data" / "vtab-1k", [pb.TASKS.get("kitti")])
+    assert not list((tmp_path / "data" / "vtab-1k").iterdir())
+
+
+def test_changed_data_is_not_passed_off_as_verified_and_get_repairs_it(tmp_path, good_zip, caplog):
+    archive = tmp_path / "vtab-1k.zip"
+    archive.write_bytes(good_zip)
+    root, hf = tmp_path / "data", tmp_path / "hf"
+    assert data_cli(tmp_path, hf, "get", "vtab-1k", "--root", str(root), "--from", str(archive)).returncode == 0
+    image = root / "vtab-1k" / "cifar" / "images" / "test0.png"
+    image.write_bytes(png(7))
+    identity = datasets.data_identity(pb.TASKS.get("cifar").splits(root, "final"))
+    assert identity["manifest"] is None and "does not match test.txt" in identity["manifest_mismatch"]
+    assert "does not match test.txt" in caplog.text
+    (root / "vtab-1k" / "cifar" / "images" / "test1.png").unlink()
+    verify = data_cli(tmp_path, hf, "verify", "--root", str(root), "--tasks", "cifar")
+    assert verify.returncode == 1
+    manifest = json.loads((root / "petl-bench-manifest.json").read_text())["tasks"]
+    assert "cifar" not in manifest and len(manifest) == 18, "a task that fails verify loses its entry"
+    repaired = data_cli(tmp_path, hf, "get", "vtab-1k", "--root", str(root), "--from", str(archive))
+    assert (
+        repaired.returncode == 0
+        and "already verified" not in repaired.stdout
+        and "19 task(s) verified" in repaired.stdout
+    )

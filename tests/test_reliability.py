@@ -173,6 +173,18 @@ def test_task_names_never_escape_the_output_folder(tmp_path, task):
 # --- 4: kill -9 while decoding -------------------------------------------------------------------------
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line mentions ``text`` (the fork server names the run's folder in its sys.path)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_kill_during_decoding_frees_the_run_and_the_rerun_completes(tmp_path, task, tiny_plugin):
     from PIL import Image
 
@@ -201,6 +213,10 @@ def test_kill_during_decoding_frees_the_run_and_the_rerun_completes(tmp_path, ta
                 break
             except BlockingIOError:
                 assert time.monotonic() < deadline, "an orphaned worker still holds the run lock"
+        time.sleep(0.2)
+    deadline = time.monotonic() + 20
+    while _processes_mentioning(str(tmp_path)):  # the fork server and its decode workers end too
+        assert time.monotonic() < deadline, f"left running: {_processes_mentioning(str(tmp_path))}"
         time.sleep(0.2)
     rerun = subprocess.run([sys.executable, "-m", "petl_bench.cli", *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -329,7 +345,8 @@ def test_a_sweep_with_a_failed_run_exits_1(tmp_path, task, tiny_plugin):
     assert "1 failed" in result.stdout and len(records.load_records(out)) == 1
 
 
-def test_ctrl_c_exits_130_and_the_rerun_continues(tmp_path, task, tiny_plugin):
+@pytest.mark.parametrize("signum,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm_say_so_and_the_training_state_is_kept(tmp_path, task, tiny_plugin, signum, code, word):
     out = tmp_path / "runs"
     args = [*_base(tiny_plugin, task, out), "--methods", "lora", "--epochs", "400", "--checkpoint-seconds", "0"]
     process = cli_process(*args, cwd=tmp_path)
@@ -337,9 +354,11 @@ def test_ctrl_c_exits_130_and_the_rerun_continues(tmp_path, task, tiny_plugin):
     while not [p for p in out.glob("*/epochs.jsonl") if p.stat().st_size > 0]:
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert process.returncode == code and word in stderr and "Traceback" not in stderr, stderr
+    assert list(out.glob(f"*/{records.RESUME}")), "the training state is kept to continue from"
 
 
 @pytest.mark.parametrize(

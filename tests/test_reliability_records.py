@@ -129,3 +129,52 @@ def test_float16_weights_are_cast_and_the_record_says_so(monkeypatch, capsys, tm
     assert code == 0, stderr
     (record,) = records.load_records(out)
     assert any("float16 tensor(s) cast to float32" in note for note in record.notes), record.notes
+
+
+def test_a_fifo_named_like_a_record_is_skipped_not_read(tmp_path, caplog):
+    import os
+
+    run = synthetic_record("lora", "cifar", 0, 50.0)
+    records.write_record(tmp_path / "good", run)
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / records.RECORD)
+    assert [r.run_id for r in records.load_records(tmp_path)] == [run.run_id]
+    assert "not a regular file" in caplog.text
+
+
+def test_data_get_refuses_to_replace_a_users_file_named_like_a_task_folder(tmp_path):
+    from test_datasets import VTAB_TASKS, vtab_zip
+
+    import petl_bench as pb
+    from petl_bench import datasets
+    from petl_bench.errors import UserError
+
+    archive = vtab_zip(tmp_path / "few.zip", tasks=[t for t in VTAB_TASKS if t[1] == "kitti"])
+    destination = tmp_path / "data" / "vtab-1k"
+    destination.mkdir(parents=True)
+    (destination / "kitti").write_text("my notes")
+    with pytest.raises(UserError, match="is a file, not a task folder"):
+        datasets.install_archive(archive, destination, [pb.TASKS.get("kitti")])
+    assert (destination / "kitti").read_text() == "my notes"
+
+
+@pytest.mark.parametrize(
+    "code,message",
+    [
+        (
+            "import petl_bench as pb\n\n@pb.register_method\nclass Mine(pb.Method):\n    name = 'lora'\n",
+            "method 'lora' is already registered",
+        ),
+        ("import sys\nsys.exit(0)\n", "called sys.exit(0) while loading"),
+    ],
+    ids=["built-in name", "sys.exit"],
+)
+def test_a_misbehaving_plugin_is_one_line_exit_2(tmp_path, code, message):
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(code)
+    done = subprocess.run([sys.executable, "-m", "petl_bench.cli", "methods", "--plugin", str(plugin)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
