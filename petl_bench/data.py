@@ -334,14 +334,18 @@ class TensorDataset:
         generator: torch.Generator | None = None,
         drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         stop = len(self) - len(self) % batch_size if drop_last else len(self)
-        for start in range(0, stop, batch_size):
-            index = order[start : start + batch_size]
-            if shuffle:
-                yield self.images[index.to(self.images.device)], self.labels[index.to(self.labels.device)]
-            else:
+        if not shuffle:
+            for start in range(0, stop, batch_size):
                 yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
+            return
+        # The epoch's order is drawn on the CPU (the same stream as ever) and moved to the data's device
+        # once, not one batch of indices per step (each a copy from pageable memory that waits for the GPU).
+        order = torch.randperm(len(self), generator=generator)
+        image_order = order.to(self.images.device)
+        label_order = image_order if self.labels.device == self.images.device else order.to(self.labels.device)
+        for start in range(0, stop, batch_size):
+            yield self.images[image_order[start : start + batch_size]], self.labels[label_order[start : start + batch_size]]
 
 
 class Normalizer(torch.nn.Module):

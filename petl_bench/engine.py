@@ -173,6 +173,12 @@ def parameter_groups(model: nn.Module, scope: str) -> list[dict]:
     raise UserError(f"unknown weight_decay_scope '{scope}'; choose all or skip_1d")
 
 
+def adamw(groups: list[dict], recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one launch for every tensor, no host read per tensor as the foreach
+    implementation does): the same update within float rounding (tests hold it to 1e-6 after 10 steps)."""
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=device.type in ("cuda", "cpu"))
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA, plain fp32 elsewhere."""
     return (
@@ -437,9 +443,7 @@ def fit(
     images_per_epoch = steps_per_epoch * recipe.batch_size if recipe.drop_last else len(train)
     if steps_per_epoch == 0:
         raise UserError(f"{len(train)} training images are fewer than one batch of {recipe.batch_size}")
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, recipe.weight_decay_scope), lr=recipe.lr, weight_decay=recipe.weight_decay
-    )
+    optimizer = adamw(parameter_groups(model, recipe.weight_decay_scope), recipe, device)
     order = torch.Generator().manual_seed(seed)
     first_epoch = 0
     if resume is not None and resume.is_file():

@@ -32,7 +32,7 @@ class NoConfig:
 # a method adds or replaces entries with its ``bounds``. Every number must also be finite.
 COMMON_BOUNDS: Mapping[str, tuple] = {
     "dropout": (0.0, 1.0, True), "dim": (1, 8192, False), "rank": (1, 8192, False),
-    "super_dim": (1, 8192, False), "tokens": (1, 1000, False), "groups": (1, 8192, False), "bits": (1, 8, False),
+    "super_dim": (1, 8192, False), "tokens": (1, 1000, False), "groups": (1, 8192, False), "bits": (1, 32, False),
 }  # fmt: skip
 
 

@@ -1,0 +1,107 @@
+"""Kernels a training step dispatches, counted without running them (fake tensors, any machine).
+
+On a GPU a step of a small-batch PETL method takes about max(GPU time, host time per kernel x kernels):
+the host launches each kernel, so a method that dispatches three times the floor's kernels runs up to
+three times slower however little each kernel computes. Counting what the dispatcher sees in one step
+(forward, loss, backward, optimizer), with fake tensors so that nothing is computed, is the proxy this
+module gives: it runs in seconds on a CPU and counts the same ops a CUDA step would dispatch.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that launch no kernel: views and metadata (they alias their input).
+_FREE = {"detach", "alias", "lift_fresh", "_to_copy_noop"}
+
+
+@dataclass
+class OpCount:
+    """Ops dispatched in one training step: ``kernels`` launch work on the device, ``views`` only alias."""
+
+    kernels: int = 0
+    views: int = 0
+    by_op: collections.Counter = field(default_factory=collections.Counter)
+    syncs: int = 0  # device-to-host reads (``.item()``, ``nonzero``, a tensor's value in Python)
+
+    @property
+    def total(self) -> int:
+        return self.kernels + self.views
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, count: OpCount):
+        super().__init__()
+        self.count = count
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if func.namespace == "prim":  # metadata queries (a tensor's device, sizes): no op at all
+            return func(*args, **(kwargs or {}))
+        if getattr(func, "is_view", False) or name in _FREE:
+            self.count.views += 1
+        else:
+            self.count.kernels += 1
+            self.count.by_op[name] += 1
+        if name in ("_local_scalar_dense", "nonzero", "item"):
+            self.count.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(
+    model: nn.Module,
+    batch: int,
+    image_size: tuple[int, int],
+    num_classes: int,
+    *,
+    dtype: torch.dtype | None = torch.bfloat16,
+    input_grad: bool = False,
+    optimizer: str = "fused",
+) -> OpCount:
+    """Ops of one training step of ``model`` (in train mode) on a fake batch: forward under ``dtype``
+    autocast (None: fp32), cross-entropy in fp32, backward, AdamW (``foreach``, ``fused`` or
+    ``for-loop``) and ``zero_grad``. The second step is counted (the optimizer's state exists then)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    kinds = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
+    count = OpCount()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_params = {p: nn.Parameter(mode.from_tensor(p.detach()), requires_grad=True) for p in params}
+        with _swap_parameters(model, fake_params):
+            step_optimizer = torch.optim.AdamW(list(fake_params.values()), lr=1e-3, **kinds[optimizer])
+            images = torch.randn(batch, 3, *image_size)
+            labels = torch.randint(0, num_classes, (batch,))
+            for index in range(2):
+                counting = _Counter(count) if index == 1 else contextlib.nullcontext()
+                with counting:
+                    x = images.requires_grad_(input_grad)
+                    cast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+                    with cast:
+                        logits = model(x)
+                    loss = nn.functional.cross_entropy(logits.float(), labels)
+                    step_optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    step_optimizer.step()
+    return count
+
+
+@contextlib.contextmanager
+def _swap_parameters(model: nn.Module, replacements: dict):
+    """Put fake copies of the trained parameters in place for the count, and the real ones back after."""
+    owners = [
+        (module, name, p) for module in model.modules() for name, p in module._parameters.items() if p in replacements
+    ]
+    try:
+        for module, name, parameter in owners:
+            module._parameters[name] = replacements[parameter]
+        yield
+    finally:
+        for module, name, parameter in owners:
+            module._parameters[name] = parameter
