@@ -428,6 +428,10 @@ def tune_command(
             report_sweep(*result, run)
         if run.executor == "local" and run.gpus <= 1:
             console.print(f"{title}: {counts_line(result[1], run.output)}")
+        if result[1].busy:  # another tune is training them: stage 2 needs all of stage 1
+            console.print(f"{title}: {len(result[1].busy)} run(s) are training in another process; run the same "
+                          f"command again once they have finished")  # fmt: skip
+            raise typer.Exit(1)
     if dry_run:
         stderr_console().print(
             "stage 2 (train800val200 -> test): one run per seed of each method, task and backbone, with the "

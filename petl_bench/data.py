@@ -144,12 +144,22 @@ def check_size(split: Split, expected: int | None, strict: bool) -> None:
     log.warning(message)
 
 
+def float_range(values: np.ndarray) -> float:
+    """The full-scale value of a 32-bit float image: 1 for [0, 1] data, 255 or 65535 for data stored
+    as floats of 8- or 16-bit values, else its maximum."""
+    top = float(np.nanmax(values, initial=0.0))
+    return next((scale for scale in (1.0, 255.0, 65535.0) if top <= scale), top)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB image; 16-bit (and 32-bit integer) greyscale is scaled to 8 bits, not clipped to white
-    as ``convert("RGB")`` does (65535 -> 255, 30000 -> 117)."""
-    if image.mode in SIXTEEN_BIT:
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else values.max()
+    """An RGB image; 16-bit (and 32-bit integer or float) greyscale is scaled to 8 bits, not clipped to
+    black and white as ``convert("RGB")`` does (65535 -> 255, 30000 -> 117; a float 0.5 -> 128)."""
+    if image.mode in SIXTEEN_BIT or image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if image.mode == "F":
+            top = float_range(values)
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else values.max()
         scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
     return image.convert("RGB")
@@ -345,7 +355,10 @@ class TensorDataset:
         image_order = order.to(self.images.device)
         label_order = image_order if self.labels.device == self.images.device else order.to(self.labels.device)
         for start in range(0, stop, batch_size):
-            yield self.images[image_order[start : start + batch_size]], self.labels[label_order[start : start + batch_size]]
+            yield (
+                self.images[image_order[start : start + batch_size]],
+                self.labels[label_order[start : start + batch_size]],
+            )
 
 
 class Normalizer(torch.nn.Module):

@@ -176,7 +176,9 @@ def parameter_groups(model: nn.Module, scope: str) -> list[dict]:
 def adamw(groups: list[dict], recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one launch for every tensor, no host read per tensor as the foreach
     implementation does): the same update within float rounding (tests hold it to 1e-6 after 10 steps)."""
-    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=device.type in ("cuda", "cpu"))
+    return torch.optim.AdamW(
+        groups, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=device.type in ("cuda", "cpu")
+    )
 
 
 def autocast(device: torch.device):

@@ -178,3 +178,17 @@ def test_a_misbehaving_plugin_is_one_line_exit_2(tmp_path, code, message):
     done = subprocess.run([sys.executable, "-m", "petl_bench.cli", "methods", "--plugin", str(plugin)],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("value,expected", [(0.5, 128), (200.0, 200), (30000.0, round(30000 * 255 / 65535))])
+def test_float_tiffs_are_scaled_not_clipped(tmp_path, value, expected):
+    import numpy as np
+    from PIL import Image
+
+    from petl_bench.data import decoded_images, read_split
+
+    Image.fromarray(np.full((8, 8), value, dtype=np.float32), mode="F").save(tmp_path / "a.tif")
+    assert Image.open(tmp_path / "a.tif").mode == "F"
+    (tmp_path / "list.txt").write_text("a.tif 0\n")
+    pixels = decoded_images(read_split("t", tmp_path / "list.txt", tmp_path, 1), (8, 8))
+    assert int(pixels.min()) == int(pixels.max()) == expected

@@ -182,3 +182,22 @@ def test_report_renders_tuned_tables_with_missing_cells(tmp_path):
     assert "| vtab | vit_base_patch16_224.orig_in21k | convpass | 40 | 2.00 | 2,000,000 |" in markdown
     tuned = next(line for line in markdown.splitlines() if line.startswith("| lora |") and "65.0" in line)
     assert "–" in tuned, "a task lora never ran is a missing cell"
+
+
+def test_a_second_tune_while_stage_one_trains_elsewhere_says_so_and_exits_1(tmp_path, tiny_plugin):
+    task, out = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    grid = ["--grid", "recipe.lr=1e-3", "--grid", "recipe.weight_decay=1e-4"]
+    tune = [a for a in _tune(tiny_plugin, task, out, "--methods", "linear", "--epochs", "2000") if a not in GRID]
+    args = [sys.executable, "-m", "petl_bench.cli", *tune, *grid]
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not [p for p in out.glob(f"*/{records.EPOCH_LOG}") if p.stat().st_size > 0]:
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1, second.stderr
+        assert "training in another process" in " ".join(second.stdout.split())
+    finally:
+        first.kill()
+        first.wait()
