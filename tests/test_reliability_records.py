@@ -192,3 +192,44 @@ def test_float_tiffs_are_scaled_not_clipped(tmp_path, value, expected):
     (tmp_path / "list.txt").write_text("a.tif 0\n")
     pixels = decoded_images(read_split("t", tmp_path / "list.txt", tmp_path, 1), (8, 8))
     assert int(pixels.min()) == int(pixels.max()) == expected
+
+
+def test_a_malformed_manifest_entry_is_dropped_and_verify_rewrites_it(tmp_path, monkeypatch, capsys, caplog):
+    import json as json_module
+
+    from test_datasets import VTAB_TASKS, vtab_zip
+
+    import petl_bench as pb
+    from petl_bench import datasets
+
+    root = tmp_path / "data"
+    archive = vtab_zip(tmp_path / "few.zip", tasks=[t for t in VTAB_TASKS if t[1] == "kitti"])
+    datasets.install_archive(archive, root / "vtab-1k", [pb.TASKS.get("kitti")])
+    (root / datasets.MANIFEST).write_text(json_module.dumps({"tasks": {"aaa": "x", "bbb": {"lists": 3}}}))
+    assert datasets.read_manifest(root)["tasks"] == {} and "malformed" in caplog.text
+    data = pb.TASKS.get("kitti").splits(root, "final")
+    assert datasets.data_identity(data)["manifest"] is None, "a run reads past the bad entries"
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "data", "verify", "--root", str(root), "--tasks", "kitti")
+    assert code == 0, stderr
+    written = json_module.loads((root / datasets.MANIFEST).read_text())["tasks"]
+    assert set(written) == {"kitti"}, "verify rewrote the manifest without the malformed entries"
+    assert datasets.data_identity(data)["manifest"] == datasets.entry_digest(written["kitti"])
+
+
+def test_verify_on_a_root_it_cannot_write_verifies_and_says_so(tmp_path, monkeypatch, capsys):
+    from test_datasets import VTAB_TASKS, vtab_zip
+
+    import petl_bench as pb
+    from petl_bench import datasets
+
+    root = tmp_path / "data"
+    archive = vtab_zip(tmp_path / "few.zip", tasks=[t for t in VTAB_TASKS if t[1] == "kitti"])
+    datasets.install_archive(archive, root / "vtab-1k", [pb.TASKS.get("kitti")])
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(datasets, "write_manifest", read_only)
+    code, stdout, _ = run_cli(monkeypatch, capsys, "data", "verify", "--root", str(root), "--tasks", "kitti")
+    text = " ".join(stdout.split())
+    assert code == 0 and "1 of 1 task(s) verified" in text and "the manifest could not be written" in text
