@@ -67,12 +67,27 @@ class FacTFactors(nn.Module):
         else:
             self.cores = nn.ModuleList(TTCores(rank) for _ in range(depth))
 
+        self.__dict__["_tucker_cores"] = None  # C @ P for every block, during one forward pass (not state)
+
+    def begin_forward(self, module=None, args=None) -> None:
+        """TK: compute ``C @ P`` for every block once per forward pass (one product, not one per Linear).
+        A forward pre-hook of the backbone (a bound method, so a deep copy of the model hooks its copy)."""
+        if self.tucker:
+            self.__dict__["_tucker_cores"] = self.c @ self.p
+
+    def end_forward(self, module=None, args=None, output=None) -> None:
+        self.__dict__["_tucker_cores"] = None
+
     def core_weights(self, block: int) -> dict[str, torch.Tensor]:
         """Block ``block``'s cores as Linear weights: q, k, v, o ``r x r``, fc1 ``4r x r``, fc2 ``r x 4r``."""
         if not self.tucker:
             return self.cores[block].weights()
         r = self.rank
-        m = self.c @ self.p[:, 12 * block : 12 * block + 12]  # r x r x 12
+        every = self.__dict__["_tucker_cores"]
+        if every is not None:
+            m = every[:, :, 12 * block : 12 * block + 12]  # r x r x 12, sliced from the pass's one product
+        else:
+            m = self.c @ self.p[:, 12 * block : 12 * block + 12]
         weights = {name: m[:, :, j].t() for j, name in enumerate(("q", "k", "v", "o"))}
         weights["fc1"] = m[:, :, 4:8].reshape(r, CHUNKS * r).t()  # the code's u @ F1
         weights["fc2"] = m[:, :, 8:12].reshape(r, CHUNKS * r)  # the code's z @ F2^T
@@ -186,6 +201,11 @@ class FacTTT(Method):
                 raise UserError(f"{self.name} needs an MLP of 4 x the width ({CHUNKS * width}); this one has {hidden}")
         factors = FacTFactors(width, config.rank, len(info.block_paths), self.tucker)
         model.fact = factors
+        if self.tucker:
+            factors.__dict__["hooks"] = (
+                model.register_forward_pre_hook(factors.begin_forward),
+                model.register_forward_hook(factors.end_forward),
+            )
         for block, path in enumerate(info.block_paths):
             for slot, target in slot_paths(path).items():
                 linear = model.get_submodule(target)
@@ -200,6 +220,8 @@ class FacTTT(Method):
                 wrapped = backbone.get_submodule(target)
                 wrapped.linear.weight += wrapped.delta_weight().to(wrapped.linear.weight.dtype)
                 backbone.set_submodule(target, wrapped.linear)
+        for hook in backbone.fact.__dict__.get("hooks", ()):
+            hook.remove()
         del backbone.fact
 
 

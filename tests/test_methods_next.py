@@ -449,3 +449,27 @@ def test_bi_lora_with_bi_head_folds_to_a_plain_model():
     model.eval()
     with torch.no_grad():
         assert (model(x) - merged(x)).abs().max().item() <= 1e-4
+
+
+def test_fact_tk_computes_its_core_once_per_pass_and_equals_the_per_block_product():
+    """The Tucker core C @ P is formed once per forward pass and sliced per block: the same logits and
+    gradients as forming each block's C @ P[:, 12 i : 12 i + 12] in each Linear (within float rounding)."""
+    import copy
+
+    _, model = with_method("fact_tk", tiny_backbone(TINY_VIT), rank=3)
+    randomize_trainable(model)
+    x = images(TINY_VIT)
+    per_block = copy.deepcopy(model)
+    for hook in per_block.backbone.fact.__dict__["hooks"]:
+        hook.remove()  # no pass-wide product: every Linear forms its block's core itself
+    model.eval(), per_block.eval()
+    logits, reference = model(x), per_block(x)
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-6)
+    logits.square().sum().backward()
+    reference.square().sum().backward()
+    for (name, a), (_, b) in zip(pb.trainable_parameters(model).items(), pb.trainable_parameters(per_block).items()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    from petl_bench.opcount import count_step
+
+    once, each = (count_step(m.train(), 2, (32, 32), 5, dtype=None) for m in (model, per_block))
+    assert once.kernels < each.kernels and once.by_op["bmm"] < each.by_op["bmm"] + each.by_op["mm"]
