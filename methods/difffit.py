@@ -31,7 +31,8 @@ class ScaledOutput(nn.Module):
         self.gamma = nn.Parameter(torch.ones(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer_scale(x) * self.gamma
+        y = self.layer_scale(x)
+        return y * self.gamma.to(y.dtype)  # in the activation's dtype: no promotion of bf16 activations to fp32
 
 
 # (LayerScale attribute, the Linear whose output it scales) of each sub-block of a timm ViT block

@@ -43,8 +43,8 @@ class ScaleShift(nn.Module):
         return tensor.view(-1, *([1] * (output.ndim - self.channel_dim - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x)
-        return y * self._shaped(self.ssf_scale, y) + self._shaped(self.ssf_shift, y)
+        y = self.module(x)  # scale and shift in y's dtype: under bf16 autocast no promotion of y to fp32
+        return y * self._shaped(self.ssf_scale.to(y.dtype), y) + self._shaped(self.ssf_shift.to(y.dtype), y)
 
     def folded(self) -> nn.Module:
         """The wrapped conv / Linear / LayerNorm with the affine folded into its weight and bias."""

@@ -473,3 +473,27 @@ def test_fact_tk_computes_its_core_once_per_pass_and_equals_the_per_block_produc
 
     once, each = (count_step(m.train(), 2, (32, 32), 5, dtype=None) for m in (model, per_block))
     assert once.kernels < each.kernels and once.by_op["bmm"] < each.by_op["bmm"] + each.by_op["mm"]
+
+
+@pytest.mark.parametrize("method", ["ssf", "difffit"])
+def test_per_channel_scales_act_in_the_activation_dtype(method):
+    """Under bf16 autocast a scale (and shift) is cast to the dtype of what it scales: its output has the
+    wrapped module's dtype (bf16 after a Linear, fp32 after a LayerNorm), never promoted to fp32."""
+    _, model = with_method(method, tiny_backbone(TINY_VIT))
+    randomize_trainable(model)
+    model.eval()
+    pairs, hooks = [], []
+    for module in model.backbone.modules():
+        if type(module).__name__ in ("ScaleShift", "ScaledOutput"):
+            inner = module.module if hasattr(module, "module") else module.layer_scale
+            seen = {}
+            hooks.append(inner.register_forward_hook(lambda m, a, out, seen=seen: seen.update(inner=out.dtype)))
+            hooks.append(
+                module.register_forward_hook(lambda m, a, out, seen=seen: pairs.append((seen["inner"], out.dtype)))
+            )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images(TINY_VIT))
+    for hook in hooks:
+        hook.remove()
+    assert pairs and all(inner == out for inner, out in pairs), pairs
+    assert any(inner == torch.bfloat16 for inner, _ in pairs)
