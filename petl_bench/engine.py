@@ -61,6 +61,7 @@ class Recipe:
     class_mask: str = "subset"  # targets covering part of the classes (ImageNet-A/-R): "subset" logits or "all"
     cache_features: bool = True  # linear probing without augmentation: train the head on features computed once
     compile: bool = False  # torch.compile the model (an option: measure before relying on it)
+    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 on CUDA, fp32 elsewhere (records say which)
     head_init: str | None = None  # None: the method's; "default" (PyTorch Linear), "vpt", "trunc_normal" (std 0.02,
     # zero bias: NOAH's reset_classifier) or "text" (CLIP: class-name prompts, zero-shot)
     prompt_template: str = "a photo of a {}."  # head_init="text": CoOp's single template, or "openai80" / "simple7"
@@ -73,6 +74,7 @@ class Recipe:
         "augment": ("none", "deit", "crop_flip"),
         "class_mask": ("subset", "all"),
         "head_init": (None, "default", "trunc_normal", "vpt", "text"),
+        "precision": ("auto", "bf16", "fp32"),
     }
     # name -> (smallest allowed, largest allowed, whether the largest is excluded); None: no bound.
     BOUNDS: typing.ClassVar[dict[str, tuple]] = {
@@ -109,6 +111,8 @@ class Recipe:
         del identity["warmup_fraction"]
         if identity["head_init"] is None:  # unresolved (the runner resolves it per method): the old default
             identity["head_init"] = "default"
+        if identity["precision"] == "auto":  # the default keeps the identity runs had before the setting existed
+            del identity["precision"]
         return identity
 
     def replace(self, **changes) -> "Recipe":
@@ -181,11 +185,18 @@ def adamw(groups: list[dict], recipe: Recipe, device: torch.device) -> torch.opt
     )
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, plain fp32 elsewhere."""
-    return (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
+def precision_of(device: torch.device, precision: str = "auto") -> str:
+    """The precision a run computes in: ``auto`` is bf16 autocast on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast (``precision`` bf16, the default on CUDA) or plain fp32."""
+    if precision_of(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -220,12 +231,12 @@ class FitResult:
 
 
 @torch.no_grad()
-def _evaluate(model, data, normalizer, device, batch_size, classes) -> tuple[float, float]:
+def _evaluate(model, data, normalizer, device, batch_size, classes, precision) -> tuple[float, float]:
     model.eval()
     subset = torch.tensor(classes, device=device) if classes is not None else None
     correct, start = 0, time.perf_counter()
     for images, labels in data.batches(batch_size):
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(normalizer(images.to(device, non_blocking=True)))
         predictions = logits.argmax(-1) if subset is None else subset[logits[:, subset].argmax(-1)]
         correct += int((predictions == labels.to(device)).sum())
@@ -240,6 +251,7 @@ def evaluate(
     device: torch.device,
     batch_size: int = 0,
     classes: tuple[int, ...] | None = None,
+    precision: str = "auto",
 ) -> tuple[float, float]:
     """(top-1 in percent, images/s) of ``model`` on ``data``; with ``classes``, the prediction is the
     best of those logits only (ImageNet-A/-R evaluated on their 200 classes). ``batch_size`` 0 takes
@@ -247,7 +259,7 @@ def evaluate(
     batch = batch_size or (1024 if device.type == "cuda" else 256)
     while True:
         try:
-            return _evaluate(model, data, normalizer, device, batch, classes)
+            return _evaluate(model, data, normalizer, device, batch, classes, precision)
         except torch.cuda.OutOfMemoryError:
             if batch_size or batch == 1:
                 raise
@@ -264,6 +276,7 @@ def extract_features(
     batch_size: int = 0,
     progress=None,
     label: str = "features",
+    precision: str = "auto",
 ) -> TensorDataset:
     """What the classifier reads, for every image, computed once: exact for a frozen encoder in eval
     mode without augmentation (linear probing)."""
@@ -271,7 +284,7 @@ def extract_features(
     bar = progress.add_task(f"{label} ({len(data)} images)", total=len(data)) if progress else None
     chunks = []
     for images, _ in data.batches(batch):
-        with autocast(device):
+        with autocast(device, precision):
             chunks.append(features(normalizer(images.to(device, non_blocking=True))).float())
         if progress:
             progress.update(bar, advance=len(images))
@@ -437,7 +450,7 @@ def fit(
         if evaluation is not None:
             start = time.perf_counter()
             result.top1, result.eval_images_per_s = evaluate(
-                model, evaluation, normalizer, device, recipe.eval_batch_size
+                model, evaluation, normalizer, device, recipe.eval_batch_size, precision=recipe.precision
             )
             result.eval_seconds = time.perf_counter() - start
         return result
@@ -465,7 +478,7 @@ def fit(
         ):
             if before_step:
                 before_step(epoch, step)
-            with autocast(device):
+            with autocast(device, recipe.precision):
                 logits = model(normalizer(images.to(device, non_blocking=True)))
             loss = classification_loss(logits.float(), labels.to(device, non_blocking=True), recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -487,7 +500,9 @@ def fit(
             last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1)
         ):
             eval_start = time.perf_counter()
-            log.top1, result.eval_images_per_s = evaluate(model, evaluation, normalizer, device, recipe.eval_batch_size)
+            log.top1, result.eval_images_per_s = evaluate(
+                model, evaluation, normalizer, device, recipe.eval_batch_size, precision=recipe.precision
+            )
             result.eval_seconds += time.perf_counter() - eval_start
         result.epochs.append(log)
         if resume is not None and not last and time.monotonic() - last_save >= checkpoint_seconds:

@@ -32,7 +32,17 @@ from .backbones import (
 from .checkpoints import save_trainable
 from .data import AugmentedStream, Normalizer, TensorDataset
 from .datasets import data_identity
-from .engine import EpochLog, Recipe, evaluate, extract_features, fit, forward_flops, peak_memory_bytes, seed_everything
+from .engine import (
+    EpochLog,
+    Recipe,
+    evaluate,
+    extract_features,
+    fit,
+    forward_flops,
+    peak_memory_bytes,
+    precision_of,
+    seed_everything,
+)
 from .errors import UserError
 from .export import merge
 from .model import (
@@ -354,8 +364,11 @@ def run_job(
         model.eval()
         extract = classifier_input(model.backbone)
         batch = job.recipe.eval_batch_size
-        train = extract_features(extract, train, normalizer, device, batch, progress, "features of train")
-        evaluation = extract_features(extract, evaluation, normalizer, device, batch, progress, "features of eval")
+        precision = job.recipe.precision
+        train = extract_features(extract, train, normalizer, device, batch, progress, "features of train", precision)
+        evaluation = extract_features(
+            extract, evaluation, normalizer, device, batch, progress, "features of eval", precision
+        )
         trainee, feature_seconds = model.head, time.perf_counter() - start
     if job.recipe.compile:
         trainee = torch.compile(trainee)
@@ -389,7 +402,9 @@ def run_job(
     target_top1 = {}
     for name, target in data.targets.items():
         classes = target.classes if job.recipe.class_mask == "subset" else None
-        target_top1[name] = evaluate(model, targets[name], normalizer, device, job.recipe.eval_batch_size, classes)[0]
+        target_top1[name] = evaluate(
+            model, targets[name], normalizer, device, job.recipe.eval_batch_size, classes, job.recipe.precision
+        )[0]
     if result.top1 is None or not len(evaluation):
         raise RuntimeError("the run evaluated no image; no record is written")
     checkpoint = save_trainable(model, run_dir / records.CHECKPOINT)
@@ -406,7 +421,7 @@ def run_job(
         backbone_checkpoint_sha256=info.checkpoint_sha256,
         seed=job.seed,
         protocol=job.protocol,
-        hparams=run_hparams(job, info, data, normalizer),
+        hparams=run_hparams(job, info, data, normalizer, device),
         data=data_identity(data),
         metrics={
             **run_metrics(job, data, result),
@@ -444,7 +459,7 @@ def run_job(
     return record
 
 
-def run_hparams(job: Job, info, data: TaskData, normalizer: Normalizer) -> dict[str, Any]:
+def run_hparams(job: Job, info, data: TaskData, normalizer: Normalizer, device: torch.device) -> dict[str, Any]:
     """A record's settings: the method's, the recipe as resolved (warm-up, input size), the weights and
     the classes."""
     runner = get_method(job.method)
@@ -457,6 +472,7 @@ def run_hparams(job: Job, info, data: TaskData, normalizer: Normalizer) -> dict[
             "image_size": info.preprocessing.image_size[0],
         },
         "input_size": list(info.preprocessing.image_size),
+        "precision": precision_of(device, job.recipe.precision),
         "pretrained_source": job.pretrained,
         "num_classes": data.num_classes,
         "class_names": list(data.class_names) if data.class_names else None,
@@ -488,9 +504,12 @@ def inference_speeds(model: PetlModel, data: TensorDataset, normalizer, device, 
     """Full-model images/s in eval mode on the same images, batch and device: the model as trained and,
     for methods that fold into the backbone, merged (so 'no inference overhead' is measured)."""
     subset = TensorDataset(data.images[:INFERENCE_IMAGES], data.labels[:INFERENCE_IMAGES])
-    speeds = {"as_trained": evaluate(model, subset, normalizer, device, recipe.eval_batch_size)[1], "merged": None}
+    speeds = {"as_trained": evaluate(model, subset, normalizer, device, recipe.eval_batch_size, precision=recipe.precision)[1],
+              "merged": None}  # fmt: skip
     if model.method.merges:
-        speeds["merged"] = evaluate(merge(model), subset, normalizer, device, recipe.eval_batch_size)[1]
+        speeds["merged"] = evaluate(
+            merge(model), subset, normalizer, device, recipe.eval_batch_size, precision=recipe.precision
+        )[1]
     return speeds
 
 

@@ -328,3 +328,17 @@ def test_a_finished_run_is_not_reused_on_changed_data(monkeypatch, capsys, tmp_p
     code, stdout, stderr = run_cli(monkeypatch, capsys, "report", "--results", str(out), "--out", str(tmp_path / "r"))
     assert code == 0 and "linear (data copy 1)" in stdout and "linear (data copy 2)" in stdout
     assert stderr.count("MIXED DATA") + stderr.count("different data") <= 1
+
+
+def test_precision_is_a_setting_recorded_in_every_record(monkeypatch, capsys, tmp_path, task, tiny_plugin):
+    out = tmp_path / "runs"
+    args = ["run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "lora", "--epochs", "1",
+            "--output", str(out), *TINY_RUN]  # fmt: skip
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--precision", "bf16")
+    assert code == 0 and "1 run(s) trained" in stdout, "another precision is another run"
+    found = {r.hparams["precision"]: r for r in records.load_records(out)}
+    assert set(found) == {"fp32", "bf16"}, "auto on a CPU is fp32; the record says which"
+    assert found["fp32"].run_id != found["bf16"].run_id
+    code, _, stderr = run_cli(monkeypatch, capsys, *args, "--precision", "fp16")
+    assert code == 2 and "recipe.precision is 'fp16'; choose from: auto, bf16, fp32" in stderr

@@ -90,6 +90,8 @@ def run_settings(record: RunRecord) -> dict:
     out: dict = {}
     _flat("", {**recipe, **method}, out)
     out["input"] = "x".join(map(str, hparams.get("input_size") or [])) or None
+    device = str((record.environment or {}).get("device", ""))  # records before the setting: what the device ran
+    out["precision"] = hparams.get("precision") or ("bf16" if device.startswith("cuda") else "fp32")
     out["weights"] = record.pretrained + (
         f" {record.backbone_checkpoint_sha256[:8]}" if record.backbone_checkpoint_sha256 else ""
     )
