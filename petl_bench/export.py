@@ -171,14 +171,20 @@ def load_exported(path: str | Path) -> nn.Module:
         raise UserError(f"{sidecar} is not a readable description: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{sidecar} is not a {FORMAT} description")
-    size = meta["preprocessing"]["image_size"][0]
-    if meta["merged"]:
-        network, _ = build_backbone(meta["backbone"], "none", num_classes=meta["num_classes"], image_size=size)
+    try:
+        size, classes = int(meta["preprocessing"]["image_size"][0]), int(meta["num_classes"])
+        merged, backbone = bool(meta["merged"]), str(meta["backbone"])
+        if not merged:
+            method, config, seed = str(meta["method"]), dict(meta["method_config"]), int(meta["seed"])
+            pretrained = str(meta["pretrained"])
+    except (KeyError, TypeError, IndexError, ValueError) as error:
+        raise UserError(f"{sidecar} lacks or garbles a field ({type(error).__name__}: {error})") from None
+    if merged:
+        network, _ = build_backbone(backbone, "none", num_classes=classes, image_size=size)
         try:
             network.load_state_dict(read_safetensors(path), strict=True)
         except RuntimeError as error:
-            raise UserError(f"{path} does not match {meta['backbone']}: {str(error)[:200]}") from None
+            raise UserError(f"{path} does not match {backbone}: {str(error)[:200]}") from None
         return network.eval()
-    return trained_model(meta["method"], meta["method_config"], meta["backbone"], meta["pretrained"], path,
-                         seed=meta["seed"], num_classes=meta["num_classes"], image_size=size,
-                         head_init=meta.get("head_init"))  # fmt: skip
+    return trained_model(method, config, backbone, pretrained, path, seed=seed,
+                         num_classes=classes, image_size=size, head_init=meta.get("head_init"))  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -113,3 +114,9 @@ def test_loading_an_export_with_a_broken_description_is_a_user_error(tmp_path):
     (tmp_path / "m.json").write_text("{broken")
     with pytest.raises(UserError, match="is not a readable description"):
         pb.load_exported(tmp_path / "m.safetensors")
+    for meta in ({"format": pb.export.FORMAT}, {"format": pb.export.FORMAT, "preprocessing": {"image_size": "x"}},
+                 {"format": pb.export.FORMAT, "merged": False, "num_classes": 3, "backbone": "b",
+                  "preprocessing": {"image_size": [32, 32]}}):  # fmt: skip
+        (tmp_path / "m.json").write_text(json.dumps(meta))
+        with pytest.raises(UserError, match="lacks or garbles a field"):
+            pb.load_exported(tmp_path / "m.safetensors")
