@@ -33,7 +33,7 @@ from petl_bench.errors import UserError
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-from .building_blocks import Bottleneck, Tap, adapt_blocks
+from .building_blocks import Bottleneck, Tap, adapt_blocks, task_table
 from .lora import LoRA, QVLoRA
 
 BITS = (1, 2, 4, 8, 32)
@@ -114,13 +114,6 @@ class BinaryConfig:
     bihead: bool = False  # Bi-Head: a 1-bit, bias-free classifier (the official '-bihead' methods)
 
 
-# Official per-task s for 1 bit, dim 32, fp32 head: binary_adapter/configs/{adaptformer,lora}/<task>-bit1-dim32.yaml.
-_TASKS = ("cifar caltech101 dtd oxford_flowers102 oxford_iiit_pet svhn sun397 patch_camelyon eurosat resisc45 "
-          "diabetic_retinopathy clevr_count clevr_dist dmlab kitti dsprites_loc dsprites_ori smallnorb_azi smallnorb_ele").split()  # fmt: skip
-_ADAPTFORMER_SCALES = (0.1, 10, 0.01, 1, 0.01, 10, 0.1, 1, 1, 10, 1, 1, 0.1, 1, 1, 1, 0.1, 1, 1)
-_LORA_SCALES = (0.1, 10, 0.01, 1, 0.1, 10, 0.1, 10, 10, 10, 10, 1, 0.1, 10, 10, 1, 0.1, 10, 1)
-
-
 class BinaryMethod(Method):
     """What both binary adapters share: config, checks and the packed checkpoint size."""
 
@@ -156,7 +149,7 @@ class BiAdaptFormer(BinaryMethod):
     name = "bi_adaptformer"
     published_as = ("Bi-AdaptFormer",)
     trains = "1 quantised bias-free bottleneck beside each MLP (2hd latent weights, stored at `bits` each)"
-    task_defaults = {task: {"scale": s} for task, s in zip(_TASKS, _ADAPTFORMER_SCALES)}
+    task_defaults = task_table("bi_adaptformer")
 
     def attach(self, model, info, config):
         self.check_config(config)
@@ -179,7 +172,7 @@ class BiLoRA(BinaryMethod):
     name = "bi_lora"
     published_as = ("Bi-LoRA",)
     trains = "quantised rank-d updates of q and v in every block (4hd latent weights, stored at `bits` each)"
-    task_defaults = {task: {"scale": s} for task, s in zip(_TASKS, _LORA_SCALES)}
+    task_defaults = task_table("bi_lora")
     merges = True
 
     @torch.no_grad()

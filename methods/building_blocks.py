@@ -255,3 +255,13 @@ def check_init(method: str, init: str) -> None:
 def prompt_init_bound(info: BackboneInfo) -> float:
     """VPT's uniform init bound sqrt(6 / (3 * patch_h * patch_w + width)) (0.0625 for ViT-B/16)."""
     return math.sqrt(6.0 / (3 * info.patch_size[0] * info.patch_size[1] + info.widths[0]))
+
+
+def task_table(method: str) -> dict[str, dict]:
+    """A method's per-task defaults, from ``<method>.tasks.json`` beside the methods (keys starting with
+    ``_`` are notes, such as the ``_source`` of the values)."""
+    import json
+    from importlib.resources import files
+
+    data = json.loads((files("petl_bench.methods") / f"{method}.tasks.json").read_text(encoding="utf-8"))
+    return {task: values for task, values in data.items() if not task.startswith("_")}

@@ -11,7 +11,7 @@ from petl_bench.backbones import CLIP, SWIN, VIT
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-from .building_blocks import QuickGELU, Tap, adapt_blocks
+from .building_blocks import QuickGELU, Tap, adapt_blocks, task_table
 
 CITATION = "Jie & Deng, Convolutional Bypasses Are Better Vision Transformer Adapters, arXiv:2207.07039"
 
@@ -78,22 +78,6 @@ class ConvpassConfig:
     dropout: float = 0.1
 
 
-# Official per-task (scale, xavier_init) from convpass/vtab/configs (spec §4.1).
-_CONVPASS_TASKS = {
-    "cifar": (0.1, False), "caltech101": (1, False), "dtd": (0.01, True), "oxford_flowers102": (0.1, True),
-    "oxford_iiit_pet": (1, True), "svhn": (100, True), "sun397": (0.1, False), "patch_camelyon": (10, False),
-    "eurosat": (10, False), "resisc45": (10, False), "diabetic_retinopathy": (1, False), "clevr_count": (1, False),
-    "clevr_dist": (0.1, True), "dmlab": (10, False), "kitti": (10, True), "dsprites_loc": (100, True),
-    "dsprites_ori": (0.1, True), "smallnorb_azi": (100, True), "smallnorb_ele": (1, True),
-}  # fmt: skip
-_CONVPASS_ATTN_SCALES = {
-    "cifar": 0.1, "caltech101": 100, "dtd": 0.1, "oxford_flowers102": 1, "oxford_iiit_pet": 1, "svhn": 100,
-    "sun397": 0.1, "patch_camelyon": 10, "eurosat": 10, "resisc45": 100, "diabetic_retinopathy": 0.1,
-    "clevr_count": 10, "clevr_dist": 1, "dmlab": 10, "kitti": 10, "dsprites_loc": 10, "dsprites_ori": 1,
-    "smallnorb_azi": 100, "smallnorb_ele": 1,
-}  # fmt: skip
-
-
 @register_method
 class Convpass(Method):
     """Convpass: a convolutional bypass parallel to MHSA and one parallel to the MLP in every block.
@@ -106,7 +90,7 @@ class Convpass(Method):
     trains = "2 conv bypasses per block ((2h+1)d + 9h^2 + 2h parameters each)"
     kinds = (VIT, SWIN, CLIP)
     Config = ConvpassConfig
-    task_defaults = {task: {"scale": s, "xavier_init": x} for task, (s, x) in _CONVPASS_TASKS.items()}
+    task_defaults = task_table("convpass")
     search_space = {"scale": (0.01, 0.1, 1, 10, 100), "xavier_init": (True, False)}  # the paper's own search
     bypass_mlp = True
 
@@ -139,6 +123,6 @@ class ConvpassAttn(Convpass):
     name = "convpass_attn"
     trains = "1 conv bypass per block, parallel to MHSA"
     Config = ConvpassAttnConfig
-    task_defaults = {task: {"scale": s, "xavier_init": True} for task, s in _CONVPASS_ATTN_SCALES.items()}
+    task_defaults = task_table("convpass_attn")
     search_space = {"scale": (0.01, 0.1, 1, 10, 100)}
     bypass_mlp = False

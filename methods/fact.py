@@ -35,6 +35,8 @@ from petl_bench.errors import UserError
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
+from .building_blocks import task_table
+
 CHUNKS = 4  # the MLP hidden width is 4 d, read as 4 chunks of d
 
 
@@ -155,21 +157,6 @@ class FacTTKConfig(FacTConfig):
     rank: int = 8  # the paper's fixed-rank FacT-TK row (13,952 parameters on ViT-B/16)
 
 
-# Official per-task (rank, scale), FacT/configs/{tt,tk}/<task>.yaml.
-_TT = {
-    "cifar": (8, 1), "caltech101": (16, 10), "dtd": (8, 0.01), "oxford_flowers102": (16, 1), "oxford_iiit_pet": (8, 1),
-    "svhn": (16, 100), "sun397": (8, 1), "patch_camelyon": (8, 10), "eurosat": (8, 100), "resisc45": (8, 0.1),
-    "diabetic_retinopathy": (8, 1), "clevr_count": (16, 1), "clevr_dist": (4, 10), "dmlab": (16, 10),
-    "kitti": (16, 10), "dsprites_loc": (16, 100), "dsprites_ori": (16, 1), "smallnorb_azi": (16, 100),
-    "smallnorb_ele": (8, 10),
-}  # fmt: skip
-_TK = {
-    "cifar": (32, 0.1), "caltech101": (32, 10), "dtd": (16, 0.01), "oxford_flowers102": (32, 1),
-    "oxford_iiit_pet": (16, 10), "svhn": (32, 100), "sun397": (16, 1), "patch_camelyon": (32, 10),
-    "eurosat": (32, 100), "resisc45": (32, 10), "diabetic_retinopathy": (16, 1), "clevr_count": (32, 10),
-    "clevr_dist": (16, 10), "dmlab": (32, 10), "kitti": (32, 10), "dsprites_loc": (32, 100), "dsprites_ori": (32, 1),
-    "smallnorb_azi": (32, 100), "smallnorb_ele": (16, 10),
-}  # fmt: skip
 CITATION = "Jie & Deng, FacT: Factor-Tuning for Lightweight Adaptation on Vision Transformer, AAAI 2023"
 
 
@@ -183,7 +170,7 @@ class FacTTT(Method):
     trains = "shared factors U, V (2dr) and per-block cores (12 r^2 per block) updating qkv, proj, fc1, fc2"
     kinds = (VIT,)
     Config = FacTConfig
-    task_defaults = {task: {"rank": r, "scale": s} for task, (r, s) in _TT.items()}
+    task_defaults = task_table("fact_tt")
     search_space = {"rank": (1, 2, 4, 8, 16), "scale": (0.01, 0.1, 1, 10, 100)}
     tucker = False
     merges = True
@@ -233,6 +220,6 @@ class FacTTK(FacTTT):
     published_as = ("FacT-TK",)
     trains = "shared factors U, V (2dr), core C (r^3) and P (12 L r) updating qkv, proj, fc1, fc2"
     Config = FacTTKConfig
-    task_defaults = {task: {"rank": r, "scale": s} for task, (r, s) in _TK.items()}
+    task_defaults = task_table("fact_tk")
     search_space = {"rank": (2, 4, 8, 16, 32), "scale": (0.01, 0.1, 1, 10, 100)}
     tucker = True

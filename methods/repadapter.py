@@ -28,6 +28,8 @@ from petl_bench.errors import UserError
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
+from .building_blocks import task_table
+
 
 class RepAdapter(nn.Module):
     """``z + s * (B dropout(A z + a) + b)`` on the last dimension; B has ``groups`` diagonal blocks."""
@@ -93,21 +95,6 @@ class RepAdapterConfig:
     dropout: float = 0.1
 
 
-# Official per-task scale, configs/{repblock,repattn}/<task>.yaml (h = 8).
-_SCALES = {
-    "cifar": 0.1, "caltech101": 5, "dtd": 1, "oxford_flowers102": 0.5, "oxford_iiit_pet": 0.1, "svhn": 10,
-    "sun397": 0.1, "patch_camelyon": 1, "eurosat": 1, "resisc45": 5, "diabetic_retinopathy": 0.1, "clevr_count": 0.5,
-    "clevr_dist": 0.1, "dmlab": 5, "kitti": 5, "dsprites_loc": 5, "dsprites_ori": 0.1, "smallnorb_azi": 10,
-    "smallnorb_ele": 1,
-}  # fmt: skip
-_ATTN_SCALES = {
-    "cifar": 0.1, "caltech101": 10, "dtd": 0.1, "oxford_flowers102": 0.5, "oxford_iiit_pet": 0.5, "svhn": 10,
-    "sun397": 0.1, "patch_camelyon": 0.5, "eurosat": 5, "resisc45": 0.1, "diabetic_retinopathy": 0.5,
-    "clevr_count": 1, "clevr_dist": 0.1, "dmlab": 5, "kitti": 1, "dsprites_loc": 10, "dsprites_ori": 5,
-    "smallnorb_azi": 10, "smallnorb_ele": 1,
-}  # fmt: skip
-
-
 @register_method
 class RepAdapterMethod(Method):
     """RepAdapter (repblock): a linear, re-parameterisable adapter before attention and before the MLP."""
@@ -118,7 +105,7 @@ class RepAdapterMethod(Method):
     trains = "2 linear adapters per block before qkv and fc1 (dh + h + dh/g + d parameters each)"
     kinds = (VIT, SWIN)
     Config = RepAdapterConfig
-    task_defaults = {task: {"scale": s} for task, s in _SCALES.items()}
+    task_defaults = task_table("repadapter")
     search_space = {"scale": (0.1, 0.5, 1, 5, 10)}  # the official scripts/search_repblock.sh
     merges = True
     targets = ("attn.qkv", "mlp.fc1")  # the Linears whose input is adapted, in every block
@@ -152,5 +139,5 @@ class RepAdapterAttn(RepAdapterMethod):
     name = "repadapter_attn"
     published_as = ("RepAdapter_attn",)
     trains = "1 linear adapter per block before qkv (dh + h + dh/g + d parameters)"
-    task_defaults = {task: {"scale": s} for task, s in _ATTN_SCALES.items()}
+    task_defaults = task_table("repadapter_attn")
     targets = ("attn.qkv",)

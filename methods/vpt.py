@@ -20,18 +20,9 @@ from torch import nn
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-from .building_blocks import PromptedBlocks, prompt_init_bound
+from .building_blocks import PromptedBlocks, prompt_init_bound, task_table
 
 CITATION = "Jia et al., Visual Prompt Tuning, ECCV 2022"
-
-# VPT-deep prompt lengths per VTAB-1K task (spec §5; partly unverified: the official list is an
-# external CSV; dmlab, sun397 and eurosat are corroborated by the official demo notebook).
-_DEEP_TOKENS = {
-    "cifar": 10, "caltech101": 10, "dtd": 10, "oxford_flowers102": 1, "oxford_iiit_pet": 1, "svhn": 50,
-    "sun397": 5, "patch_camelyon": 100, "eurosat": 100, "resisc45": 10, "diabetic_retinopathy": 1,
-    "clevr_count": 100, "clevr_dist": 200, "dmlab": 100, "kitti": 100, "dsprites_loc": 100,
-    "dsprites_ori": 100, "smallnorb_azi": 200, "smallnorb_ele": 200,
-}  # fmt: skip
 
 
 @dataclass
@@ -83,5 +74,5 @@ class VPTDeep(VPTShallow):
     name = "vpt_deep"
     trains = "l prompt tokens per block (depth * l * d parameters)"
     Config = VPTDeepConfig
-    task_defaults = {task: {"tokens": tokens} for task, tokens in _DEEP_TOKENS.items()}
+    task_defaults = task_table("vpt_deep")
     deep = True

@@ -92,3 +92,29 @@ def test_params_without_methods_counts_every_method_that_runs_on_the_backbone(mo
         "bi_lora": 1_179_648,
     }  # fmt: skip
     assert "not counted: zero_shot" in stderr and "not counted: noah" in stderr
+
+
+def test_every_per_task_default_names_a_registered_task_and_fits_the_config():
+    import dataclasses
+    import typing
+
+    import petl_bench as pb
+
+    tables = 0
+    for name in pb.METHODS.names():
+        method = pb.METHODS.get(name)()
+        if not method.task_defaults:
+            continue
+        tables += 1
+        hints = typing.get_type_hints(method.Config)
+        fields = {f.name for f in dataclasses.fields(method.Config)}
+        for task, values in method.task_defaults.items():
+            assert task in pb.TASKS, f"{name}: per-task default for unknown task {task!r}"
+            assert set(values) <= fields, (name, task, values)
+            for key, value in values.items():
+                expected = hints[key]
+                allowed = (int, float) if expected is float else typing.get_args(expected) or (expected,)
+                assert isinstance(value, allowed) and not (expected is not bool and isinstance(value, bool)), (name, task, key, value)
+            config = method.make_config(task)  # bounds and the method's own checks
+            method.check_config(config)
+    assert tables >= 10
