@@ -105,6 +105,7 @@ class PeftTuner(Method):
 
     kinds = (VIT, SWIN, CLIP)
     merges = True
+    reads_frozen_weights = True  # DoRA's norm, VeRA/BOFT/OFT's transforms read the base weight in their own code
     preset: typing.ClassVar[dict] = {}
 
     def build_config(self, values: dict):

@@ -8,6 +8,7 @@ cross-entropy, no augmentation. fp32 on CPU, bf16 autocast on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -190,6 +191,30 @@ def precision_of(device: torch.device, precision: str = "auto") -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+@contextlib.contextmanager
+def frozen_weights_in(model: nn.Module, dtype: torch.dtype | None):
+    """Frozen Linear and conv weights (and biases) held in ``dtype`` for the duration, then put back:
+    under autocast to ``dtype`` each would otherwise be cast again at every use, every step (the largest
+    share of a frozen backbone's kernels). Bitwise the same as autocast's own cast. A method whose code
+    reads frozen weights outside the layers themselves declares ``reads_frozen_weights`` and is left alone."""
+    method = getattr(model, "method", None)
+    if dtype is None or getattr(method, "reads_frozen_weights", False):
+        yield
+        return
+    kept = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            for tensor in (module.weight, module.bias):
+                if tensor is not None and not tensor.requires_grad and tensor.dtype == torch.float32:
+                    kept.append((tensor, tensor.data))
+                    tensor.data = tensor.data.to(dtype)
+    try:
+        yield
+    finally:
+        for tensor, data in kept:
+            tensor.data = data
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -467,49 +492,53 @@ def fit(
             if on_epoch:
                 on_epoch(entry)
     last_save = time.monotonic()
-    for epoch in range(first_epoch, recipe.epochs):
-        lr = lr_at_epoch(recipe, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        start, total_loss = time.perf_counter(), torch.zeros((), device=device)
-        for step, (images, labels) in enumerate(
-            train.batches(recipe.batch_size, shuffle=True, generator=order, drop_last=recipe.drop_last)
-        ):
-            if before_step:
-                before_step(epoch, step)
-            with autocast(device, recipe.precision):
-                logits = model(normalizer(images.to(device, non_blocking=True)))
-            loss = classification_loss(logits.float(), labels.to(device, non_blocking=True), recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        result.train_seconds += seconds
-        log = EpochLog(epoch, lr, float(total_loss) / steps_per_epoch, images_per_epoch / seconds, seconds)
-        if not math.isfinite(log.loss):  # read once per epoch: no sync per step
-            raise NonFiniteLoss(
-                f"the training loss became {log.loss} in epoch {epoch}: a setting is likely too large or not a "
-                f"number (the learning rate, a method's scale), or the weights hold NaN/inf; the run stops as failed"
-            )
-        last = epoch == recipe.epochs - 1
-        if evaluation is not None and (
-            last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1)
-        ):
-            eval_start = time.perf_counter()
-            log.top1, result.eval_images_per_s = evaluate(
-                model, evaluation, normalizer, device, recipe.eval_batch_size, precision=recipe.precision
-            )
-            result.eval_seconds += time.perf_counter() - eval_start
-        result.epochs.append(log)
-        if resume is not None and not last and time.monotonic() - last_save >= checkpoint_seconds:
-            _save_state(resume, epoch, model, optimizer, order, result)  # before the log line: a logged epoch is saved
-            last_save = time.monotonic()
-        if on_epoch:
-            on_epoch(log)
+    compute = torch.bfloat16 if precision_of(device, recipe.precision) == "bf16" else None
+    with frozen_weights_in(model, compute):  # the frozen weights cast once, not at every use of every step
+        for epoch in range(first_epoch, recipe.epochs):
+            lr = lr_at_epoch(recipe, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            start, total_loss = time.perf_counter(), torch.zeros((), device=device)
+            for step, (images, labels) in enumerate(
+                train.batches(recipe.batch_size, shuffle=True, generator=order, drop_last=recipe.drop_last)
+            ):
+                if before_step:
+                    before_step(epoch, step)
+                with autocast(device, recipe.precision):
+                    logits = model(normalizer(images.to(device, non_blocking=True)))
+                loss = classification_loss(logits.float(), labels.to(device, non_blocking=True), recipe.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.detach()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            result.train_seconds += seconds
+            log = EpochLog(epoch, lr, float(total_loss) / steps_per_epoch, images_per_epoch / seconds, seconds)
+            if not math.isfinite(log.loss):  # read once per epoch: no sync per step
+                raise NonFiniteLoss(
+                    f"the training loss became {log.loss} in epoch {epoch}: a setting is likely too large or not a "
+                    f"number (the learning rate, a method's scale), or the weights hold NaN/inf; the run stops as failed"
+                )
+            last = epoch == recipe.epochs - 1
+            if evaluation is not None and (
+                last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1)
+            ):
+                eval_start = time.perf_counter()
+                log.top1, result.eval_images_per_s = evaluate(
+                    model, evaluation, normalizer, device, recipe.eval_batch_size, precision=recipe.precision
+                )
+                result.eval_seconds += time.perf_counter() - eval_start
+            result.epochs.append(log)
+            if resume is not None and not last and time.monotonic() - last_save >= checkpoint_seconds:
+                _save_state(
+                    resume, epoch, model, optimizer, order, result
+                )  # before the log line: a logged epoch is saved
+                last_save = time.monotonic()
+            if on_epoch:
+                on_epoch(log)
     result.top1 = result.epochs[-1].top1
     result.train_images_per_s = images_per_epoch * recipe.epochs / max(result.train_seconds, 1e-9)
     return result

@@ -58,6 +58,9 @@ class Method:
     # The tuned protocol's grid: method hyperparameters, and the recipe axes (None: the shared RECIPE_GRID).
     search_space: ClassVar[Mapping[str, tuple]] = {}
     recipe_grid: ClassVar[Mapping[str, tuple] | None] = None
+    # True when the method's code reads frozen Linear/conv weights outside those layers (DoRA's weight norm):
+    # then they are not held in the compute dtype during training (engine.frozen_weights_in).
+    reads_frozen_weights: ClassVar[bool] = False
     # Bounds of the config's fields beyond COMMON_BOUNDS: name -> (lowest, highest, highest excluded).
     bounds: ClassVar[Mapping[str, tuple]] = {}
     # Names of the method in published_vtab1k_next.csv (before any " (variant)" or " [source]"); the report

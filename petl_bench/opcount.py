@@ -63,16 +63,22 @@ def count_step(
     dtype: torch.dtype | None = torch.bfloat16,
     input_grad: bool = False,
     optimizer: str = "fused",
+    frozen_in_dtype: bool = True,
 ) -> OpCount:
     """Ops of one training step of ``model`` (in train mode) on a fake batch: forward under ``dtype``
     autocast (None: fp32), cross-entropy in fp32, backward, AdamW (``foreach``, ``fused`` or
-    ``for-loop``) and ``zero_grad``. The second step is counted (the optimizer's state exists then)."""
+    ``for-loop``) and ``zero_grad``; with ``frozen_in_dtype`` the frozen weights are held in ``dtype`` as
+    training holds them (``engine.frozen_weights_in``). The second step is counted (the optimizer's state
+    exists then)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .engine import frozen_weights_in
 
     params = [p for p in model.parameters() if p.requires_grad]
     kinds = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
     count = OpCount()
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    held = frozen_weights_in(model, dtype if frozen_in_dtype else None)  # real weights, before faking
+    with held, FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake_params = {p: nn.Parameter(mode.from_tensor(p.detach()), requires_grad=True) for p in params}
         with _swap_parameters(model, fake_params):
             step_optimizer = torch.optim.AdamW(list(fake_params.values()), lr=1e-3, **kinds[optimizer])

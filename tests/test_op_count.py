@@ -17,27 +17,28 @@ DEPTH = TINY_VIT["depth"]
 # dispatches on the tiny ViT below (2026-11-30) plus 5, a regression guard. The target of the GPU work is at
 # most 30 for every side-branch method; convpass, fact_tt/tk, the binary adapters, noah, repadapter, ssf and
 # houlsby_adapter are above it today (benchmarks/README.md). SSF's scale and shift are cast to the activation
-# dtype at each use (+9 per block here, fewer bytes moved): casting trained tensors once per step is the next step.
+# dtype at each use (fewer bytes moved, more launches): casting trained tensors once per step is the next step.
+# The floor holds its frozen weights in bf16 (engine.frozen_weights_in), as training does.
 BUDGET = {
     "adapter": 27,
     "adaptformer": 23,
     "bi_adaptformer": 95,
     "bi_lora": 195,
-    "bitfit": 7,
+    "bitfit": 12,
     "convpass": 121,
     "convpass_attn": 59,
-    "difffit": 20,
-    "fact_tk": 156,
+    "difffit": 29,
+    "fact_tk": 132,
     "fact_tt": 110,
-    "full": 22,
+    "full": 31,
     "houlsby_adapter": 56,
     "linear": -21,
     "ln_tune": 2,
     "lora": 20,
     "noah": 66,
     "pfeiffer_adapter": 23,
-    "repadapter": 66,
-    "repadapter_attn": 33,
+    "repadapter": 60,
+    "repadapter_attn": 30,
     "ssf": 63,
     "vpt_deep": 8,
     "vpt_shallow": 1,
@@ -117,3 +118,42 @@ def test_fused_adamw_dispatches_fewer_kernels_and_no_sync():
     foreach = count_step(_model("lora").train(), 4, (32, 32), 10, optimizer="foreach")
     fused = count_step(_model("lora").train(), 4, (32, 32), 10, optimizer="fused")
     assert fused.kernels < foreach.kernels and fused.syncs == 0
+
+
+@pytest.mark.parametrize("method", sorted(BUDGET) + ["peft:lora", "peft:dora"])
+def test_frozen_weights_held_in_bf16_give_bitwise_the_same_step(method):
+    """Under bf16 autocast, holding the frozen Linear/conv weights in bf16 is autocast's own cast done once:
+    the same logits and gradients, bit for bit. A method that reads frozen weights in its own code (PEFT's
+    DoRA) declares it and is left in fp32; a method that does so without declaring it fails here."""
+    from petl_bench.engine import frozen_weights_in
+
+    pytest.importorskip("peft") if method.startswith("peft:") else None
+    model = _model(method)
+    for parameter in pb.trainable_parameters(model).values():  # away from init, so every branch is active
+        torch.nn.init.normal_(parameter, std=0.05)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        logits.float().square().sum().backward()
+        return logits.detach(), {
+            n: p.grad.clone() for n, p in pb.trainable_parameters(model).items() if p.grad is not None
+        }
+
+    reference, grads = step()
+    with frozen_weights_in(model, torch.bfloat16):
+        logits, held = step()
+        cast = [p for p in model.parameters() if p.dtype == torch.bfloat16]
+    assert not (cast and model.method.reads_frozen_weights)
+    assert torch.equal(logits, reference)
+    assert held.keys() == grads.keys() and all(torch.equal(held[n], grads[n]) for n in grads), method
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "put back afterwards"
+
+
+def test_holding_frozen_weights_in_bf16_removes_the_per_step_casts():
+    held = count_step(_model("convpass").train(), 4, (32, 32), 10)
+    cast_each_time = count_step(_model("convpass").train(), 4, (32, 32), 10, frozen_in_dtype=False)
+    assert held.by_op["_to_copy"] < cast_each_time.by_op["_to_copy"] and held.kernels < cast_each_time.kernels
