@@ -19,7 +19,6 @@ from typing import Any, Optional
 import click
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import records, registry
 from .cli_data import data_app
@@ -82,18 +81,18 @@ def main_options(
 def methods_command(plugin: Optional[list[Path]] = PluginOption) -> None:
     """List the registered methods: citation, what they train, backbones, default hyperparameters."""
     load_plugins(plugin)
-    table = Table(title="Registered methods")
-    for column in ("name", "citation", "trains", "backbones", "defaults"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for name, cls in registry.METHODS.items():
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults().items()) or "-"
         if cls.task_defaults:
             keys = sorted({key for values in cls.task_defaults.values() for key in values})
             defaults += f" (per task: {', '.join(keys)} for {len(cls.task_defaults)} tasks)"
-        table.add_row(name, cls.citation, cls.trains, ", ".join(cls.kinds), defaults)
+        rows.append({"name": name, "citation": cls.citation, "trains": cls.trains, "backbones": ", ".join(cls.kinds),
+                     "defaults": defaults})  # fmt: skip
     for prefix, about in registry.METHODS.families().items():
-        table.add_row(f"{prefix}<name>", about["citation"], about["trains"], about["backbones"], about["defaults"])
-    console.print(table)
+        rows.append({"name": f"{prefix}TYPE", "citation": about["citation"], "trains": about["trains"],
+                     "backbones": about["backbones"], "defaults": about["defaults"]})  # fmt: skip
+    render(rows, "Registered methods", "table")
 
 
 @app.command("tasks")

@@ -100,7 +100,7 @@ def test_unknown_tuner_and_a_run_recording_the_peft_config(monkeypatch, capsys, 
     assert record.method == "peft:dora" and record.hparams["method"]["use_dora"] is True
     assert record.hparams["method"]["r"] == 4 and record.hparams["method"]["peft_type"] == "LORA"
     code, stdout, _ = run_cli(monkeypatch, capsys, "methods")
-    assert "peft:<name>" in stdout and f"PEFT {peft.__version__}" in stdout
+    assert "peft:TYPE" in stdout and f"PEFT {peft.__version__}" in stdout
 
 
 # Settings for the 32-wide test ViT where a tuner's defaults assume a wider model (ViT-B's 768 is fine).
