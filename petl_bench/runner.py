@@ -439,7 +439,9 @@ def run_job(
             "head_trained_on_cached_features": trainee is not model,
             "train_images_per_s": result.train_images_per_s,
             "eval_images_per_s": result.eval_images_per_s,
-            "inference_images_per_s": inference_speeds(model, prepared.evaluation, normalizer, device, job.recipe),
+            "inference_images_per_s": inference_speeds(
+                model, prepared.evaluation, normalizer, device, job.recipe, inference_key(job, info, device)
+            ),
             "seconds": {
                 "data": data_seconds,
                 "features": feature_seconds,
@@ -457,6 +459,14 @@ def run_job(
     records.write_record(run_dir, record)
     resume.unlink(missing_ok=True)
     return record
+
+
+def inference_key(job: Job, info, device: torch.device) -> str:
+    """What an inference speed depends on: the architecture (method and settings, backbone, input size),
+    the device, the batch and the precision; not the task or the seed."""
+    config = json.dumps(get_method(job.method).config_identity(job.method_config), sort_keys=True, default=str)
+    size = "x".join(map(str, info.preprocessing.image_size))
+    return f"{job.method} {config} on {job.backbone} at {size}, {device}, batch {job.recipe.eval_batch_size}, {job.recipe.precision}"
 
 
 def run_hparams(job: Job, info, data: TaskData, normalizer: Normalizer, device: torch.device) -> dict[str, Any]:
@@ -500,9 +510,20 @@ def run_metrics(job: Job, data: TaskData, result) -> dict[str, Any]:
 INFERENCE_IMAGES = 512  # images timed for the inference throughput
 
 
-def inference_speeds(model: PetlModel, data: TensorDataset, normalizer, device, recipe: Recipe) -> dict:
+_INFERENCE_SPEEDS: dict[str, dict] = {}
+
+
+def inference_speeds(model: PetlModel, data: TensorDataset, normalizer, device, recipe: Recipe, key: str) -> dict:
     """Full-model images/s in eval mode on the same images, batch and device: the model as trained and,
-    for methods that fold into the backbone, merged (so 'no inference overhead' is measured)."""
+    for methods that fold into the backbone, merged (so 'no inference overhead' is measured). Measured
+    once per ``key`` (method, its settings, backbone, input size, device, batch, precision) in a process:
+    the runs of a sweep over tasks and seeds share the architecture, so they share the measurement."""
+    if key not in _INFERENCE_SPEEDS:
+        _INFERENCE_SPEEDS[key] = _measure_inference(model, data, normalizer, device, recipe)
+    return {**_INFERENCE_SPEEDS[key], "measured_for": key}
+
+
+def _measure_inference(model: PetlModel, data: TensorDataset, normalizer, device, recipe: Recipe) -> dict:
     subset = TensorDataset(data.images[:INFERENCE_IMAGES], data.labels[:INFERENCE_IMAGES])
     speeds = {"as_trained": evaluate(model, subset, normalizer, device, recipe.eval_batch_size, precision=recipe.precision)[1],
               "merged": None}  # fmt: skip

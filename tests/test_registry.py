@@ -114,7 +114,12 @@ def test_every_per_task_default_names_a_registered_task_and_fits_the_config():
             for key, value in values.items():
                 expected = hints[key]
                 allowed = (int, float) if expected is float else typing.get_args(expected) or (expected,)
-                assert isinstance(value, allowed) and not (expected is not bool and isinstance(value, bool)), (name, task, key, value)
+                assert isinstance(value, allowed) and not (expected is not bool and isinstance(value, bool)), (
+                    name,
+                    task,
+                    key,
+                    value,
+                )
             config = method.make_config(task)  # bounds and the method's own checks
             method.check_config(config)
     assert tables >= 10

@@ -342,3 +342,17 @@ def test_precision_is_a_setting_recorded_in_every_record(monkeypatch, capsys, tm
     assert found["fp32"].run_id != found["bf16"].run_id
     code, _, stderr = run_cli(monkeypatch, capsys, *args, "--precision", "fp16")
     assert code == 2 and "recipe.precision is 'fp16'; choose from: auto, bf16, fp32" in stderr
+
+
+def test_inference_speed_is_measured_once_per_architecture_in_a_sweep(monkeypatch, capsys, tmp_path, task, tiny_plugin):
+    out = tmp_path / "runs"
+    args = ["run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "lora,convpass", "--epochs", "1",
+            "--seeds", "0,1", "--output", str(out), *TINY_RUN]  # fmt: skip
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    speeds = {}
+    for record in records.load_records(out):
+        speeds.setdefault(record.method, []).append(record.cost["inference_images_per_s"])
+    for method, measured in speeds.items():
+        assert len(measured) == 2 and measured[0] == measured[1], "the seeds share one measurement"
+        assert measured[0]["as_trained"] > 0 and method in measured[0]["measured_for"]
+    assert speeds["lora"][0] != speeds["convpass"][0]
