@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from tasks_fixture import VTAB_GROUPS
 
 import petl_bench as pb
+from petl_bench import records
+from petl_bench.tasks.vtab import VTAB_TASKS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 OFFLINE_DATA = SHARED / "offline_data"
@@ -113,3 +120,86 @@ def make_task_folder(folder: Path, train: int = 40, test: int = 20, classes: int
     (folder / "val200.txt").write_text("\n".join(lines["train"][train * 4 // 5 :]) + "\n")
     (folder / "test.txt").write_text("\n".join(lines["test"]) + "\n")
     return folder
+
+
+# --- the CLI in this process or another ----------------------------------------------------------------
+
+TINY_RUN = ["--backbone", "tiny_test_vit", "--pretrained", "none", "--batch-size", "8", "--set", "recipe.image_size=16"]
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process; (exit code, stdout, stderr)."""
+    from petl_bench import cli
+
+    monkeypatch.setattr(sys, "argv", ["petl-bench", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def cli_process(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "petl_bench.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+# --- synthetic records -----------------------------------------------------------------------------------
+
+
+def synthetic_record(
+    method: str, task: str, seed: int, top1: float, params: int = 1000, suite: str = "vtab", protocol="final"
+):
+    group = next((g for g, tasks in VTAB_GROUPS.items() if task in tasks), "")
+    return records.RunRecord(
+        run_id=f"{task}__{method}__s{seed}__{protocol}", method=method, task=task, suite=suite, group=group,
+        backbone="vit_base_patch16_224.orig_in21k", pretrained="hub", backbone_checkpoint_sha256=None, seed=seed,
+        protocol=protocol, hparams={}, metrics={"top1": top1, "eval_split": "test", "curve": []},
+        cost={"trainable_params": params, "trainable_params_with_head": params + 10, "checkpoint_bytes": 4 * params,
+              "peak_memory_bytes": 2**30, "train_images_per_s": 100.0, "eval_images_per_s": 300.0,
+              "seconds": {"total": 60.0}},
+        environment={},
+    )  # fmt: skip
+
+
+# --- a VTAB-1K stand-in ------------------------------------------------------------------------------------
+
+ALIASES = {"oxford_iiit_pet": "oxford_pet", "cifar": "cifar100"}  # folder names other copies use
+
+
+def png(seed: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (seed * 40 % 256, 7, 99)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def vtab_zip(path: Path, *, short: str | None = None, missing: str | None = None, tasks=None) -> Path:
+    """NOAH's layout with the published line counts, each list cycling over three images of its own (train800
+    and val200 making up train800val200), an image's label the same wherever it is listed."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for _, name, _, classes, test_size in tasks or VTAB_TASKS:
+            folder = f"vtab-1k/{ALIASES.get(name, name)}"
+            for split in ("train", "val", "test"):
+                for index in range(3):
+                    bundle.writestr(f"{folder}/images/{split}{index}.png", png(index))
+            sizes = {"train800.txt": 800, "val200.txt": 200, "test.txt": test_size}
+            lists = {}
+            for list_name, size in sizes.items():
+                size -= int(name == short and list_name == "test.txt")
+                split = list_name.removesuffix(".txt").rstrip("0123456789")
+                lists[list_name] = [f"images/{split}{i % 3}.png {i % 3 % classes}" for i in range(size)]
+            if name == missing:
+                lists["val200.txt"][5] = f"images/absent.png {5 % classes}"
+            lists["train800val200.txt"] = lists["train800.txt"] + lists["val200.txt"]
+            for list_name, lines in lists.items():
+                bundle.writestr(f"{folder}/{list_name}", "\n".join(lines) + "\n")
+    return path

@@ -17,9 +17,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import make_task_folder
+from conftest import ALIASES, TINY_RUN, make_task_folder, png, run_cli, vtab_zip  # noqa: F401 - re-used
 from PIL import Image
-from test_run import TINY_RUN, run_cli
 
 import petl_bench as pb
 from petl_bench import datasets, records
@@ -27,36 +26,6 @@ from petl_bench.errors import UserError
 from petl_bench.tasks.vtab import VTAB_TASKS
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-ALIASES = {"oxford_iiit_pet": "oxford_pet", "cifar": "cifar100"}  # folder names other copies use
-
-
-def png(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 4), (seed * 40 % 256, 7, 99)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def vtab_zip(path: Path, *, short: str | None = None, missing: str | None = None, tasks=None) -> Path:
-    """NOAH's layout with the published line counts, each list cycling over three images of its own (train800
-    and val200 making up train800val200), an image's label the same wherever it is listed."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bundle:
-        for _, name, _, classes, test_size in tasks or VTAB_TASKS:
-            folder = f"vtab-1k/{ALIASES.get(name, name)}"
-            for split in ("train", "val", "test"):
-                for index in range(3):
-                    bundle.writestr(f"{folder}/images/{split}{index}.png", png(index))
-            sizes = {"train800.txt": 800, "val200.txt": 200, "test.txt": test_size}
-            lists = {}
-            for list_name, size in sizes.items():
-                size -= int(name == short and list_name == "test.txt")
-                split = list_name.removesuffix(".txt").rstrip("0123456789")
-                lists[list_name] = [f"images/{split}{i % 3}.png {i % 3 % classes}" for i in range(size)]
-            if name == missing:
-                lists["val200.txt"][5] = f"images/absent.png {5 % classes}"
-            lists["train800val200.txt"] = lists["train800.txt"] + lists["val200.txt"]
-            for list_name, lines in lists.items():
-                bundle.writestr(f"{folder}/{list_name}", "\n".join(lines) + "\n")
-    return path
 
 
 def hub_cache(tmp_path: Path, archive_bytes: bytes) -> Path:

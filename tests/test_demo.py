@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import OFFLINE_DATA
-from test_run import run_cli
+from conftest import OFFLINE_DATA, run_cli
 
 import petl_bench as pb
 from petl_bench import records

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_task_folder
-from test_run import TINY_RUN, run_cli
+from conftest import TINY_RUN, make_task_folder, run_cli
 
 from petl_bench import records
 

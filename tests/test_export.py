@@ -7,8 +7,17 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_SWIN, TINY_VIT, images, make_task_folder, randomize_trainable, tiny_backbone, with_method
-from test_run import TINY_RUN, run_cli
+from conftest import (
+    TINY_RUN,
+    TINY_SWIN,
+    TINY_VIT,
+    images,
+    make_task_folder,
+    randomize_trainable,
+    run_cli,
+    tiny_backbone,
+    with_method,
+)
 
 import petl_bench as pb
 from petl_bench import records

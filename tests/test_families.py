@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE_DATA, make_task_folder
+from conftest import OFFLINE_DATA, make_task_folder, run_cli
+from conftest import synthetic_record as record
 from PIL import Image
-from test_report import record
-from test_run import run_cli
 
 import petl_bench as pb
 from petl_bench import records

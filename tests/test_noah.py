@@ -10,9 +10,8 @@ from importlib.resources import files
 
 import pytest
 import torch
-from conftest import TINY_VIT, images, make_task_folder, randomize_trainable, tiny_backbone
+from conftest import TINY_RUN, TINY_VIT, images, make_task_folder, randomize_trainable, run_cli, tiny_backbone
 from tasks_fixture import VTAB_GROUPS
-from test_run import TINY_RUN, run_cli
 
 import petl_bench as pb
 from petl_bench import records

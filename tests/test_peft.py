@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_SWIN, TINY_VIT, images, make_task_folder, tiny_backbone, with_method
-from test_run import TINY_RUN, run_cli
+from conftest import TINY_RUN, TINY_SWIN, TINY_VIT, images, make_task_folder, run_cli, tiny_backbone, with_method
 
 import petl_bench as pb
 from petl_bench.errors import UserError

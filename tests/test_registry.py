@@ -78,7 +78,7 @@ def test_entry_point_group_registers_third_party_methods(tmp_path, monkeypatch):
 
 
 def test_params_without_methods_counts_every_method_that_runs_on_the_backbone(monkeypatch, capsys):
-    from test_run import run_cli
+    from conftest import run_cli
 
     code, stdout, stderr = run_cli(monkeypatch, capsys, "params", "--format", "csv")
     assert code == 0, stderr

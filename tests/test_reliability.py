@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIT, make_task_folder, tiny_backbone
-from test_report import record as synthetic_record
-from test_run import TINY_RUN, cli_process, run_cli
+from conftest import TINY_RUN, TINY_VIT, cli_process, make_task_folder, run_cli, synthetic_record, tiny_backbone
 
 import petl_bench as pb
 from petl_bench import data as data_module

@@ -6,8 +6,7 @@ import json
 import shutil
 
 import pytest
-from test_report import record as synthetic_record
-from test_run import TINY_RUN, run_cli
+from conftest import TINY_RUN, run_cli, synthetic_record
 
 from petl_bench import records
 
@@ -143,7 +142,7 @@ def test_a_fifo_named_like_a_record_is_skipped_not_read(tmp_path, caplog):
 
 
 def test_data_get_refuses_to_replace_a_users_file_named_like_a_task_folder(tmp_path):
-    from test_datasets import VTAB_TASKS, vtab_zip
+    from conftest import VTAB_TASKS, vtab_zip
 
     import petl_bench as pb
     from petl_bench import datasets
@@ -197,7 +196,7 @@ def test_float_tiffs_are_scaled_not_clipped(tmp_path, value, expected):
 def test_a_malformed_manifest_entry_is_dropped_and_verify_rewrites_it(tmp_path, monkeypatch, capsys, caplog):
     import json as json_module
 
-    from test_datasets import VTAB_TASKS, vtab_zip
+    from conftest import VTAB_TASKS, vtab_zip
 
     import petl_bench as pb
     from petl_bench import datasets
@@ -217,7 +216,7 @@ def test_a_malformed_manifest_entry_is_dropped_and_verify_rewrites_it(tmp_path, 
 
 
 def test_verify_on_a_root_it_cannot_write_verifies_and_says_so(tmp_path, monkeypatch, capsys):
-    from test_datasets import VTAB_TASKS, vtab_zip
+    from conftest import VTAB_TASKS, vtab_zip
 
     import petl_bench as pb
     from petl_bench import datasets

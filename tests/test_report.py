@@ -5,25 +5,12 @@ from __future__ import annotations
 import csv
 
 import pytest
+from conftest import synthetic_record as record
 from tasks_fixture import VTAB_GROUPS
 
 from petl_bench import records
 from petl_bench.errors import UserError
 from petl_bench.report import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, runs_frame, write_report
-
-
-def record(method: str, task: str, seed: int, top1: float, params: int = 1000, suite: str = "vtab", protocol="final"):
-    group = next((g for g, tasks in VTAB_GROUPS.items() if task in tasks), "")
-    return records.RunRecord(
-        run_id=f"{task}__{method}__s{seed}__{protocol}", method=method, task=task, suite=suite, group=group,
-        backbone="vit_base_patch16_224.orig_in21k", pretrained="hub", backbone_checkpoint_sha256=None, seed=seed,
-        protocol=protocol, hparams={}, metrics={"top1": top1, "eval_split": "test", "curve": []},
-        cost={"trainable_params": params, "trainable_params_with_head": params + 10, "checkpoint_bytes": 4 * params,
-              "peak_memory_bytes": 2**30, "train_images_per_s": 100.0, "eval_images_per_s": 300.0,
-              "seconds": {"total": 60.0}},
-        environment={},
-    )  # fmt: skip
-
 
 ALL_TASKS = [t for tasks in VTAB_GROUPS.values() for t in tasks]
 

@@ -12,33 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_task_folder
+from conftest import TINY_RUN, cli_process, make_task_folder, run_cli  # noqa: F401 - re-used
 
-from petl_bench import cli, records
-
-TINY_RUN = ["--backbone", "tiny_test_vit", "--pretrained", "none", "--batch-size", "8", "--set", "recipe.image_size=16"]
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["petl-bench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def cli_process(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "petl_bench.cli", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+from petl_bench import records
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import make_task_folder
-from test_report import record as synthetic_record
-from test_run import TINY_RUN, run_cli
+from conftest import TINY_RUN, make_task_folder, run_cli, synthetic_record
 
 import petl_bench as pb
 from petl_bench import records

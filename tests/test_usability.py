@@ -72,7 +72,7 @@ def test_warmup_is_ten_percent_of_the_schedule_and_keeps_the_paper_identity(epoc
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from test_run import TINY_RUN, run_cli  # noqa: E402
+from conftest import TINY_RUN, run_cli  # noqa: E402
 
 
 def _args(tiny_plugin, task, out, *extra):
@@ -145,7 +145,7 @@ def test_params_with_a_task_counts_that_tasks_classifier(monkeypatch, capsys):
 
 
 def test_cost_table_prints_integer_counts_and_what_speeds_measure(tmp_path):
-    from test_report import record
+    from conftest import synthetic_record as record
 
     runs = [record("convpass", "cifar", 0, 50.0, params=1000), record("convpass", "dtd", 0, 50.0, params=2000),
             record("linear", "cifar", 0, 40.0, params=0)]  # fmt: skip
