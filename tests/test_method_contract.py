@@ -1,0 +1,65 @@
+"""The contract every registered method meets, checked for each name the registry holds (as timm tests
+every registered model): a new method gets these checks without editing a list."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_SWIN, TINY_VIT, images, randomize_trainable, tiny_backbone
+
+import petl_bench as pb
+from petl_bench.errors import UserError
+
+SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
+
+
+def _built(method: str, spec: dict, tmp_path):
+    runner = pb.METHODS.get(method)()
+    overrides = dict(SMALL.get(method, {}))
+    if method == "noah":
+        subnet = tmp_path / "subnet.json"
+        subnet.write_text(json.dumps({"prompt": [10, 10], "lora": [8, 8], "adapter": [8, 8]}))
+        overrides["subnet"] = str(subnet)
+    backbone, info = tiny_backbone(spec)
+    config = runner.make_config(None, **overrides)
+    return runner, info, pb.attach_method(backbone, info, runner, config)
+
+
+@pytest.mark.parametrize("method", pb.METHODS.names())
+def test_a_method_attaches_trains_only_its_tensors_round_trips_and_merges(method, tmp_path):
+    if "vit" not in pb.METHODS.get(method).kinds:
+        pytest.skip("a CLIP-only method that trains nothing (zero-shot): tests/test_families.py")
+    runner, info, model = _built(method, TINY_VIT, tmp_path)
+    trained = pb.trainable_parameters(model)
+    head = {f"{info.head_path}.weight", f"{info.head_path}.bias"}
+    assert head <= set(trained) or not runner.trains_head
+    assert all(p.requires_grad == (n in trained) for n, p in model.backbone.named_parameters()), "trainable = declared"
+    without, with_head = pb.count_trainable(model)
+    assert with_head == sum(p.numel() for p in trained.values()) and without <= with_head
+    randomize_trainable(model)
+    x = images(TINY_VIT)
+    model.eval()
+    path = pb.save_trainable(model, tmp_path / "t.safetensors")
+    _, _, again = _built(method, TINY_VIT, tmp_path)
+    pb.load_trainable(again, path)
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+        if runner.merges:
+            merged = pb.merge(model)
+            assert (merged(x) - model(x)).abs().max() <= 1e-4
+        else:
+            with pytest.raises(UserError, match="cannot be merged"):
+                pb.merge(model)
+
+
+@pytest.mark.parametrize("method", pb.METHODS.names())
+def test_an_unsupported_backbone_is_one_user_error(method, tmp_path):
+    runner = pb.METHODS.get(method)()
+    if "swin" in runner.kinds:
+        pytest.skip("supports Swin")
+    backbone, info = tiny_backbone(TINY_SWIN)
+    with pytest.raises(UserError, match=f"method '{method}' does not support the swin backbone"):
+        pb.attach_method(backbone, info, runner, runner.make_config(None, **SMALL.get(method, {})))
