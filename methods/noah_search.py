@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from petl_bench import records
+from petl_bench.atomic import write_atomic
 from petl_bench.checkpoints import load_trainable, save_trainable
 from petl_bench.engine import Recipe, evaluate, fit
 from petl_bench.errors import UserError
@@ -195,7 +196,7 @@ class Evolution:
             "top": [c.to_dict() for c in self.top],
             "history": self.history,
         }
-        records.write_atomic(path, json.dumps(state))
+        write_atomic(path, json.dumps(state))
 
     def _load(self, path: Path) -> None:
         state = json.loads(path.read_text())
@@ -280,7 +281,7 @@ def run_search(
         )  # fmt: skip
         save_trainable(model, weights)
         (folder / "supernet_resume.pt").unlink(missing_ok=True)
-        records.write_atomic(folder / "supernet.json", json.dumps({
+        write_atomic(folder / "supernet.json", json.dumps({
             "task": task.name, "backbone": backbone, "seed": seed, "recipe": dataclasses.asdict(recipe),
             "epochs": [dataclasses.asdict(e) for e in result.epochs], "train_seconds": result.train_seconds,
             "finished_at": records.now(),
@@ -305,5 +306,5 @@ def run_search(
         "history": evolution.history,
         "finished_at": records.now(),
     }
-    records.write_atomic(subnet_file, json.dumps(result, indent=1))
+    write_atomic(subnet_file, json.dumps(result, indent=1))
     return subnet_file

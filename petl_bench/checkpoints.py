@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, safe_open, save
 
+from .atomic import write_bytes_atomic
 from .errors import UserError
 from .model import PetlModel, trainable_parameters
 from .tensors import checked_state
@@ -46,10 +46,7 @@ def checkpoint_bytes(model: PetlModel) -> bytes:
 def save_trainable(model: PetlModel, path: str | Path) -> Path:
     """Write the trainable tensors to ``path`` atomically (a crash never leaves a truncated file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(checkpoint_bytes(model))
-    os.replace(temporary, path)
+    write_bytes_atomic(path, checkpoint_bytes(model))
     return path
 
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import write_atomic
 from .errors import UserError
 from .paths import cache_dir
-from .records import write_atomic
 
 log = logging.getLogger(__name__)
 

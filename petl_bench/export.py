@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import records
+from .atomic import atomic_path, write_atomic
 from .backbones import build_backbone
 from .checkpoints import load_trainable, read_safetensors
 from .engine import seed_everything
@@ -119,14 +119,6 @@ def describe(model: PetlModel, record: records.RunRecord, merged: bool) -> dict:
     }
 
 
-def _publish(temporary: Path, path: Path) -> None:
-    """Rename ``temporary`` onto ``path`` with the permissions a new file gets (0644 under the usual umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    os.replace(temporary, path)
-
-
 def export_run(run_dir: Path, out: Path, merged: bool = False, force: bool = False) -> tuple[Path, Path]:
     """Write ``out`` (safetensors) and ``out.json``; merged: the whole folded model, checked to give the
     trained model's logits within ``MERGE_TOLERANCE``. An existing export is replaced only with ``force``."""
@@ -142,19 +134,14 @@ def export_run(run_dir: Path, out: Path, merged: bool = False, force: bool = Fal
         difference = merge_difference(model, folded, model.info.preprocessing.image_size)
         if difference > MERGE_TOLERANCE:
             raise UserError(f"merging {record.method} changed the logits by {difference:.2e}; not exported")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out, mode=0o666) as temporary:  # the permissions a new file gets (0644 under the usual umask)
         if merged:
             state = {k: v.detach().contiguous() for k, v in folded.state_dict().items()}
             save_file(state, str(temporary), metadata={"format": FORMAT, "merged": "true"})
         else:
             shutil.copyfile(run_dir / records.CHECKPOINT, temporary)
-        _publish(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
     sidecar = out.with_suffix(".json")
-    records.write_atomic(sidecar, json.dumps(describe(model, record, merged), indent=2))
+    write_atomic(sidecar, json.dumps(describe(model, record, merged), indent=2))
     return out, sidecar
 
 

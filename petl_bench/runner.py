@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import records
+from .atomic import write_atomic
 from .backbones import (
     CLIP,
     IMAGENET_MEAN,
@@ -731,7 +732,7 @@ def _run_one(job, run_dir, data, device, progress, checkpoint_seconds, summary, 
     except Exception as error:  # one broken run must not stop a 450-run sweep
         log.error("run %s failed: %s", job.run_id, error)
         failure = {"error": repr(error), "traceback": traceback.format_exc(), "at": records.now()}
-        records.write_atomic(run_dir / records.FAILURE, json.dumps(failure))
+        write_atomic(run_dir / records.FAILURE, json.dumps(failure))
         summary.failed.append((job.run_id, repr(error)))
         return None
 
