@@ -542,7 +542,7 @@ def noah_search_command(
 ) -> None:
     """Train a NOAH supernet on train, search a subnet on val under a budget, retrain it on train+val."""
     from . import runner
-    from .engine import Recipe
+    from .config import Recipe
     from .methods.noah_search import SearchSettings, SearchSpace, run_search
     from .paths import data_root_from
 

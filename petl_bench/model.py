@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from typing import Any, ClassVar, Iterable, Mapping
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .backbones import PAPER_BACKBONE, VIT, BackboneInfo, build_backbone
+from .config import check_bounds, parse_value  # noqa: F401 - parse_value re-exported: its old home
 from .errors import UserError
 from .registry import METHODS, TASKS, canonical
 
@@ -123,8 +123,6 @@ class Method:
 
     def check_values(self, config: Any) -> None:
         """A UserError for a number that is not finite or outside its bounds (before anything is built)."""
-        from .engine import check_bounds
-
         for field in dataclasses.fields(config):
             value = getattr(config, field.name, None)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -147,28 +145,6 @@ def task_key(task: str | None) -> str | None:
     if task is None:
         return None
     return TASKS.resolve(task) if task in TASKS else canonical(task)
-
-
-def parse_value(value: Any, annotation: Any, label: str) -> Any:
-    """Coerce a CLI string to the dataclass field's type (``X | None`` accepts "none"); other values pass."""
-    if not isinstance(value, str):
-        return value
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
-    if members:
-        if value.strip().lower() == "none" and type(None) in members:
-            return None
-        annotation = next(member for member in members if member is not type(None))
-    try:
-        if annotation is bool:
-            lowered = value.strip().lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return lowered in ("true", "1", "yes")
-        if annotation in (int, float):
-            return annotation(value)
-    except ValueError:
-        raise UserError(f"cannot read {label}={value!r} as {annotation.__name__}") from None
-    return value
 
 
 class PetlModel(nn.Module):

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import Recipe
 from .data import Split, check_size, list_problems, read_split
-from .engine import Recipe
 from .errors import UserError
 from .records import variant_key
 

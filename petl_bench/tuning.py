@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from . import records
-from .engine import Recipe
+from .config import Recipe, parse_value
 from .errors import UserError
-from .model import RECIPE_GRID, get_method, parse_value
+from .model import RECIPE_GRID, get_method
 from .registry import METHODS
 from .runner import Job, SweepSpec, parse_settings, plan
 

@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from petl_bench.config import Recipe
 from petl_bench.data import cache_dir
 from petl_bench.datasets import Dataset
-from petl_bench.engine import Recipe
 from petl_bench.errors import UserError
 from petl_bench.registry import TASKS, register_dataset, register_suite, register_task
 from petl_bench.task import FileListTask, ListNames, Suite

@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from petl_bench.config import Recipe
 from petl_bench.datasets import Dataset, downloading, hub_file, install_class_folders
-from petl_bench.engine import Recipe
 from petl_bench.errors import UserError
 from petl_bench.progress import progress_for
 from petl_bench.registry import register_dataset, register_suite, register_task

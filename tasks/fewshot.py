@@ -15,8 +15,8 @@ from pathlib import Path
 
 from petl_bench.atomic import write_atomic
 from petl_bench.backbones import PAPER_BACKBONE
+from petl_bench.config import Recipe
 from petl_bench.datasets import Dataset, downloading, link_or_copy
-from petl_bench.engine import Recipe
 from petl_bench.registry import register_dataset, register_suite, register_task
 from petl_bench.task import FileListTask, ListNames, Suite
 

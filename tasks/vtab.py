@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from petl_bench.backbones import PAPER_BACKBONE
+from petl_bench.config import Recipe
 from petl_bench.datasets import Dataset, hub_file, install_archive
-from petl_bench.engine import Recipe
 from petl_bench.progress import progress_for
 from petl_bench.registry import TASKS, register_dataset, register_suite, register_task
 from petl_bench.task import FileListTask, Suite

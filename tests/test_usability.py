@@ -11,7 +11,7 @@ from conftest import make_task_folder
 
 import petl_bench as pb
 from petl_bench import records
-from petl_bench.engine import Recipe
+from petl_bench.config import Recipe
 from petl_bench.runner import plan, run_sweep
 from petl_bench.task import folder_task
 
