@@ -164,53 +164,55 @@ def read_record(path: Path) -> RunRecord:
         raise ValueError(str(error)) from None
 
 
-def is_finished(run_dir: Path, repair: bool = True) -> bool:
-    """A valid record exists. A record that does not parse and validate (truncated, hand-edited) is
-    moved aside to ``record.json.invalid`` with a warning (unless not ``repair``), so the run trains again."""
+def finished_record(run_dir: Path, repair: bool = True) -> RunRecord | None:
+    """The run's valid record, None when there is none. A record that does not parse and validate
+    (truncated, hand-edited) is moved aside to ``record.json.invalid`` with a warning (unless not
+    ``repair``), so the run trains again; one written by a newer petl-bench is a UserError."""
     path = run_dir / RECORD
     if not path.is_file():
-        return False
+        return None
     try:
-        read_record(path)
-        return True
+        return read_record(path)
     except NewerRecord as error:
         raise UserError(f"{path}: {error}; upgrade petl-bench, or use another --output") from None
     except ValueError as error:
         if not repair:
-            return False
+            return None
         aside = path.with_name(RECORD + ".invalid")
         log.warning("%s is not a valid record (%s); moved to %s, the run will train again", path, error, aside.name)
         try:
             os.replace(path, aside)
         except OSError:
             pass
-        return False
+        return None
 
 
-def recorded_fingerprint(run_dir: Path) -> str:
-    """The data fingerprint a run's valid record holds ("" when none, or no valid record)."""
-    try:
-        return read_record(run_dir / RECORD).data.get("fingerprint") or ""
-    except ValueError:
-        return ""
+def is_finished(run_dir: Path, repair: bool = True) -> bool:
+    """A valid record exists (see :func:`finished_record`)."""
+    return finished_record(run_dir, repair) is not None
+
+
+def on_other_data(record: RunRecord, fingerprint: str) -> bool:
+    """``record`` was trained on other data than ``fingerprint`` (a record without one, from before
+    fingerprints, counts as this data's)."""
+    recorded = record.data.get("fingerprint") or ""
+    return bool(recorded and fingerprint and recorded != fingerprint)
 
 
 def finished_on(run_dir: Path, fingerprint: str, repair: bool = True) -> bool:
-    """A valid record exists and was trained on the data whose fingerprint is ``fingerprint`` (a record
-    without one, from before fingerprints, counts as this data's)."""
-    if not is_finished(run_dir, repair):
-        return False
-    recorded = recorded_fingerprint(run_dir)
-    return not recorded or not fingerprint or recorded == fingerprint
+    """A valid record exists and was trained on the data whose fingerprint is ``fingerprint``."""
+    record = finished_record(run_dir, repair)
+    return record is not None and not on_other_data(record, fingerprint)
 
 
 def set_aside_other_data(run_dir: Path, fingerprint: str) -> Path | None:
     """A finished run trained on other data than ``fingerprint`` is not this data's result: its folder is
     renamed to ``<run id>.data-<its fingerprint>`` (kept, and still reported, as a run on that copy), so
     the run trains again on this data. Returns the new folder, None when nothing was moved."""
-    if not is_finished(run_dir, repair=False) or finished_on(run_dir, fingerprint, repair=False):
+    record = finished_record(run_dir, repair=False)
+    if record is None or not on_other_data(record, fingerprint):
         return None
-    recorded = recorded_fingerprint(run_dir)
+    recorded = record.data["fingerprint"]
     aside = run_dir.with_name(f"{run_dir.name}.data-{recorded[:12]}")
     suffix = 1
     while aside.exists():
