@@ -1,4 +1,17 @@
-"""The one exception type for mistakes in what a user asked for."""
+"""The one exception type for mistakes in what a user asked for, and warnings said once."""
+
+import logging
+
+_WARNED: set[str] = set()
+
+
+def warn_once(log: logging.Logger, message: str, *args) -> None:
+    """A warning the first time it is given in this process (plans, tables and manifests are read or built
+    more than once per command)."""
+    text = message % args if args else message
+    if text not in _WARNED:
+        _WARNED.add(text)
+        log.warning("%s", text)
 
 
 class UserError(Exception):

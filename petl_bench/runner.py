@@ -44,7 +44,7 @@ from .engine import (
     precision_of,
     seed_everything,
 )
-from .errors import UserError
+from .errors import UserError, warn_once
 from .export import merge
 from .model import (
     Method,
@@ -61,15 +61,6 @@ from .task import FileListTask, TaskData, folder_task
 
 log = logging.getLogger(__name__)
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
-_WARNED: set[str] = set()
-
-
-def warn_once(message: str, *args) -> None:
-    """A warning the first time it is given in this process (plans are rebuilt more than once)."""
-    text = message % args
-    if text not in _WARNED:
-        _WARNED.add(text)
-        log.warning(text)
 
 
 def parse_settings(items: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -171,7 +162,7 @@ class SweepSpec:
         definition = SUITES.get(suite) if suite else None
         if not self.backbones and definition is None:  # tasks of no suite: say which backbone they get
             warn_once(
-                "no --backbone given: using %s (the paper's ViT-B/16; pass --backbone for another)", PAPER_BACKBONE
+                log, "no --backbone given: using %s (the paper's ViT-B/16; pass --backbone for another)", PAPER_BACKBONE
             )
         recipe = (definition.recipe if definition else Recipe()).replace(**self.recipe_overrides)
         return plan(
@@ -242,7 +233,7 @@ def plan(
         method_recipe = recipe.replace(**{k: v for k, v in scoped.items() if k not in config_fields})
         method_recipe = method_recipe.replace(head_init=method_recipe.head_init or runner.head_init)
         if method_recipe.warmup_epochs is not None and method_recipe.warmup_epochs >= method_recipe.epochs:
-            warn_once("%s: recipe.warmup_epochs=%d is not below epochs=%d: the learning rate never leaves the "
+            warn_once(log, "%s: recipe.warmup_epochs=%d is not below epochs=%d: the learning rate never leaves the "
                         "warm-up (leave warmup_epochs unset for 10%% of the epochs)", runner.name,
                         method_recipe.warmup_epochs, method_recipe.epochs)  # fmt: skip
         overrides = {k: v for k, v in scoped.items() if k in config_fields}
@@ -622,10 +613,10 @@ def configuration_text(values: dict) -> str:
 
 
 def _status(checked: Checked, job: Job, output: Path) -> str:
-    if checked.finished(job, output, repair=False):
-        return "finished"
-    other_data = records.is_finished(records.run_folder(output, job.run_id), repair=False)
-    return "to run (data changed)" if other_data else "to run"
+    record = records.finished_record(records.run_folder(output, job.run_id), repair=False)
+    if record is None:
+        return "to run"
+    return "to run (data changed)" if records.on_other_data(record, checked.fingerprint(job)) else "finished"
 
 
 def plan_summary(checked: Checked, output: Path) -> str:

@@ -13,6 +13,7 @@ from importlib.resources import files
 import pandas as pd
 
 from ..backbones import PAPER_BACKBONE
+from ..errors import warn_once
 from ..registry import METHODS, SUITES, TASKS
 from .table import PAPER_METHODS, Row, Stat, Table, escape_markdown, row_order, slug, stats, with_paper
 
@@ -166,18 +167,12 @@ def mixed_data(runs: pd.DataFrame) -> dict[str, int]:
     return {task: int(n) for task, n in counts.items() if n > 1}
 
 
-_WARNED: set[str] = set()
-
-
 def mixed_data_note(mixed: dict[str, int], title: str) -> str:
     if not mixed:
         return ""
-    tasks = ", ".join(f"{escape_markdown(task)} ({n} copies)" for task, n in sorted(mixed.items()))
-    warning = f"{title}: runs of {tasks} read different data (different fingerprints); not comparable"
-    if warning not in _WARNED:  # a report builds its tables more than once (files, then the console)
-        _WARNED.add(warning)
-        log.warning("%s", warning)
-    return f"WARNING: MIXED DATA. Runs of {tasks} read different copies of the data (their fingerprints differ)."
+    tasks = ", ".join(f"{task} ({n} copies)" for task, n in sorted(mixed.items()))
+    warn_once(log, "%s: runs of %s read different data (different fingerprints); not comparable", title, tasks)
+    return f"WARNING: MIXED DATA. Runs of {escape_markdown(tasks)} read different copies of the data (their fingerprints differ)."
 
 
 NO_REFERENCE_NOTE = (

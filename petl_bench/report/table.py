@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ..config import Recipe
 from ..records import RunRecord, safe_name
 from ..registry import METHODS
 
@@ -21,9 +22,6 @@ RUN_COLUMNS = [
     "cached_features", "epochs", "lr", "batch_size", "image_size", "weights_notes", "inference_images_per_s",
     "merged_inference_images_per_s", "data_fingerprint", "data_manifest", "finished_at", "settings", "row",
 ]  # fmt: skip
-# Recipe fields that say how a run executed, not what it computed (engine.Recipe.EXECUTION); a table row
-# never splits on them.
-EXECUTION = ("eval_batch_size", "workers", "cache_features", "compile")
 # The columns a table row is made of, besides its settings: runs that agree in these and in their settings
 # differ in seed alone, and only those share a row.
 ROW_KEY = ["suite", "backbone", "protocol", "class_mask", "method"]
@@ -86,7 +84,7 @@ def run_settings(record: RunRecord) -> dict:
         k: v for k, v in (hparams.get("method") or {}).items() if k not in chosen and defaults.get(k, object()) != v
     }
     recipe = hparams.get("recipe") if isinstance(hparams.get("recipe"), dict) else {}
-    recipe = {k: v for k, v in recipe.items() if k not in EXECUTION and k not in chosen and k != "image_size"}
+    recipe = {k: v for k, v in recipe.items() if k not in Recipe.EXECUTION and k not in chosen and k != "image_size"}
     out: dict = {}
     _flat("", {**recipe, **method}, out)
     out["input"] = "x".join(map(str, hparams.get("input_size") or [])) or None
@@ -125,11 +123,11 @@ def row_labels(frame: pd.DataFrame) -> pd.Series:
                 for i, r in group.iterrows()}  # fmt: skip
         keys = {i: (r["settings"], copy[i]) for i, r in group.iterrows()}
         distinct = list(dict.fromkeys(keys[i] for i in order.index))
-        settings = [json.loads(text) for text, _ in distinct]
-        differing = _differing(settings)
+        parsed = {text: json.loads(text) for text, _ in distinct}
+        differing = _differing(list(parsed.values()))
         for i, run in group.iterrows():
             text, data_copy = keys[i]
-            parts = [f"{k} {_short(json.loads(text).get(k))}" for k in differing]
+            parts = [f"{k} {_short(parsed[text].get(k))}" for k in differing]
             parts += [f"data copy {data_copy + 1}"] if any(c for _, c in distinct) else []
             labels[i] = run["method"] + (f" ({', '.join(parts)})" if len(distinct) > 1 and parts else "")
     return labels
