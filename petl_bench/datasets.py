@@ -32,7 +32,7 @@ from PIL import Image
 
 from .atomic import write_atomic
 from .data import cache_key, cache_subdir, ensure_free_space, file_digest
-from .errors import DownloadError, UserError
+from .errors import DownloadError, UserError, warn_once
 from .hub import require_hub
 from .records import now
 from .registry import TASKS
@@ -254,6 +254,7 @@ class TaskCheck:
     lists: dict[str, str] = field(default_factory=dict)  # list name -> sha256
     lines: dict[str, int] = field(default_factory=dict)
     images: set = field(default_factory=set)  # (image root, relative path)
+    digests: dict = field(default_factory=dict, repr=False)  # path -> (sha256, size): each image read once
     problems: list[str] = field(default_factory=list)
     decoded: int = 0
     fingerprints: dict[str, str] = field(default_factory=dict)  # list name -> the fingerprint a run records
@@ -290,7 +291,7 @@ def check_task(task, root: Path, deep: bool = False) -> TaskCheck:
         splits[name] = split
         check.lists[name] = file_digest(folder / name)
         if not problems:  # every image is there: what a run will record for this list
-            check.fingerprints[name] = split_fingerprint(split)
+            check.fingerprints[name] = split_fingerprint(split, check.digests)
         check.lines[name] = len(split)
         expected = task.sizes.get(name)
         if expected is not None and len(split) != expected:
@@ -356,12 +357,16 @@ def _decode_all(check: TaskCheck) -> int:
     return decoded
 
 
-def files_digest(files: list[tuple[str, Path]], start: bytes = b"", workers: int = 4) -> str:
-    """sha256 over ``start`` and one line per file, in the order given: its name, size and sha256 (a file
-    listed several times is read once)."""
-    unique = list(dict.fromkeys(path for _, path in files))
+def files_digest(
+    files: list[tuple[str, Path]], start: bytes = b"", workers: int = 4, known: dict[Path, tuple] | None = None
+) -> str:
+    """sha256 over ``start`` and one line per file, in the order given: its name, size and sha256. A file
+    is read once: listed several times, or already in ``known`` (path -> (sha256, size), filled as files are
+    read, so that several digests over the same images share the reading)."""
+    digests = known if known is not None else {}
+    unread = [path for path in dict.fromkeys(path for _, path in files) if path not in digests]
     with ThreadPoolExecutor(workers) as pool:
-        digests = dict(zip(unique, pool.map(lambda path: (file_digest(path), path.stat().st_size), unique)))
+        digests.update(zip(unread, pool.map(lambda path: (file_digest(path), path.stat().st_size), unread)))
     total = hashlib.sha256(start)
     for name, path in files:
         digest, size = digests[path]
@@ -372,7 +377,8 @@ def files_digest(files: list[tuple[str, Path]], start: bytes = b"", workers: int
 def images_digest(check: TaskCheck) -> str:
     """One sha256 over every image of the task: relative path, size and sha256 of each, sorted."""
     return files_digest(
-        sorted((os.path.relpath(root / path, check.folder), root / path) for root, path in check.images)
+        sorted((os.path.relpath(root / path, check.folder), root / path) for root, path in check.images),
+        known=check.digests,
     )
 
 
@@ -397,9 +403,6 @@ def _valid_entry(entry) -> bool:
     )
 
 
-_WARNED_ENTRIES: set[tuple[str, str]] = set()
-
-
 def read_manifest(root: Path) -> dict:
     """The manifest under ``root`` ({"tasks": {}} when there is none or it does not parse); an entry that is
     not a well-formed object is dropped with a warning (``verify`` rewrites the file without it)."""
@@ -411,10 +414,8 @@ def read_manifest(root: Path) -> dict:
         return {"tasks": {}}
     for name, entry in list(manifest["tasks"].items()):
         if not _valid_entry(entry):
-            if (str(root), name) not in _WARNED_ENTRIES:
-                _WARNED_ENTRIES.add((str(root), name))
-                log.warning("%s: the entry for %r is malformed; ignored (petl-bench data verify rewrites it)",
-                            root / MANIFEST, name)  # fmt: skip
+            warn_once(log, "%s: the entry for %r is malformed; ignored (petl-bench data verify rewrites it)",
+                      root / MANIFEST, name)  # fmt: skip
             del manifest["tasks"][name]
     return manifest
 
@@ -451,13 +452,13 @@ def verified_entry(task, root: Path) -> dict | None:
 # --- fingerprints in records ---------------------------------------------------------------------
 
 
-def split_fingerprint(split) -> str:
+def split_fingerprint(split, known: dict[Path, tuple] | None = None) -> str:
     """sha256 over the list file and every image it names (path, size, content), cached under the key of
-    the decoded images (list content, image sizes and modification times)."""
+    the decoded images (list content, image sizes and modification times); ``known``: see files_digest."""
     cached = cache_subdir("fingerprints") / f"{cache_key(split, (0, 0), 'sha256')}.txt"
     if cached.is_file():
         return cached.read_text().strip()
-    digest = files_digest(list(zip(split.paths, split.files())), start=split.list_file.read_bytes())
+    digest = files_digest(list(zip(split.paths, split.files())), start=split.list_file.read_bytes(), known=known)
     write_atomic(cached, digest)
     return digest
 
@@ -473,9 +474,6 @@ def manifest_for(list_file: Path, levels: int = 4) -> tuple[str, dict] | None:
     return None
 
 
-_WARNED_MISMATCH: set[str] = set()
-
-
 def data_identity(data) -> dict:
     """What a record says about its data: each split's fingerprint, one over them all, and the
     manifest entry's digest when a verified copy has one."""
@@ -484,9 +482,10 @@ def data_identity(data) -> dict:
     combined = hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(fingerprints.items())).encode()).hexdigest()
     found = manifest_for(data.train.list_file)
     mismatch = manifest_mismatch(found, splits, fingerprints) if found else ""
-    if mismatch and mismatch not in _WARNED_MISMATCH:
-        _WARNED_MISMATCH.add(mismatch)
-        log.warning("%s; the run records no manifest entry (run 'petl-bench data verify' to check the data)", mismatch)
+    if mismatch:
+        warn_once(
+            log, "%s; the run records no manifest entry (run 'petl-bench data verify' to check the data)", mismatch
+        )
     return {
         "fingerprint": combined,
         "splits": fingerprints,
