@@ -336,6 +336,27 @@ def _restore_state(path: Path, model: nn.Module, optimizer, order: torch.Generat
         return 0
 
 
+def _train_epoch(model, train, normalizer, optimizer, order, recipe: Recipe, device, epoch: int, before_step):
+    """One epoch of training steps: (the sum of the step losses, seconds). The loss is read once, at the end."""
+    model.train()
+    start, total_loss = time.perf_counter(), torch.zeros((), device=device)
+    for step, (images, labels) in enumerate(
+        train.batches(recipe.batch_size, shuffle=True, generator=order, drop_last=recipe.drop_last)
+    ):
+        if before_step:
+            before_step(epoch, step)
+        with autocast(device, recipe.precision):
+            logits = model(normalizer(images.to(device, non_blocking=True)))
+        loss = classification_loss(logits.float(), labels.to(device, non_blocking=True), recipe.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return float(total_loss), time.perf_counter() - start
+
+
 def fit(
     model: nn.Module,
     train,
@@ -388,25 +409,11 @@ def fit(
             lr = lr_at_epoch(recipe, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            model.train()
-            start, total_loss = time.perf_counter(), torch.zeros((), device=device)
-            for step, (images, labels) in enumerate(
-                train.batches(recipe.batch_size, shuffle=True, generator=order, drop_last=recipe.drop_last)
-            ):
-                if before_step:
-                    before_step(epoch, step)
-                with autocast(device, recipe.precision):
-                    logits = model(normalizer(images.to(device, non_blocking=True)))
-                loss = classification_loss(logits.float(), labels.to(device, non_blocking=True), recipe.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total_loss += loss.detach()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
+            total_loss, seconds = _train_epoch(
+                model, train, normalizer, optimizer, order, recipe, device, epoch, before_step
+            )
             result.train_seconds += seconds
-            log = EpochLog(epoch, lr, float(total_loss) / steps_per_epoch, images_per_epoch / seconds, seconds)
+            log = EpochLog(epoch, lr, total_loss / steps_per_epoch, images_per_epoch / seconds, seconds)
             if not math.isfinite(log.loss):  # read once per epoch: no sync per step
                 raise NonFiniteLoss(
                     f"the training loss became {log.loss} in epoch {epoch}: a setting is likely too large or not a "
