@@ -45,7 +45,6 @@ class Adapter(Method):
         check_init(self.name, config.init)
 
     def attach(self, model, info, config):
-        check_init(self.name, config.init)
         adapters = [noah_adapter(width, config.dim, config.dropout) for width in info.widths]
         if config.init == "official":
             vit_linear_init_(adapters)

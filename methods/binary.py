@@ -152,7 +152,6 @@ class BiAdaptFormer(BinaryMethod):
     task_defaults = task_table("bi_adaptformer")
 
     def attach(self, model, info, config):
-        self.check_config(config)
 
         def adapter(width: int) -> Bottleneck:
             module = Bottleneck(width, config.dim, nn.ReLU(), config.dropout, linear=projection(config.bits))
@@ -186,7 +185,6 @@ class BiLoRA(BinaryMethod):
             model.backbone.set_submodule(model.info.head_path, plain)
 
     def attach(self, model, info, config):
-        self.check_config(config)
         self.binary_head(model, info, config)
         params: list[nn.Parameter] = []
         for path in info.block_paths:

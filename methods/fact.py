@@ -175,12 +175,7 @@ class FacTTT(Method):
     tucker = False
     merges = True
 
-    def check_config(self, config):
-        if config.rank < 1:
-            raise UserError(f"{self.name}.rank must be >= 1, not {config.rank}")
-
     def attach(self, model, info, config):
-        self.check_config(config)
         width = info.widths[0]
         for path in info.block_paths:
             hidden = model.get_submodule(path).mlp.fc1.out_features

@@ -133,7 +133,6 @@ class LoRA(Method):
             attention.qkv = wrapped.qkv
 
     def attach(self, model, info, config):
-        self.check_config(config)
         params: list[nn.Parameter] = []
         for path in info.block_paths:
             attention = model.get_submodule(path).attn

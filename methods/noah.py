@@ -245,7 +245,6 @@ class Noah(Method):
         Subnet.load(config.subnet)
 
     def attach(self, model, info, config):
-        self.check_config(config)
         subnet = Subnet.load(config.subnet)
         supernet = Supernet(model, info, config)
         supernet.select(subnet)

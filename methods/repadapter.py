@@ -111,11 +111,10 @@ class RepAdapterMethod(Method):
     targets = ("attn.qkv", "mlp.fc1")  # the Linears whose input is adapted, in every block
 
     def check_config(self, config):
-        if config.dim < 1 or config.groups < 1 or config.dim % config.groups:
+        if config.dim % config.groups:  # dim, groups >= 1: the common bounds
             raise UserError(f"repadapter.dim ({config.dim}) must be a positive multiple of groups ({config.groups})")
 
     def attach(self, model, info, config):
-        self.check_config(config)
         params = []
         for path, width in zip(info.block_paths, info.widths):
             if width % config.groups:

@@ -73,7 +73,6 @@ class HoulsbyAdapter(Method):
             )
 
     def attach(self, model, info, config):
-        self.check_config(config)
 
         def adapter(width: int) -> Bottleneck:
             module = xavier_init_(

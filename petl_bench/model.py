@@ -214,9 +214,12 @@ def init_classifier(head: nn.Linear, how: str) -> None:
 def attach_method(
     backbone: nn.Module, info: BackboneInfo, method: Method, config: Any, head_init: str | None = None
 ) -> PetlModel:
-    """Freeze ``backbone``, attach ``method``, make the method's parameters and the classifier trainable.
-    The classifier is initialised as ``head_init`` says, by default as the method's published runs."""
+    """Check the pair and the settings, freeze ``backbone``, attach ``method``, make the method's parameters
+    and the classifier trainable. The classifier is initialised as ``head_init`` says, by default as the
+    method's published runs."""
     method.check_backbone(info)
+    method.check_values(config)  # bounds and the method's own checks, whoever built the config
+    method.check_config(config)
     backbone.requires_grad_(False)
     for parameter in method.attach(backbone, info, config):
         parameter.requires_grad_(True)
