@@ -242,7 +242,8 @@ def load_local_weights(model: nn.Module, path: Path) -> str:
             model.load_pretrained(str(path))
         except (KeyError, ValueError, RuntimeError) as error:
             raise UserError(f"{path} does not match the architecture: {error}") from error
-        checked_state(dict(model.state_dict()), path)  # NaN or inf in the file: refused here too
+        loaded = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        checked_state(loaded, path)  # NaN or inf in the file: refused here too
         return ""
     try:
         state = load_state_dict(str(path), weights_only=True)
@@ -250,7 +251,7 @@ def load_local_weights(model: nn.Module, path: Path) -> str:
         raise UserError(
             f"{path} is not a readable checkpoint of tensors ({type(error).__name__}: {str(error)[:200]})"
         ) from None
-    state, note = checked_state(state, path)
+    state, note = checked_state(state, path, expected=model.state_dict())
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:

@@ -232,3 +232,23 @@ def test_verify_on_a_root_it_cannot_write_verifies_and_says_so(tmp_path, monkeyp
     code, stdout, _ = run_cli(monkeypatch, capsys, "data", "verify", "--root", str(root), "--tasks", "kitti")
     text = " ".join(stdout.split())
     assert code == 0 and "1 of 1 task(s) verified" in text and "the manifest could not be written" in text
+
+
+def test_an_integer_index_of_an_original_checkpoint_is_not_refused_as_a_weight(tmp_path):
+    """Original Swin checkpoints carry int64 ``relative_position_index`` buffers that timm's filter drops:
+    integer tensors are refused only where the model holds a floating weight."""
+    import torch
+    from conftest import TINY_SWIN, tiny_backbone
+
+    import petl_bench as pb
+
+    model, _ = tiny_backbone(TINY_SWIN)
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    state["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.int64)
+    weights = tmp_path / "swin.pth"
+    torch.save(state, weights)
+    spec = {k: v for k, v in TINY_SWIN.items() if k != "name"}
+    loaded, _ = pb.build_backbone(TINY_SWIN["name"], str(weights), num_classes=5, **spec)
+    torch.testing.assert_close(
+        loaded.state_dict()["layers.0.blocks.0.norm1.weight"], state["layers.0.blocks.0.norm1.weight"]
+    )
