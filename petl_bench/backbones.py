@@ -25,6 +25,7 @@ import timm
 import torch
 from torch import nn
 
+from .config import PAPER_BACKBONE
 from .errors import UserError
 from .hub import require_hub
 from .registry import BACKBONES, canonical
@@ -32,7 +33,6 @@ from .tensors import checked_state
 
 log = logging.getLogger(__name__)
 
-PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPEN_CLIP_PREFIX = "open_clip:"

@@ -22,12 +22,12 @@ from rich.console import Console
 
 from . import records, registry
 from .cli_data import data_app
+from .config import PAPER_BACKBONE
 from .errors import UserError
 from .output import console, render
 from .progress import stderr_console
 
 # torch, timm and the methods are imported by the commands that need them: --version and --help start fast.
-PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k"  # backbones.PAPER_BACKBONE (a test holds them equal)
 
 app = typer.Typer(
     add_completion=False,

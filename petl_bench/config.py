@@ -13,6 +13,9 @@ from typing import Any
 
 from .errors import UserError
 
+# The backbone of the Convpass paper's tables (and of the published VTAB-1K numbers): the default backbone.
+PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k"
+
 
 def parse_value(value: Any, annotation: Any, label: str) -> Any:
     """Coerce a CLI string to the dataclass field's type (``X | None`` accepts "none"); other values pass."""

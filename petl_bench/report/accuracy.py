@@ -12,7 +12,7 @@ from importlib.resources import files
 
 import pandas as pd
 
-from ..backbones import PAPER_BACKBONE
+from ..config import PAPER_BACKBONE
 from ..errors import warn_once
 from ..registry import METHODS, SUITES, TASKS
 from .table import PAPER_METHODS, Row, Stat, Table, escape_markdown, row_order, slug, stats, with_paper
