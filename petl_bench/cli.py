@@ -280,7 +280,7 @@ def execute(spec, run: Execution, *, dry_run: bool = False, title: str = "") -> 
         return None
     if run.executor == "slurm":
         submitted = executors.submit(
-            spec, run.output, run.slurm, force=run.force, checkpoint_seconds=run.checkpoint_seconds
+            spec, run.output, run.slurm, force=run.force, checkpoint_seconds=run.checkpoint_seconds, checked=checked
         )
         console.print(f"submitted {len(submitted)} run(s) to {run.slurm.cluster}; logs in {run.output / 'slurm-logs'}")
         if not run.slurm.wait:

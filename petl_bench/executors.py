@@ -82,11 +82,14 @@ class SlurmOptions:
     wait: bool = False
 
 
-def submit(spec: SweepSpec, output: Path, options: SlurmOptions, *, force: bool, checkpoint_seconds: float) -> list:
-    """Submit one SLURM array task per unfinished run; logs go to OUTPUT/slurm-logs."""
+def submit(
+    spec: SweepSpec, output: Path, options: SlurmOptions, *, force: bool, checkpoint_seconds: float, checked=None
+) -> list:
+    """Submit one SLURM array task per unfinished run; logs go to OUTPUT/slurm-logs. ``checked``: the
+    sweep as :func:`runner.validate` returned it, when the caller validated it already."""
     import submitit
 
-    checked = validate(spec.jobs(), strict=False, skip_unsupported=spec.skip_unsupported)
+    checked = checked or validate(spec.jobs(), strict=False, skip_unsupported=spec.skip_unsupported)
     pending = [job for job in checked.jobs if force or not checked.finished(job, output)]
     if not pending:
         return []
