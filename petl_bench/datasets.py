@@ -421,14 +421,22 @@ def read_manifest(root: Path) -> dict:
 
 
 def write_manifest(root: Path, entries: dict[str, dict], failed: Iterable[str] = ()) -> Path:
-    """Record ``entries`` (tasks that verified), drop the entries of ``failed`` tasks and malformed ones."""
+    """Record ``entries`` (tasks that verified), drop the entries of ``failed`` tasks and malformed ones.
+    Nothing is written (nor a folder created) when that changes nothing: a verify that found no data
+    leaves no file behind."""
     manifest = read_manifest(root)
     manifest["tasks"].update(entries)
     for name in failed:
         manifest["tasks"].pop(name, None)
     manifest["version"] = 1
-    write_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-    return root / MANIFEST
+    path = root / MANIFEST
+    try:
+        unchanged = json.loads(path.read_text()) == manifest
+    except (OSError, ValueError):
+        unchanged = not manifest["tasks"]  # no file (or an unreadable one) and nothing to record
+    if not unchanged:
+        write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
+    return path
 
 
 def entry_digest(entry: dict) -> str:

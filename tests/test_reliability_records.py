@@ -252,3 +252,10 @@ def test_an_integer_index_of_an_original_checkpoint_is_not_refused_as_a_weight(t
     torch.testing.assert_close(
         loaded.state_dict()["layers.0.blocks.0.norm1.weight"], state["layers.0.blocks.0.norm1.weight"]
     )
+
+
+def test_verify_that_finds_no_data_writes_nothing(monkeypatch, capsys, tmp_path):
+    root = tmp_path / "nothing-here"
+    code, _, stderr = run_cli(monkeypatch, capsys, "data", "verify", "--root", str(root), "--tasks", "cifar")
+    assert code == 1 and "task 'cifar' not found" in stderr
+    assert not root.exists(), "no folder and no manifest for a verify that verified nothing"
