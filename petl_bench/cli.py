@@ -221,6 +221,12 @@ O_PRECISION = typer.Option(
     metavar="auto|bf16|fp32",
     help="Compute precision: bf16 autocast or fp32 (default auto: bf16 on CUDA, fp32 else).",
 )
+O_EXECUTION = typer.Option(
+    None,
+    "--execution",
+    metavar="auto|eager|compiled",
+    help="Training step: compiled (torch.compile, CUDA graphs) or eager (default auto: compiled on CUDA, eager else).",
+)
 O_DRY_RUN = typer.Option(False, "--dry-run", help="List the runs (finished or to run) and exit.")
 O_OUTPUT = typer.Option(Path("results/runs"), help="Where run folders go.")
 O_DEVICE = typer.Option("auto", metavar="auto|cpu|cuda[:N]", help="Where to train.")
@@ -350,7 +356,8 @@ def run_command(
     backbones: Optional[str] = O_BACKBONES, pretrained: str = O_PRETRAINED, data_root: Optional[Path] = O_DATA_ROOT,
     seeds: Optional[str] = O_SEEDS, shots: Optional[str] = O_SHOTS, split_seeds: Optional[str] = O_SPLIT_SEEDS,
     epochs: Optional[int] = O_EPOCHS, batch_size: Optional[int] = O_BATCH, lr: Optional[float] = O_LR,
-    image_size: Optional[int] = O_IMAGE_SIZE, precision: Optional[str] = O_PRECISION, dry_run: bool = O_DRY_RUN,
+    image_size: Optional[int] = O_IMAGE_SIZE, precision: Optional[str] = O_PRECISION,
+    execution_mode: Optional[str] = O_EXECUTION, dry_run: bool = O_DRY_RUN,
     protocol: str = typer.Option(
         "final", metavar="final|paper|tune",
         help="final (last epoch, honest), paper (max over test evals), tune (train -> val).",
@@ -364,7 +371,14 @@ def run_command(
     """Train and evaluate methods x tasks x backbones x seeds; finished runs are skipped."""
     from . import runner
 
-    overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "image_size": image_size, "precision": precision}
+    overrides = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "image_size": image_size,
+        "precision": precision,
+        "execution": execution_mode,
+    }
     spec = sweep_spec(
         runner.SweepSpec, methods=methods, suite=suite, tasks=tasks, task_dir=task_dir, backbone=backbone,
         backbones=backbones, pretrained=pretrained, data_root=data_root, seeds=seeds, shots=shots,
@@ -384,7 +398,7 @@ def tune_command(
     backbones: Optional[str] = O_BACKBONES, pretrained: str = O_PRETRAINED, data_root: Optional[Path] = O_DATA_ROOT,
     seeds: Optional[str] = O_SEEDS, shots: Optional[str] = O_SHOTS, split_seeds: Optional[str] = O_SPLIT_SEEDS,
     epochs: Optional[int] = O_EPOCHS, batch_size: Optional[int] = O_BATCH, image_size: Optional[int] = O_IMAGE_SIZE,
-    precision: Optional[str] = O_PRECISION,
+    precision: Optional[str] = O_PRECISION, execution_mode: Optional[str] = O_EXECUTION,
     lr: Optional[float] = typer.Option(None, help="Fix the learning rate instead of tuning it (--grid recipe.lr=LR)."),
     grid: Optional[list[str]] = typer.Option(
         None, "--grid", help="SCOPE.KEY=V1,V2 replaces an axis: convpass.scale=0.1,1,10, recipe.lr=1e-3,5e-3."
@@ -404,7 +418,13 @@ def tune_command(
     retrain each winner on train800val200 and test it once, with every seed (stage 2, protocol 'tuned')."""
     from .tuning import TuneSpec
 
-    overrides = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "precision": precision}
+    overrides = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "precision": precision,
+        "execution": execution_mode,
+    }
     spec = sweep_spec(
         TuneSpec, methods=methods, suite=suite, tasks=tasks, task_dir=task_dir, backbone=backbone,
         backbones=backbones, pretrained=pretrained, data_root=data_root, seeds=seeds, shots=shots,

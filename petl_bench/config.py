@@ -79,14 +79,16 @@ class Recipe:
     workers: int = 4  # decoding processes for augmented training data
     class_mask: str = "subset"  # targets covering part of the classes (ImageNet-A/-R): "subset" logits or "all"
     cache_features: bool = True  # linear probing without augmentation: train the head on features computed once
-    compile: bool = False  # torch.compile the model (an option: measure before relying on it)
+    execution: str = (
+        "auto"  # training step "compiled" (torch.compile, CUDA graphs) or "eager"; "auto": compiled on CUDA
+    )
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 on CUDA, fp32 elsewhere (records say which)
     head_init: str | None = None  # None: the method's; "default" (PyTorch Linear), "vpt", "trunc_normal" (std 0.02,
     # zero bias: NOAH's reset_classifier) or "text" (CLIP: class-name prompts, zero-shot)
     prompt_template: str = "a photo of a {}."  # head_init="text": CoOp's single template, or "openai80" / "simple7"
 
     # How a run executes, not what it computes: recorded, but not part of a run's identity.
-    EXECUTION: typing.ClassVar[tuple[str, ...]] = ("eval_batch_size", "workers", "cache_features", "compile")
+    EXECUTION: typing.ClassVar[tuple[str, ...]] = ("eval_batch_size", "workers", "cache_features")
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "normalization": ("imagenet", "backbone"),
         "weight_decay_scope": ("all", "skip_1d"),
@@ -94,6 +96,7 @@ class Recipe:
         "class_mask": ("subset", "all"),
         "head_init": (None, "default", "trunc_normal", "vpt", "text"),
         "precision": ("auto", "bf16", "fp32"),
+        "execution": ("auto", "eager", "compiled"),
     }
     # name -> (smallest allowed, largest allowed, whether the largest is excluded); None: no bound.
     BOUNDS: typing.ClassVar[dict[str, tuple]] = {
@@ -130,8 +133,9 @@ class Recipe:
         del identity["warmup_fraction"]
         if identity["head_init"] is None:  # unresolved (the runner resolves it per method): the old default
             identity["head_init"] = "default"
-        if identity["precision"] == "auto":  # the default keeps the identity runs had before the setting existed
-            del identity["precision"]
+        for name in ("precision", "execution"):  # the default keeps the identity runs had before the setting
+            if identity[name] == "auto":
+                del identity[name]
         return identity
 
     def replace(self, **changes) -> "Recipe":

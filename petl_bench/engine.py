@@ -336,22 +336,51 @@ def _restore_state(path: Path, model: nn.Module, optimizer, order: torch.Generat
         return 0
 
 
-def _train_epoch(model, train, normalizer, optimizer, order, recipe: Recipe, device, epoch: int, before_step):
-    """One epoch of training steps: (the sum of the step losses, seconds). The loss is read once, at the end."""
-    model.train()
-    start, total_loss = time.perf_counter(), torch.zeros((), device=device)
-    for step, (images, labels) in enumerate(
-        train.batches(recipe.batch_size, shuffle=True, generator=order, drop_last=recipe.drop_last)
-    ):
-        if before_step:
-            before_step(epoch, step)
+def execution_of(device: torch.device, execution: str = "auto") -> str:
+    """How the training step runs: ``compiled`` (torch.compile of forward, loss and backward; CUDA graphs on
+    CUDA) or ``eager``; ``auto`` is compiled on CUDA, where the host's kernel launches bound a PETL step,
+    and eager elsewhere."""
+    if execution == "auto":
+        return "compiled" if device.type == "cuda" else "eager"
+    return execution
+
+
+def train_step(model, normalizer, optimizer, recipe: Recipe, device, backend: str | None = None):
+    """One training step as a function of a batch: forward under autocast, the fp32 loss, backward, AdamW.
+    The loss is returned on the device (no read). Compiled, the forward, loss and backward are one graph
+    without breaks (``fullgraph``) at static shapes (a last partial batch gets its own graph), replayed
+    through CUDA graphs on CUDA; the fused optimizer stays one launch outside it. ``backend`` (tests:
+    ``aot_eager``) overrides torch.compile's default."""
+
+    def loss_of(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(device, recipe.precision):
-            logits = model(normalizer(images.to(device, non_blocking=True)))
-        loss = classification_loss(logits.float(), labels.to(device, non_blocking=True), recipe.label_smoothing)
+            logits = model(normalizer(images))
+        return classification_loss(logits.float(), labels, recipe.label_smoothing)
+
+    if execution_of(device, recipe.execution) == "compiled":
+        options = {"backend": backend} if backend else {"mode": "reduce-overhead" if device.type == "cuda" else None}
+        loss_of = torch.compile(loss_of, fullgraph=True, dynamic=False, **options)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = loss_of(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.detach()
+        return loss.detach()
+
+    return step
+
+
+def _train_epoch(model, train, step, order, recipe: Recipe, device, epoch: int, before_step):
+    """One epoch of training steps: (the sum of the step losses, seconds). The loss is read once, at the end."""
+    model.train()
+    start, total_loss = time.perf_counter(), torch.zeros((), device=device)
+    for index, (images, labels) in enumerate(
+        train.batches(recipe.batch_size, shuffle=True, generator=order, drop_last=recipe.drop_last)
+    ):
+        if before_step:
+            before_step(epoch, index)
+        total_loss += step(images, labels)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return float(total_loss), time.perf_counter() - start
@@ -371,6 +400,7 @@ def fit(
     on_epoch: Callable[[EpochLog], None] | None = None,
     resume: Path | None = None,
     checkpoint_seconds: float = 60.0,
+    backend: str | None = None,
 ) -> FitResult:
     """Train ``model``'s trainable parameters, then evaluate the final model once (if ``evaluation``).
 
@@ -404,14 +434,13 @@ def fit(
                 on_epoch(entry)
     last_save = time.monotonic()
     compute = torch.bfloat16 if precision_of(device, recipe.precision) == "bf16" else None
+    step = train_step(model, normalizer, optimizer, recipe, device, backend)
     with frozen_weights_in(model, compute):  # the frozen weights cast once, not at every use of every step
         for epoch in range(first_epoch, recipe.epochs):
             lr = lr_at_epoch(recipe, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            total_loss, seconds = _train_epoch(
-                model, train, normalizer, optimizer, order, recipe, device, epoch, before_step
-            )
+            total_loss, seconds = _train_epoch(model, train, step, order, recipe, device, epoch, before_step)
             result.train_seconds += seconds
             log = EpochLog(epoch, lr, total_loss / steps_per_epoch, images_per_epoch / seconds, seconds)
             if not math.isfinite(log.loss):  # read once per epoch: no sync per step

@@ -37,6 +37,7 @@ from .engine import (
     EpochLog,
     Recipe,
     evaluate,
+    execution_of,
     extract_features,
     fit,
     forward_flops,
@@ -362,8 +363,6 @@ def run_job(
             extract, evaluation, normalizer, device, batch, progress, "features of eval", precision
         )
         trainee, feature_seconds = model.head, time.perf_counter() - start
-    if job.recipe.compile:
-        trainee = torch.compile(trainee)
 
     epoch_log = run_dir / records.EPOCH_LOG
     epoch_log.write_text("")  # a resumed run replays its earlier epochs into the log
@@ -475,6 +474,7 @@ def run_hparams(job: Job, info, data: TaskData, normalizer: Normalizer, device: 
         },
         "input_size": list(info.preprocessing.image_size),
         "precision": precision_of(device, job.recipe.precision),
+        "execution": execution_of(device, job.recipe.execution),
         "pretrained_source": job.pretrained,
         "num_classes": data.num_classes,
         "class_names": list(data.class_names) if data.class_names else None,

@@ -84,12 +84,14 @@ def run_settings(record: RunRecord) -> dict:
         k: v for k, v in (hparams.get("method") or {}).items() if k not in chosen and defaults.get(k, object()) != v
     }
     recipe = hparams.get("recipe") if isinstance(hparams.get("recipe"), dict) else {}
-    recipe = {k: v for k, v in recipe.items() if k not in Recipe.EXECUTION and k not in chosen and k != "image_size"}
+    skipped = {*Recipe.EXECUTION, *chosen, "image_size", "compile"}  # compile: the execution setting before 0.x
+    recipe = {k: v for k, v in recipe.items() if k not in skipped}
     out: dict = {}
     _flat("", {**recipe, **method}, out)
     out["input"] = "x".join(map(str, hparams.get("input_size") or [])) or None
     device = str((record.environment or {}).get("device", ""))  # records before the setting: what the device ran
     out["precision"] = hparams.get("precision") or ("bf16" if device.startswith("cuda") else "fp32")
+    out["execution"] = hparams.get("execution") or "eager"  # records before compiled steps ran eagerly
     out["weights"] = record.pretrained + (
         f" {record.backbone_checkpoint_sha256[:8]}" if record.backbone_checkpoint_sha256 else ""
     )

@@ -1,0 +1,67 @@
+"""Compiled execution (torch.compile of forward, loss and backward without graph breaks) trains every
+built-in method exactly as eager execution does. On CPU the graphs run through ``aot_eager`` (AOTAutograd's
+traced forward and backward executed by eager kernels): the capture is the same as on CUDA, so a graph
+break or a difference in what is computed shows here; inductor's fused kernels and CUDA graphs are the GPU's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_VIT, tiny_backbone
+
+import petl_bench as pb
+from petl_bench.config import Recipe
+from petl_bench.data import Normalizer, TensorDataset
+from petl_bench.engine import fit
+
+SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _noah_subnet(tmp_path_factory):
+    path = tmp_path_factory.mktemp("noah") / "subnet.json"
+    path.write_text(json.dumps({"prompt": [10, 10], "lora": [8, 8], "adapter": [8, 8]}))
+    SMALL["noah"] = {"subnet": str(path)}
+
+
+class Recording:
+    """``aot_eager``, counting the graphs it is given (so a test knows the compiled path ran)."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph, inputs):
+        self.graphs += 1
+        return torch._dynamo.lookup_backend("aot_eager")(graph, inputs)
+
+
+def _train(method: str, execution: str, backend=None) -> tuple[torch.nn.Module, torch.Tensor]:
+    backbone, info = tiny_backbone(TINY_VIT, num_classes=4)
+    runner = pb.METHODS.get(method)()
+    model = pb.attach_method(backbone, info, runner, runner.make_config(None, **SMALL.get(method, {})))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    data = TensorDataset(images, torch.arange(16) % 4)
+    recipe = Recipe(epochs=2, batch_size=8, warmup_epochs=1, lr=1e-2, execution=execution)
+    torch.manual_seed(0)  # dropout and drop-path draw from the global stream in both executions
+    torch._dynamo.reset()
+    fit(model, data, None, Normalizer((0.5,) * 3, (0.5,) * 3), recipe, device=torch.device("cpu"), seed=0,
+        backend=backend or "aot_eager")  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        logits = model(images[:4].float() / 255)
+    return model, logits
+
+
+@pytest.mark.parametrize("method", sorted(set(pb.METHODS.names()) - {"zero_shot"}))
+def test_compiled_training_equals_eager(method):
+    eager, eager_logits = _train(method, "eager")
+    backend = Recording()
+    compiled, compiled_logits = _train(method, "compiled", backend)
+    assert backend.graphs == 1, "one graph for the step (fullgraph: a break would have raised)"
+    assert torch.equal(eager_logits, compiled_logits), (eager_logits - compiled_logits).abs().max()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), f"{name}: {(a - b).abs().max()}"
