@@ -8,6 +8,7 @@ to it, and anything else runs, continuing from its saved training state when it 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from .backbones import (
     check_hub_reachable,
     classifier_input,
     init_classifier_from_text,
+    preserved_rng,
 )
 from .checkpoints import save_trainable
 from .data import AugmentedStream, Normalizer, TensorDataset
@@ -426,7 +428,7 @@ def run_job(
             "checkpoint_bytes": model.method.stored_bytes(model) or checkpoint.stat().st_size,
             "peak_memory_bytes": peak_memory_bytes(device),
             "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-            "forward_flops": forward_flops(model, info.preprocessing.image_size, device),
+            "forward_flops": method_flops(model, info, job, device, data.num_classes),
             "head_trained_on_cached_features": trainee is not model,
             "train_images_per_s": result.train_images_per_s,
             "eval_images_per_s": result.eval_images_per_s,
@@ -450,6 +452,19 @@ def run_job(
     records.write_record(run_dir, record)
     resume.unlink(missing_ok=True)
     return record
+
+
+_FLOPS: dict[str, int] = {}
+
+
+def method_flops(model, info, job: Job, device: torch.device, num_classes: int) -> int:
+    """The method model's forward FLOPs per image, counted once per (method, settings, backbone, input size,
+    classes) in a process: the tasks and seeds of a sweep share it."""
+    config = json.dumps(get_method(job.method).config_identity(job.method_config), sort_keys=True, default=str)
+    key = f"{job.method} {config} {job.backbone} {info.preprocessing.image_size} {num_classes}"
+    if key not in _FLOPS:
+        _FLOPS[key] = forward_flops(model, info.preprocessing.image_size, device)
+    return _FLOPS[key]
 
 
 def inference_key(job: Job, info, device: torch.device) -> str:
@@ -577,7 +592,7 @@ def validate(jobs: list[Job], strict: bool, skip_unsupported: bool = False) -> C
         if key not in infos:
             if job.pretrained == "hub":
                 check_hub_reachable(job.backbone)
-            infos[key] = build_backbone(job.backbone, "none", num_classes=1, image_size=job.recipe.image_size)[1]
+            infos[key] = skeleton(job.backbone, job.recipe.image_size)[1]
         try:
             check_job(job, infos[key], data[job.data_key])
         except UserError as error:
@@ -589,6 +604,21 @@ def validate(jobs: list[Job], strict: bool, skip_unsupported: bool = False) -> C
             continue
         runnable.append(job)
     return Checked(data, runnable, left_out, infos)
+
+
+@functools.lru_cache(maxsize=1)
+def skeleton(backbone: str, image_size: int | None) -> tuple[torch.nn.Module, Any]:
+    """(network, info) of the backbone without weights, built once for validation and the plan summary
+    (the last one kept); the global random streams are left as they were."""
+    with preserved_rng():
+        return build_backbone(backbone, "none", num_classes=1, image_size=image_size)
+
+
+@functools.lru_cache(maxsize=16)
+def backbone_flops(backbone: str, image_size: int | None) -> int:
+    """The backbone's forward FLOPs per image at ``image_size``, counted once per process."""
+    network, info = skeleton(backbone, image_size)
+    return forward_flops(network, info.preprocessing.image_size, torch.device("cpu"))
 
 
 def plan_rows(checked: Checked, output: Path) -> list[dict[str, Any]]:
@@ -624,15 +654,12 @@ def plan_summary(checked: Checked, output: Path) -> str:
     costs about three forward passes; the backbone's forward FLOPs at the run's input size)."""
     rows = plan_rows(checked, output)
     todo = [(job, row) for job, row in zip(checked.jobs, rows) if row["status"] != "finished"]
-    flops: dict[tuple[str, int | None], int] = {}
     total = 0.0
     for job, row in todo:
-        key = (job.backbone, job.recipe.image_size)
-        if key not in flops:
-            network, info = build_backbone(job.backbone, "none", num_classes=1, image_size=job.recipe.image_size)
-            flops[key] = forward_flops(network, info.preprocessing.image_size, torch.device("cpu"))
         evaluated = len(checked.data[job.data_key].eval)
-        total += flops[key] * (3 * row["train_images"] * row["epochs"] + evaluated)
+        total += backbone_flops(job.backbone, job.recipe.image_size) * (
+            3 * row["train_images"] * row["epochs"] + evaluated
+        )
     sizes = ", ".join(sorted({row["image_size"] for row in rows})) or "-"
     finished = len(rows) - len(todo)
     return (
