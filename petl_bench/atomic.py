@@ -1,5 +1,5 @@
 """Writing files so that a reader (or a crash) never sees half of one: every writer in petl-bench goes
-through here. Imports nothing of petl-bench."""
+through here; and whether a folder can be written before anything is. Imports only the error type."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from .errors import UserError
 
 
 @contextmanager
@@ -39,3 +41,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """A UserError when ``folder`` (or, if it does not exist yet, its nearest existing parent) is not a
+    writable folder. Creates nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {folder}: {existing} is not writable")

@@ -1,8 +1,11 @@
-"""Where petl-bench keeps things: the cache folder and the data root (no torch: the CLI imports this at start)."""
+"""Where petl-bench keeps things: the cache folder, the data root, and names made safe as path components
+(no torch: the CLI imports this at start)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from .errors import UserError
@@ -30,3 +33,15 @@ def data_root_from(option: str | Path | None) -> Path | None:
     explicit = option or os.environ.get("PETL_BENCH_DATA")
     root = data_root(explicit)
     return root if explicit or root.is_dir() else None
+
+
+UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one path component: runs of anything but letters, digits and ``._=+-`` become ``-``;
+    no leading dot, never empty, at most 80 characters (longer names end in a digest of the whole)."""
+    name = UNSAFE.sub("-", text).lstrip(".-") or "x"
+    if len(name) > 80:
+        name = name[:69] + "-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+    return name

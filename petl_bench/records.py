@@ -10,28 +10,24 @@ run trains keeps a second process off the same run.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import json
 import logging
 import math
-import os
 import platform
-import re
 import socket
 import subprocess
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .atomic import write_atomic
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: typed settings, metrics and costs; execution recorded
+READS = (1, 2)  # schema versions this version reads (1: the same fields, without execution)
 RECORD = "record.json"
 CHECKPOINT = "trainable.safetensors"
 EPOCH_LOG = "epochs.jsonl"
@@ -51,8 +47,69 @@ def variant_key(task: str, variant: dict[str, int]) -> str:
 
 
 @dataclass
+class Settings:
+    """What a run was trained with (``hparams`` in the JSON): the method's settings, the per-task defaults
+    among them, the recipe as resolved, the input, precision and execution, the classes."""
+
+    method: dict[str, Any] = field(default_factory=dict)
+    task_defaults: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    input_size: list[int] = field(default_factory=list)
+    precision: str | None = None  # None: a record from before the setting (bf16 on CUDA, fp32 elsewhere)
+    execution: str | None = None  # None: a record from before the setting (eager)
+    pretrained_source: str | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    normalization: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class Metrics:
+    """What a run scored: ``top1`` (percent) as its protocol selects it on ``eval_split``, the last
+    epoch's, the curve of periodic evaluations, and every extra evaluation target."""
+
+    top1: float
+    eval_split: str
+    top1_last: float | None = None
+    selection: str = ""
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    class_mask: dict[str, str] = field(default_factory=dict)  # per target: "subset" logits or "all"
+    eval_images: int | None = None
+    train_images: int | None = None
+    targets: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Seconds:
+    """Wall-clock seconds of a run by phase."""
+
+    total: float
+    data: float = 0.0
+    features: float = 0.0
+    train: float = 0.0
+    eval: float = 0.0
+
+
+@dataclass
+class Costs:
+    """What a run cost: trainable parameters, bytes, memory, throughput, time (``cost`` in the JSON)."""
+
+    trainable_params: int
+    trainable_params_with_head: int
+    checkpoint_bytes: int
+    peak_memory_bytes: int
+    train_images_per_s: float
+    eval_images_per_s: float
+    seconds: Seconds
+    peak_memory_kind: str = ""
+    forward_flops: int | None = None
+    head_trained_on_cached_features: bool = False
+    inference_images_per_s: dict[str, Any] = field(default_factory=dict)  # as_trained, merged, measured_for
+
+
+@dataclass
 class RunRecord:
-    """Everything about one finished run: identity, metrics, cost, environment."""
+    """Everything about one finished run: identity, settings, metrics, cost, environment."""
 
     run_id: str
     method: str
@@ -64,9 +121,9 @@ class RunRecord:
     backbone_checkpoint_sha256: str | None
     seed: int
     protocol: str
-    hparams: dict[str, Any]  # {"method": {...}, "task_defaults": {...}, "recipe": {...}}
-    metrics: dict[str, Any]  # top1 (percent), eval_split, selection, top1_last, curve
-    cost: dict[str, Any]  # trainable params, checkpoint bytes, peak memory, images/s, seconds by phase
+    hparams: Settings
+    metrics: Metrics
+    cost: Costs
     environment: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     task_variant: dict[str, int] = field(default_factory=dict)  # few-shot: {"shots": k, "split_seed": s}
@@ -85,8 +142,21 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunRecord":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """A record from its JSON object (any schema this version reads); keys it does not know are left out."""
+        typed = {"hparams": Settings, "metrics": Metrics, "cost": Costs}
+        values = {k: _typed(typed[k], v) if k in typed else v for k, v in data.items() if k in _fields(cls)}
+        return cls(**values)
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _typed(cls, data: dict):
+    values = {k: v for k, v in data.items() if k in _fields(cls)}
+    if cls is Costs:
+        values["seconds"] = _typed(Seconds, values["seconds"])
+    return cls(**values)
 
 
 def now() -> str:
@@ -123,8 +193,8 @@ def parse_record(text: str) -> RunRecord:
     version = data.get("schema_version")
     if _number(version) and version > SCHEMA_VERSION:
         raise NewerRecord(f"written by a newer petl-bench (schema version {version}; this one reads {SCHEMA_VERSION})")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"schema version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if version not in READS or isinstance(version, bool):
+        raise ValueError(f"schema version {data.get('schema_version')!r}, expected one of {READS}")
     for name in _NAMES:
         value = data.get(name)
         if not isinstance(value, str) or not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
@@ -162,115 +232,6 @@ def read_record(path: Path) -> RunRecord:
         return parse_record(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(str(error)) from None
-
-
-def finished_record(run_dir: Path, repair: bool = True) -> RunRecord | None:
-    """The run's valid record, None when there is none. A record that does not parse and validate
-    (truncated, hand-edited) is moved aside to ``record.json.invalid`` with a warning (unless not
-    ``repair``), so the run trains again; one written by a newer petl-bench is a UserError."""
-    path = run_dir / RECORD
-    if not path.is_file():
-        return None
-    try:
-        return read_record(path)
-    except NewerRecord as error:
-        raise UserError(f"{path}: {error}; upgrade petl-bench, or use another --output") from None
-    except ValueError as error:
-        if not repair:
-            return None
-        aside = path.with_name(RECORD + ".invalid")
-        log.warning("%s is not a valid record (%s); moved to %s, the run will train again", path, error, aside.name)
-        try:
-            os.replace(path, aside)
-        except OSError:
-            pass
-        return None
-
-
-def is_finished(run_dir: Path, repair: bool = True) -> bool:
-    """A valid record exists (see :func:`finished_record`)."""
-    return finished_record(run_dir, repair) is not None
-
-
-def on_other_data(record: RunRecord, fingerprint: str) -> bool:
-    """``record`` was trained on other data than ``fingerprint`` (a record without one, from before
-    fingerprints, counts as this data's)."""
-    recorded = record.data.get("fingerprint") or ""
-    return bool(recorded and fingerprint and recorded != fingerprint)
-
-
-def finished_on(run_dir: Path, fingerprint: str, repair: bool = True) -> bool:
-    """A valid record exists and was trained on the data whose fingerprint is ``fingerprint``."""
-    record = finished_record(run_dir, repair)
-    return record is not None and not on_other_data(record, fingerprint)
-
-
-def set_aside_other_data(run_dir: Path, fingerprint: str) -> Path | None:
-    """A finished run trained on other data than ``fingerprint`` is not this data's result: its folder is
-    renamed to ``<run id>.data-<its fingerprint>`` (kept, and still reported, as a run on that copy), so
-    the run trains again on this data. Returns the new folder, None when nothing was moved."""
-    record = finished_record(run_dir, repair=False)
-    if record is None or not on_other_data(record, fingerprint):
-        return None
-    recorded = record.data["fingerprint"]
-    aside = run_dir.with_name(f"{run_dir.name}.data-{recorded[:12]}")
-    suffix = 1
-    while aside.exists():
-        suffix += 1
-        aside = run_dir.with_name(f"{run_dir.name}.data-{recorded[:12]}-{suffix}")
-    os.replace(run_dir, aside)
-    log.warning("%s was trained on other data (fingerprint %s, now %s); kept as %s, training again on this data",
-                run_dir.name, recorded[:12], fingerprint[:12], aside.name)  # fmt: skip
-    return aside
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
-
-
-def safe_name(text: str) -> str:
-    """``text`` as one path component: runs of anything but letters, digits and ``._=+-`` become ``-``;
-    no leading dot, never empty, at most 80 characters (longer names end in a digest of the whole)."""
-    name = _UNSAFE.sub("-", text).lstrip(".-") or "x"
-    if len(name) > 80:
-        name = name[:69] + "-" + hashlib.sha256(text.encode()).hexdigest()[:10]
-    return name
-
-
-def run_folder(output: Path, run_id: str) -> Path:
-    """``output/<run_id>``, refusing anything that would land outside ``output``."""
-    folder = output / run_id
-    if _UNSAFE.search(run_id) or run_id.startswith(".") or not folder.resolve().is_relative_to(output.resolve()):
-        raise UserError(f"run id {run_id!r} is not a safe folder name")
-    return folder
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on a run folder; yields False when another process holds it.
-    The operating system releases the lock when the holder dies, even by kill -9."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def check_writable(folder: Path, option: str) -> None:
-    """A UserError when ``folder`` (or, if it does not exist yet, its nearest existing parent) is not a
-    writable folder. Creates nothing."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{option} {folder}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {folder}: {existing} is not writable")
 
 
 def load_records(results: Path) -> list[RunRecord]:
