@@ -37,8 +37,8 @@ def images(spec: TuneSpec, rungs: range) -> int:
         for _, pairs in spec.stage_one(rung).items():
             for _, job in pairs:
                 record = records.read_record(Path(spec.output) / job.run_id / records.RECORD)
-                total += record.metrics["train_images"] * record.hparams["recipe"]["epochs"]
-                total += record.metrics["eval_images"]
+                total += record.metrics.train_images * record.hparams.recipe["epochs"]
+                total += record.metrics.eval_images
     return total
 
 

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 import petl_bench as pb
 from petl_bench import records
 from petl_bench.engine import Recipe, lr_at_epoch
-from petl_bench.runner import plan, run_sweep
+from petl_bench.planning import plan
+from petl_bench.runner import run_sweep
 from petl_bench.task import folder_task
 
 
@@ -100,8 +101,8 @@ def main() -> None:
     print(f"{'pipeline':12} {'wall s':>9}")
     print(f"{'naive':12} {naive:9.1f}  (decode every epoch, fp32, test every {args.eval_every} epochs)")
     print(f"{'petl-bench':12} {ours:9.1f}  (decode once into the cache{', bf16' if device.type == 'cuda' else ''}, "
-          f"one test pass; data {record.cost['seconds']['data']:.1f} s, train {record.cost['seconds']['train']:.1f} s, "
-          f"eval {record.cost['seconds']['eval']:.1f} s)")  # fmt: skip
+          f"one test pass; data {record.cost.seconds.data:.1f} s, train {record.cost.seconds.train:.1f} s, "
+          f"eval {record.cost.seconds.eval:.1f} s)")  # fmt: skip
     print(f"ratio: {naive / ours:.2f}x")
     write_csv(args.csv, ["pipeline", "wall_seconds"], [["petl-bench", ours], ["naive", naive]])
 

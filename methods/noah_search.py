@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from petl_bench import records
+import petl_bench as pb
+from petl_bench import paths, records
 from petl_bench.atomic import write_atomic
 from petl_bench.checkpoints import load_trainable, save_trainable
-from petl_bench.engine import Recipe, evaluate, fit
+from petl_bench.config import Recipe
 from petl_bench.errors import UserError
 from petl_bench.model import Method
-from petl_bench.runner import prepare
 
 from .noah import SUPER_DIM, NoahConfig, Subnet, Supernet
 
@@ -231,7 +231,7 @@ class _SupernetMethod(Method):
 def search_folder(output: Path, task: str, backbone: str, seed: int, settings: SearchSettings, pretrained: str) -> Path:
     identity = json.dumps([task, backbone, seed, pretrained, dataclasses.asdict(settings)], sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
-    return output / "noah-search" / f"{records.safe_name(task)}__{records.safe_name(backbone)}__s{seed}__{digest}"
+    return output / "noah-search" / f"{paths.safe_name(task)}__{paths.safe_name(backbone)}__s{seed}__{digest}"
 
 
 def run_search(
@@ -257,7 +257,7 @@ def run_search(
     data = task.splits(data_root, "tune")
     recipe = dataclasses.replace(settings.supernet_recipe, image_size=image_size or settings.supernet_recipe.image_size)
     method = _SupernetMethod()
-    prepared = prepare(method, NoahConfig(), backbone, pretrained, recipe, data, seed, device, progress)
+    prepared = pb.prepare(method, NoahConfig(), backbone, pretrained, recipe, data, seed, device, progress)
     model, info, supernet = prepared.model, prepared.model.info, method.supernet
     train, val, normalizer = prepared.train, prepared.evaluation, prepared.normalizer
 
@@ -274,7 +274,7 @@ def run_search(
             supernet.select(random_subnet(sampler, settings.space, depth))
 
         bar = progress.add_task("NOAH supernet", total=recipe.epochs) if progress else None
-        result = fit(
+        result = pb.fit(
             model, train, None, normalizer, recipe, device=device, seed=seed, before_step=sample,
             on_epoch=(lambda e: progress.update(bar, advance=1, description=f"NOAH supernet: loss {e.loss:.3f}")) if progress else None,
             resume=folder / "supernet_resume.pt",
@@ -289,7 +289,7 @@ def run_search(
 
     def score(subnet: Subnet) -> float:
         supernet.select(subnet)
-        return evaluate(model, val, normalizer, device, recipe.eval_batch_size)[0]
+        return pb.evaluate(model, val, normalizer, device, recipe.eval_batch_size)[0]
 
     evolution = Evolution(settings, len(info.block_paths), info.widths[0], score, seed, folder / "search_state.json")
     best = evolution.run(progress)

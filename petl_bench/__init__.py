@@ -14,7 +14,7 @@ _PUBLIC = {
     "PAPER_BACKBONE": "backbones", "BackboneInfo": "backbones", "BackboneSource": "backbones",
     "Preprocessing": "backbones", "build_backbone": "backbones",
     "checkpoint_bytes": "checkpoints", "load_trainable": "checkpoints", "save_trainable": "checkpoints",
-    "UserError": "errors",
+    "UserError": "errors", "Recipe": "config", "fit": "engine", "evaluate": "engine", "prepare": "runner",
     "export_run": "export", "load_exported": "export", "merge": "export",
     "Method": "model", "PetlModel": "model", "attach_method": "model", "count_trainable": "model",
     "create_model": "model", "trainable_parameters": "model",

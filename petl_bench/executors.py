@@ -1,4 +1,6 @@
-"""Where a sweep's runs execute: this process, one worker process per GPU, or SLURM via submitit.
+"""Where a sweep's runs execute: this process, worker processes on the local GPUs (``runs_per_gpu`` of
+them on each), or SLURM via submitit. :class:`Execution` is how (the options ``run`` and ``tune`` share);
+:func:`check` validates a sweep before anything trains and :func:`run_checked` runs it.
 
 Workers never receive Job objects: they get the :class:`~petl_bench.runner.SweepSpec` (plain
 values) and rebuild the jobs themselves, plugins included. The job ledger is the run folders: a
@@ -10,13 +12,16 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from . import atomic
 from .errors import UserError
-from .runner import SweepSpec, run_sweep, validate
+from .planning import Checked, Job, SweepSpec, validate
+from .runner import SweepSummary, pick_device, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +37,18 @@ def _worker(spec: SweepSpec, output: str, device: str, force: bool, checkpoint_s
     )
 
 
-def run_on_gpus(spec: SweepSpec, output: Path, gpus: int, *, force: bool, checkpoint_seconds: float) -> None:
-    """One worker process per GPU (cuda:0 .. cuda:gpus-1), all walking the same job list."""
+def run_on_gpus(
+    spec: SweepSpec, output: Path, gpus: int, *, force: bool, checkpoint_seconds: float, runs_per_gpu: int = 1
+) -> None:
+    """``runs_per_gpu`` worker processes on each GPU (cuda:0 .. cuda:gpus-1), all walking the same job list
+    (the ledger's locks keep two workers off one run): several small runs fill a large GPU."""
     available = torch.cuda.device_count()
     if gpus > available:
         raise UserError(f"--gpus {gpus} asked for, but torch sees {available} CUDA device(s)")
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker, args=(spec, str(output), f"cuda:{index}", force, checkpoint_seconds))
-        for index in range(gpus)
+        context.Process(target=_worker, args=(spec, str(output), f"cuda:{index % gpus}", force, checkpoint_seconds))
+        for index in range(gpus * runs_per_gpu)
     ]
     for worker in workers:
         worker.start()
@@ -72,6 +80,17 @@ class RunOne:
 
 
 @dataclass
+class Outcome:
+    """What running a sweep did: its jobs and, where this process saw them run, the summary (a sweep of
+    worker processes or SLURM tasks reports through the run folders instead: every job counts as skipped)."""
+
+    jobs: list[Job]
+    summary: SweepSummary | None  # None: submitted to SLURM without waiting
+    submitted: int = 0  # SLURM array tasks submitted
+    in_process: bool = True  # the runs ran in this process, so the summary's counts are exact
+
+
+@dataclass
 class SlurmOptions:
     cluster: str = "slurm"  # submitit cluster: slurm, or local / debug to try a sweep on one machine
     partition: str | None = None
@@ -86,7 +105,7 @@ def submit(
     spec: SweepSpec, output: Path, options: SlurmOptions, *, force: bool, checkpoint_seconds: float, checked=None
 ) -> list:
     """Submit one SLURM array task per unfinished run; logs go to OUTPUT/slurm-logs. ``checked``: the
-    sweep as :func:`runner.validate` returned it, when the caller validated it already."""
+    sweep as :func:`planning.validate` returned it, when the caller validated it already."""
     import submitit
 
     checked = checked or validate(spec.jobs(), strict=False, skip_unsupported=spec.skip_unsupported)
@@ -117,3 +136,64 @@ def submit(
         if errors:
             raise RuntimeError("SLURM task(s) failed: " + "; ".join(errors))
     return submitted
+
+
+@dataclass
+class Execution:
+    """How and where a sweep's runs execute (the options ``run`` and ``tune`` share)."""
+
+    output: Path
+    device: str = "auto"
+    force: bool = False
+    strict: bool = False
+    checkpoint_seconds: float = 60.0
+    executor: str = "local"
+    gpus: int = 1
+    runs_per_gpu: int = 1
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+
+    def __post_init__(self) -> None:
+        if self.executor not in ("local", "slurm"):
+            raise UserError(f"unknown executor '{self.executor}'; choose from: local, slurm")
+        if self.gpus < 1 or self.runs_per_gpu < 1:
+            raise UserError(
+                f"--gpus and --runs-per-gpu take positive integers, got {self.gpus} and {self.runs_per_gpu}"
+            )
+        if self.executor == "slurm":
+            try:
+                import submitit  # noqa: F401
+            except ModuleNotFoundError:
+                raise UserError("--executor slurm needs submitit: pip install 'petl-bench[slurm]'") from None
+        atomic.check_writable(self.output, "--output")
+
+    @property
+    def in_process(self) -> bool:
+        """The runs execute in this process (one local device, one run at a time)."""
+        return self.executor == "local" and self.gpus == 1 and self.runs_per_gpu == 1
+
+
+def check(spec: SweepSpec, run: Execution) -> Checked:
+    """The spec's jobs, every one checked before anything trains (see :func:`planning.validate`)."""
+    return validate(spec.jobs(), run.strict, spec.skip_unsupported)
+
+
+def run_checked(
+    spec: SweepSpec, checked: Checked, run: Execution, *, progress=None,
+    on_finished: Callable | None = None,
+) -> Outcome:  # fmt: skip
+    """Run (or submit) a checked sweep's jobs where ``run`` says."""
+    jobs = checked.jobs
+    if run.executor == "slurm":
+        submitted = submit(spec, run.output, run.slurm, force=run.force, checkpoint_seconds=run.checkpoint_seconds,
+                           checked=checked)  # fmt: skip
+        summary = SweepSummary(skipped=[j.run_id for j in jobs]) if run.slurm.wait else None
+        return Outcome(jobs, summary, submitted=len(submitted), in_process=False)
+    if not run.in_process:
+        run_on_gpus(spec, run.output, run.gpus, force=run.force, checkpoint_seconds=run.checkpoint_seconds,
+                    runs_per_gpu=run.runs_per_gpu)  # fmt: skip
+        return Outcome(jobs, SweepSummary(skipped=[j.run_id for j in jobs]), in_process=False)
+    summary = run_sweep(
+        checked.jobs, run.output, device=pick_device(run.device), force=run.force, progress=progress,
+        checkpoint_seconds=run.checkpoint_seconds, checked=checked, on_finished=on_finished,
+    )  # fmt: skip
+    return Outcome(jobs, summary)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import records
+from . import atomic, records
 from .atomic import atomic_path, write_atomic
 from .backbones import build_backbone
 from .checkpoints import load_trainable, read_safetensors
@@ -57,14 +57,14 @@ def rebuild(run_dir: Path) -> tuple[PetlModel, records.RunRecord]:
         record = records.read_record(run_dir / records.RECORD)
     except ValueError as error:  # missing, unreadable or invalid
         raise UserError(f"{run_dir} holds no finished run (no valid {records.RECORD}: {error})") from None
-    source = record.hparams.get("pretrained_source")
+    source = record.hparams.pretrained_source
     if source is None:
         raise UserError(f"{run_dir}: the record does not say where its backbone weights came from (rerun it)")
     checkpoint = run_dir / records.CHECKPOINT
-    recipe = record.hparams["recipe"]
+    recipe = record.hparams.recipe
     model = trained_model(
-        record.method, record.hparams["method"], record.backbone, source, checkpoint, seed=record.seed,
-        num_classes=int(record.hparams.get("num_classes") or _checkpoint_classes(checkpoint)),
+        record.method, record.hparams.method, record.backbone, source, checkpoint, seed=record.seed,
+        num_classes=int(record.hparams.num_classes or _checkpoint_classes(checkpoint)),
         image_size=recipe.get("image_size"), head_init=recipe.get("head_init"), drop_path=recipe.get("drop_path", 0.0),
     )  # fmt: skip
     return model, record
@@ -76,13 +76,13 @@ def trained_model(
 ) -> PetlModel:  # fmt: skip
     """The backbone with the method attached as the run built it (its seed first, so a random
     ``--pretrained none`` backbone is rebuilt exactly) and the trainable checkpoint loaded, in eval mode."""
-    runner = get_method(method)
-    fields = {f.name for f in dataclasses.fields(runner.Config)}
-    config = runner.make_config(None, **{k: v for k, v in config_values.items() if k in fields})
+    method_obj = get_method(method)
+    fields = {f.name for f in dataclasses.fields(method_obj.Config)}
+    config = method_obj.make_config(None, **{k: v for k, v in config_values.items() if k in fields})
     seed_everything(seed)
     network, info = build_backbone(backbone, pretrained, num_classes=num_classes, image_size=image_size,
                                    drop_path_rate=drop_path)  # fmt: skip
-    model = attach_method(network, info, runner, config, head_init)
+    model = attach_method(network, info, method_obj, config, head_init)
     return load_trainable(model, checkpoint).eval()
 
 
@@ -93,19 +93,19 @@ def _checkpoint_classes(path: Path) -> int:
 
 
 def describe(model: PetlModel, record: records.RunRecord, merged: bool) -> dict:
-    normalization = record.hparams.get("normalization", {})
+    normalization = record.hparams.normalization
     return {
         "format": FORMAT,
         "merged": merged,
         "backbone": record.backbone,
-        "pretrained": record.hparams.get("pretrained_source"),
+        "pretrained": record.hparams.pretrained_source,
         "method": record.method,
-        "method_config": record.hparams["method"],
-        "head_init": record.hparams["recipe"].get("head_init"),
+        "method_config": record.hparams.method,
+        "head_init": record.hparams.recipe.get("head_init"),
         "task": record.task,
         "task_variant": record.task_variant,
         "num_classes": model.head.out_features,
-        "class_names": record.hparams.get("class_names"),
+        "class_names": record.hparams.class_names,
         "preprocessing": {
             "image_size": list(model.info.preprocessing.image_size),
             "interpolation": model.info.preprocessing.interpolation,
@@ -114,8 +114,8 @@ def describe(model: PetlModel, record: records.RunRecord, merged: bool) -> dict:
         },
         "seed": record.seed,  # a --pretrained none backbone is rebuilt from it
         "run_id": record.run_id,
-        "top1": record.metrics["top1"],
-        "eval_split": record.metrics["eval_split"],
+        "top1": record.metrics.top1,
+        "eval_split": record.metrics.eval_split,
     }
 
 
@@ -124,7 +124,7 @@ def export_run(run_dir: Path, out: Path, merged: bool = False, force: bool = Fal
     trained model's logits within ``MERGE_TOLERANCE``. An existing export is replaced only with ``force``."""
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out} must end in .safetensors")
-    records.check_writable(out.parent, "--out")
+    atomic.check_writable(out.parent, "--out")
     existing = [path for path in (out, out.with_suffix(".json")) if path.exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} exists; pass --force to overwrite it")

@@ -251,8 +251,8 @@ def create_model(
     ``task`` applies the method's per-task defaults from the paper (e.g. Convpass scale and conv init);
     keyword arguments override them.
     """
-    runner = get_method(method)
-    config = runner.make_config(task, **method_overrides)
+    method_obj = get_method(method)
+    config = method_obj.make_config(task, **method_overrides)
     model, info = build_backbone(
         backbone,
         pretrained,
@@ -261,7 +261,7 @@ def create_model(
         image_size=image_size,
         **dict(backbone_kwargs or {}),
     )
-    return attach_method(model, info, runner, config)
+    return attach_method(model, info, method_obj, config)
 
 
 def trainable_parameters(model: PetlModel) -> dict[str, nn.Parameter]:

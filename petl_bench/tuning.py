@@ -21,14 +21,14 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import records
 from .config import Recipe, parse_value
 from .errors import UserError
 from .model import RECIPE_GRID, get_method
+from .planning import Job, SweepSpec, parse_settings, plan
 from .registry import METHODS
-from .runner import Job, SweepSpec, parse_settings, plan
 
 SEARCHES = ("grid", "halving")
 TUNED = "tuned"
@@ -38,13 +38,13 @@ HALVING_KEEP = 3  # keep the best 1/3 at each rung, rungs three times longer
 def method_grid(method: str, overrides: dict[str, dict[str, tuple]] | None = None) -> dict[str, tuple]:
     """The axes a method is tuned over, ``{"lr": (...), "scale": (...)}``: its recipe grid and search
     space, with ``--grid`` overrides (``recipe`` scope for every method, the method's own scope)."""
-    runner = get_method(method)
+    method_obj = get_method(method)
     overrides = overrides or {}
-    recipe_axes = dict(RECIPE_GRID if runner.recipe_grid is None else runner.recipe_grid)
-    if runner.recipe_grid != {}:  # a method with nothing to train keeps its empty grid
+    recipe_axes = dict(RECIPE_GRID if method_obj.recipe_grid is None else method_obj.recipe_grid)
+    if method_obj.recipe_grid != {}:  # a method with nothing to train keeps its empty grid
         recipe_axes.update(overrides.get("recipe", {}))
-    axes = {**recipe_axes, **runner.search_space}
-    axes.update(overrides.get(runner.name, {}))
+    axes = {**recipe_axes, **method_obj.search_space}
+    axes.update(overrides.get(method_obj.name, {}))
     return axes
 
 
@@ -168,7 +168,7 @@ class TuneSpec(SweepSpec):
                 scored = self._scored(self._point_jobs(base, survivors, seed, self._rung_epochs(base, earlier, rungs)))
                 if any(record is None for _, _, record in scored):
                     raise UserError(f"halving rung {earlier} of {key[0]} on {key[1]} has not finished; run it first")
-                ranked = sorted(range(len(scored)), key=lambda i: (-scored[i][2].metrics["top1"], i))
+                ranked = sorted(range(len(scored)), key=lambda i: (-scored[i][2].metrics.top1, i))
                 keep = max(1, math.ceil(len(scored) / HALVING_KEEP))
                 survivors = [scored[i][0] for i in sorted(ranked[:keep])]
             stage[key] = self._point_jobs(base, survivors, seed, self._rung_epochs(base, rung, rungs))
@@ -197,7 +197,7 @@ class TuneSpec(SweepSpec):
                     f"stage 1 of {key[0]} on {key[1]} ({key[2]}) has {missing} of {len(scored)} "
                     f"configurations unfinished (failed or still running); finish stage 1 first"
                 )
-            best = min(range(len(scored)), key=lambda i: (-scored[i][2].metrics["top1"], i))
+            best = min(range(len(scored)), key=lambda i: (-scored[i][2].metrics.top1, i))
             points, base = groups[key]
             tuning = self._selection(scored, best, len(points))
             jobs += [
@@ -205,20 +205,83 @@ class TuneSpec(SweepSpec):
             ]
         return jobs
 
+    def choice_rows(self, jobs: list[Job] | None = None) -> list[dict]:
+        """The configuration stage 1 chose for each (method, task, backbone), with its val200 top-1."""
+        chosen = {}
+        for job in jobs if jobs is not None else self.stage_two():
+            values = ", ".join(f"{k}={v}" for k, v in job.tuning["chosen"].items())
+            chosen[(job.method, job.task.key, job.backbone)] = {
+                "method": job.method, "task": job.task.key, "backbone": job.backbone, "chosen": values or "-",
+                "val200 top-1": f"{job.tuning['chosen_val_top1']:.1f}", "of": len(job.tuning["configurations"]),
+            }  # fmt: skip
+        return list(chosen.values())
+
     def _selection(self, scored: list, best: int, grid_size: int) -> dict:
         """How stage 2's configuration was chosen: every configuration's val200 top-1, and the cost."""
         stage_one = [record for _, _, record in scored]
-        seconds = sum(r.cost["seconds"]["total"] for r in stage_one)
-        images = sum(r.metrics.get("train_images", 0) * r.hparams.get("recipe", {}).get("epochs", 0)
-                     + r.metrics.get("eval_images", 0) for r in stage_one)  # fmt: skip
+        seconds = sum(r.cost.seconds.total for r in stage_one)
+        images = sum((r.metrics.train_images or 0) * r.hparams.recipe.get("epochs", 0)
+                     + (r.metrics.eval_images or 0) for r in stage_one)  # fmt: skip
         search = "successive halving" if self.search == "halving" else "grid search"
         return {
             "selection": f"chosen on val200 among {grid_size} configurations ({search}, seed {stage_one[0].seed})",
             "search": self.search,
             "chosen": dict(scored[best][0]),
-            "chosen_val_top1": scored[best][2].metrics["top1"],
+            "chosen_val_top1": scored[best][2].metrics.top1,
             "configurations": [
-                {"values": dict(p), "val_top1": r.metrics["top1"], "run_id": job.run_id} for p, job, r in scored
+                {"values": dict(p), "val_top1": r.metrics.top1, "run_id": job.run_id} for p, job, r in scored
             ],
             "search_cost": {"runs": len(stage_one), "seconds": seconds, "images": images},
         }
+
+
+@dataclass
+class Tuned:
+    """What :func:`run_tuned` did: each stage it ran, as (title, outcome), and why it stopped early (None
+    when stage 2 ran): ``dry run``, ``submitted`` (stage 1 went to SLURM), ``busy`` (another process is
+    training part of stage 1) or ``search only``."""
+
+    stages: list[tuple[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
+
+
+def stage_title(rung: int, rungs: int) -> str:
+    return f"stage 1{f', rung {rung + 1}/{rungs}' if rungs > 1 else ''} (train800 -> val200)"
+
+
+STAGE_TWO = "stage 2 (train800val200 -> test, every seed)"
+
+
+def run_tuned(
+    spec: TuneSpec, execute: Callable[[TuneSpec, str], Any], *, dry_run: bool = False, search_only: bool = False,
+    on_chosen: Callable[[TuneSpec], None] | None = None,
+) -> Tuned:  # fmt: skip
+    """The tuned protocol from the first stage-1 rung to stage 2. ``execute(stage_spec, title)`` checks
+    and runs one stage as any sweep (returning an :class:`executors.Outcome`, or None for a dry run);
+    ``on_chosen(spec)`` is called between the stages, when the choices are known. A dry run lists stage 1
+    (its first rung: later rungs depend on earlier results) and stops; stage 2 needs every stage-1 run."""
+    tuned, rungs = Tuned(), spec.rungs()
+    for rung in range(rungs):
+        title = stage_title(rung, rungs)
+        if dry_run and rung:
+            continue
+        outcome = execute(dataclasses.replace(spec, stage=1, rung=rung), title)
+        tuned.stages.append((title, outcome))
+        if dry_run:
+            continue
+        if outcome.summary is None:
+            tuned.stopped = "submitted"
+            return tuned
+        if outcome.summary.busy:
+            tuned.stopped = "busy"
+            return tuned
+    if dry_run:
+        tuned.stopped = "dry run"
+        return tuned
+    if on_chosen:
+        on_chosen(spec)
+    if search_only:
+        tuned.stopped = "search only"
+        return tuned
+    tuned.stages.append((STAGE_TWO, execute(dataclasses.replace(spec, stage=2), STAGE_TWO)))
+    return tuned

@@ -161,10 +161,10 @@ def synthetic_record(
     return records.RunRecord(
         run_id=f"{task}__{method}__s{seed}__{protocol}", method=method, task=task, suite=suite, group=group,
         backbone="vit_base_patch16_224.orig_in21k", pretrained="hub", backbone_checkpoint_sha256=None, seed=seed,
-        protocol=protocol, hparams={}, metrics={"top1": top1, "eval_split": "test", "curve": []},
-        cost={"trainable_params": params, "trainable_params_with_head": params + 10, "checkpoint_bytes": 4 * params,
-              "peak_memory_bytes": 2**30, "train_images_per_s": 100.0, "eval_images_per_s": 300.0,
-              "seconds": {"total": 60.0}},
+        protocol=protocol, hparams=records.Settings(), metrics=records.Metrics(top1=top1, eval_split="test"),
+        cost=records.Costs(trainable_params=params, trainable_params_with_head=params + 10, checkpoint_bytes=4 * params,
+                           peak_memory_bytes=2**30, train_images_per_s=100.0, eval_images_per_s=300.0,
+                           seconds=records.Seconds(total=60.0)),
         environment={},
     )  # fmt: skip
 

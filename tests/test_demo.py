@@ -68,5 +68,5 @@ def test_real_cifar10_linear_and_convpass_learn_on_the_demo_backbone(monkeypatch
         "--set", "recipe.image_size=56", "--set", "convpass.scale=0.1", "--output", str(out),
     )  # fmt: skip
     assert code == 0, stderr
-    accuracy = {r.method: r.metrics["top1"] for r in records.load_records(out)}
+    accuracy = {r.method: r.metrics.top1 for r in records.load_records(out)}
     assert accuracy["linear"] > 30 and accuracy["convpass"] > 30, f"chance is 10%: {accuracy}"

@@ -119,7 +119,7 @@ def test_an_interrupted_fit_resumes_to_exactly_the_uninterrupted_result(tmp_path
 
 
 def test_execution_settings_do_not_change_a_runs_identity():
-    from petl_bench.runner import plan
+    from petl_bench.planning import plan
     from petl_bench.task import FileListTask
 
     task = FileListTask(name="t", suite="custom", num_classes=3)

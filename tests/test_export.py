@@ -58,17 +58,17 @@ def test_export_then_load_exported_gives_identical_logits(monkeypatch, capsys, t
             "--output", str(out), *TINY_RUN]  # fmt: skip
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     (record,) = records.load_records(out)
-    assert record.cost["inference_images_per_s"]["as_trained"] > 0
-    assert record.cost["inference_images_per_s"]["merged"] > 0, "lora merges: its merged speed is measured"
+    assert record.cost.inference_images_per_s["as_trained"] > 0
+    assert record.cost.inference_images_per_s["merged"] > 0, "lora merges: its merged speed is measured"
     target = tmp_path / "export" / "model.safetensors"
     extra = ["--merged"] if merged else []
     code, stdout, stderr = run_cli(monkeypatch, capsys, "export", str(out / record.run_id), "--out", str(target),
                                    "--plugin", str(tiny_plugin), *extra)  # fmt: skip
     assert code == 0, stderr
     trained, _ = pb.export.rebuild(out / record.run_id)
-    assert _test_top1(trained, task) == record.metrics["top1"], "the rebuilt model is the run's model"
+    assert _test_top1(trained, task) == record.metrics.top1, "the rebuilt model is the run's model"
     loaded = pb.load_exported(target)
-    assert _test_top1(loaded, task) == record.metrics["top1"]
+    assert _test_top1(loaded, task) == record.metrics.top1
     assert isinstance(loaded, pb.PetlModel) != merged
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_exporting_a_method_that_cannot_fold_is_one_error_line(monkeypatch, caps
             "--output", str(out), *TINY_RUN]  # fmt: skip
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     (record,) = records.load_records(out)
-    assert record.cost["inference_images_per_s"]["merged"] is None
+    assert record.cost.inference_images_per_s["merged"] is None
     code, _, stderr = run_cli(monkeypatch, capsys, "export", str(out / record.run_id), "--out",
                               str(tmp_path / "m.safetensors"), "--merged", "--plugin", str(tiny_plugin))  # fmt: skip
     assert code == 2 and "cannot be merged" in stderr and not (tmp_path / "m.safetensors").exists()

@@ -108,8 +108,8 @@ def test_fewshot_suite_end_to_end_with_the_real_pets_lists(monkeypatch, capsys, 
         ("linear", 1),
         ("linear", 2),
     ]
-    assert all(r.metrics["eval_images"] == 3669 and r.hparams["recipe"]["augment"] == "deit" for r in found)
-    assert all(r.hparams["recipe"]["mixup"] == 0.8 and r.hparams["recipe"]["lr"] == 5e-3 for r in found)
+    assert all(r.metrics.eval_images == 3669 and r.hparams.recipe["augment"] == "deit" for r in found)
+    assert all(r.hparams.recipe["mixup"] == 0.8 and r.hparams.recipe["lr"] == 5e-3 for r in found)
     report = tmp_path / "report"
     assert run_cli(monkeypatch, capsys, "report", "--results", str(out), "--out", str(report))[0] == 0
     markdown = (report / "report.md").read_text()
@@ -156,12 +156,10 @@ def test_dg_suite_end_to_end_with_a_tiny_clip(monkeypatch, capsys, tmp_path, tin
     found = {r.method: r for r in records.load_records(out)}
     assert set(found) == {"zero_shot", "linear", "convpass"}
     for r in found.values():
-        assert set(r.metrics["targets"]) == {"imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
-        assert r.metrics["class_mask"]["imagenet_a"] == "subset" and r.metrics["class_mask"]["imagenet_v2"] == "all"
-    assert found["zero_shot"].cost["trainable_params_with_head"] == 0
-    assert (
-        found["convpass"].hparams["recipe"]["head_init"] == "text" and found["convpass"].hparams["recipe"]["lr"] == 1e-5
-    )
+        assert set(r.metrics.targets) == {"imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
+        assert r.metrics.class_mask["imagenet_a"] == "subset" and r.metrics.class_mask["imagenet_v2"] == "all"
+    assert found["zero_shot"].cost.trainable_params_with_head == 0
+    assert found["convpass"].hparams.recipe["head_init"] == "text" and found["convpass"].hparams.recipe["lr"] == 1e-5
     code, _, stderr = run_cli(monkeypatch, capsys, *common, "--methods", "zero_shot", "--set", "recipe.class_mask=all")
     assert code == 0, stderr
     report = tmp_path / "report"

@@ -148,7 +148,7 @@ def test_vpt_head_init_on_request():
 
 def test_head_init_can_be_overridden_and_is_recorded(tmp_path):
     from petl_bench.engine import Recipe
-    from petl_bench.runner import plan
+    from petl_bench.planning import plan
     from petl_bench.task import FileListTask
 
     task = FileListTask(name="t", suite="custom", num_classes=3)

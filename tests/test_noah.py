@@ -243,8 +243,8 @@ def test_search_on_a_tiny_backbone_and_task_is_deterministic_and_retrains(monkey
     )  # fmt: skip
     assert code == 0, stderr
     (record,) = records.load_records(tmp_path / "runs")
-    assert record.hparams["method"]["subnet_sizes"]["prompt"] == found[1]["prompt"]
-    assert record.cost["trainable_params"] == found[1]["effective_params"]
+    assert record.hparams.method["subnet_sizes"]["prompt"] == found[1]["prompt"]
+    assert record.cost.trainable_params == found[1]["effective_params"]
 
 
 def test_noah_trains_exactly_its_modules_and_round_trips(tmp_path):

@@ -96,8 +96,8 @@ def test_unknown_tuner_and_a_run_recording_the_peft_config(monkeypatch, capsys, 
                                    "--set", "peft:dora.r=4")  # fmt: skip
     assert code == 0, stderr
     (record,) = pb.records.load_records(out)
-    assert record.method == "peft:dora" and record.hparams["method"]["use_dora"] is True
-    assert record.hparams["method"]["r"] == 4 and record.hparams["method"]["peft_type"] == "LORA"
+    assert record.method == "peft:dora" and record.hparams.method["use_dora"] is True
+    assert record.hparams.method["r"] == 4 and record.hparams.method["peft_type"] == "LORA"
     code, stdout, _ = run_cli(monkeypatch, capsys, "methods")
     assert "peft:TYPE" in stdout and f"PEFT {peft.__version__}" in stdout
 

@@ -20,8 +20,8 @@ import torch
 from conftest import TINY_RUN, TINY_VIT, cli_process, make_task_folder, run_cli, synthetic_record, tiny_backbone
 
 import petl_bench as pb
+from petl_bench import atomic, ledger, records
 from petl_bench import data as data_module
-from petl_bench import records
 from petl_bench.data import Normalizer, TensorDataset, decoded_images, read_split
 from petl_bench.engine import Recipe, fit
 from petl_bench.errors import UserError
@@ -153,7 +153,8 @@ def test_a_malformed_record_is_skipped_with_a_warning_naming_it(tmp_path, caplog
 
 
 def test_task_names_never_escape_the_output_folder(tmp_path, task):
-    from petl_bench.runner import plan, run_sweep
+    from petl_bench.planning import plan
+    from petl_bench.runner import run_sweep
     from petl_bench.task import folder_task
 
     escaped = folder_task(task)
@@ -165,7 +166,7 @@ def test_task_names_never_escape_the_output_folder(tmp_path, task):
     run_sweep([job], out, device=torch.device("cpu"))
     assert [p.parent.parent for p in tmp_path.rglob(records.RECORD)] == [out]
     with pytest.raises(UserError):
-        records.run_folder(out, "../x")
+        ledger.run_folder(out, "../x")
 
 
 # --- 4: kill -9 while decoding -------------------------------------------------------------------------
@@ -394,7 +395,7 @@ def test_environment_and_data_faults_are_one_error_line(
         def full(_):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(records.os, "fsync", full)
+        monkeypatch.setattr(atomic.os, "fsync", full)
     code, _, stderr = run_cli(monkeypatch, capsys, *_base(tiny_plugin, task, out), *extra)
     assert code == 2 and message in " ".join(stderr.split()) and "Traceback" not in stderr, stderr
     if case == "disk full":

@@ -126,7 +126,7 @@ def test_later_methods_print_beside_their_published_numbers_with_source_and_aver
 
 
 def with_settings(run, epochs: int, fingerprint: str = "", finished: str = "2026-01-01T00:00:00"):
-    run.hparams = {"method": {}, "recipe": {"epochs": epochs, "lr": 1e-3, "workers": 4}, "input_size": [224, 224]}
+    run.hparams = records.Settings(recipe={"epochs": epochs, "lr": 1e-3, "workers": 4}, input_size=[224, 224])
     run.data = {"fingerprint": fingerprint or f"data-{run.task}"}
     run.finished_at = finished
     run.run_id += f"__e{epochs}{fingerprint}"
@@ -153,7 +153,7 @@ def test_runs_with_other_settings_are_other_rows_and_aggregates_follow_the_shown
 
 def test_execution_settings_do_not_split_rows_and_seeds_pool():
     runs = [with_settings(r, 10) for r in full_sweep("linear", 0, 0.0) + full_sweep("linear", 1, 2.0)]
-    runs[0].hparams["recipe"]["workers"] = 8  # how it ran, not what it computed
+    runs[0].hparams.recipe["workers"] = 8  # how it ran, not what it computed
     (table,) = accuracy_tables(runs_frame(runs))
     assert list(table.ours()) == ["linear"] and table.ours()["linear"]["cifar"] == (51.0, pytest.approx(2**0.5), 2)
 
@@ -182,7 +182,7 @@ def test_published_rows_only_beside_the_backbone_and_input_size_they_were_publis
     def table_for(backbone: str, size: int):
         runs = full_sweep("convpass", 0, 0.0)
         for run in runs:
-            run.backbone, run.hparams = backbone, {"recipe": {"image_size": size}}
+            run.backbone, run.hparams = backbone, records.Settings(recipe={"image_size": size})
         (table,) = accuracy_tables(runs_frame(runs))
         return table
 

@@ -34,16 +34,16 @@ def test_run_writes_records_and_a_rerun_skips_them(monkeypatch, capsys, tmp_path
     record = next(r for r in found if r.method == "convpass")
     assert (
         record.protocol == "final"
-        and record.metrics["eval_split"] == "test"
-        and record.metrics["curve"] == [{"epoch": 2, "top1": record.metrics["top1"]}]
+        and record.metrics.eval_split == "test"
+        and record.metrics.curve == [{"epoch": 2, "top1": record.metrics.top1}]
     )
-    assert record.hparams["method"]["scale"] == 1.0 and record.hparams["recipe"]["epochs"] == 3
-    assert record.cost["trainable_params"] == 2 * 2 * ((2 * 8 + 1) * 32 + 9 * 64 + 16)
-    assert record.cost["checkpoint_bytes"] > 0 and record.cost["peak_memory_bytes"] > 0
-    assert record.cost["train_images_per_s"] > 0 and record.environment["torch"]
+    assert record.hparams.method["scale"] == 1.0 and record.hparams.recipe["epochs"] == 3
+    assert record.cost.trainable_params == 2 * 2 * ((2 * 8 + 1) * 32 + 9 * 64 + 16)
+    assert record.cost.checkpoint_bytes > 0 and record.cost.peak_memory_bytes > 0
+    assert record.cost.train_images_per_s > 0 and record.environment["torch"]
     run_dir = out / record.run_id
     assert len((run_dir / records.EPOCH_LOG).read_text().splitlines()) == 3
-    assert (run_dir / records.CHECKPOINT).stat().st_size == record.cost["checkpoint_bytes"]
+    assert (run_dir / records.CHECKPOINT).stat().st_size == record.cost.checkpoint_bytes
 
     code, stdout, _ = run_cli(monkeypatch, capsys, *args)
     assert code == 0 and "0 run(s) trained, 4 already finished" in stdout
@@ -69,11 +69,11 @@ def test_paper_protocol_records_the_max_over_periodic_test_evaluations(
     )  # fmt: skip
     assert code == 0, stderr
     (record,) = records.load_records(out)
-    curve = record.metrics["curve"]
+    curve = record.metrics.curve
     assert [point["epoch"] for point in curve] == [1, 3]
-    assert record.metrics["top1"] == max(point["top1"] for point in curve)
-    assert record.metrics["top1_last"] == curve[-1]["top1"]
-    assert record.metrics["selection"].startswith("PAPER PROTOCOL")
+    assert record.metrics.top1 == max(point["top1"] for point in curve)
+    assert record.metrics.top1_last == curve[-1]["top1"]
+    assert record.metrics.selection.startswith("PAPER PROTOCOL")
 
 
 def test_tune_protocol_trains_on_train_and_evaluates_val(monkeypatch, capsys, tmp_path, task, tiny_plugin):
@@ -82,8 +82,8 @@ def test_tune_protocol_trains_on_train_and_evaluates_val(monkeypatch, capsys, tm
             "--protocol", "tune", "--output", str(out), *TINY_RUN]  # fmt: skip
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     (record,) = records.load_records(out)
-    assert record.metrics["eval_split"] == "val200" and record.metrics["eval_images"] == 8
-    assert record.metrics["train_images"] == 32
+    assert record.metrics.eval_split == "val200" and record.metrics.eval_images == 8
+    assert record.metrics.train_images == 32
 
 
 BAD_INPUTS = [
@@ -229,8 +229,8 @@ def test_cached_feature_linear_probe_equals_the_uncached_path(monkeypatch, capsy
         )  # fmt: skip
         assert code == 0, stderr
         (record,) = records.load_records(out)
-        assert record.cost["head_trained_on_cached_features"] == (cache == "true")
-        heads[cache] = (load_file(str(out / record.run_id / records.CHECKPOINT)), record.metrics["top1"])
+        assert record.cost.head_trained_on_cached_features == (cache == "true")
+        heads[cache] = (load_file(str(out / record.run_id / records.CHECKPOINT)), record.metrics.top1)
     for name in ("head.weight", "head.bias"):
         torch.testing.assert_close(heads["true"][0][name], heads["false"][0][name], rtol=1e-4, atol=1e-5)
     assert heads["true"][1] == heads["false"][1]
@@ -245,10 +245,10 @@ def test_every_record_carries_its_efficiency_profile(monkeypatch, capsys, tmp_pa
     cost = record.cost
     for field in ("train_images_per_s", "eval_images_per_s", "peak_memory_bytes", "forward_flops", "trainable_params",
                   "trainable_params_with_head", "checkpoint_bytes"):  # fmt: skip
-        assert cost[field] > 0, field
-    assert all(cost["seconds"][phase] > 0 for phase in ("data", "train", "eval", "total"))
+        assert getattr(cost, field) > 0, field
+    assert all(getattr(cost.seconds, phase) > 0 for phase in ("data", "train", "eval", "total"))
     # one 16x16 image through a 2-block width-32 ViT: at least the patch embedding and the MLPs
-    assert cost["forward_flops"] > 2 * 2 * 5 * 32 * 128
+    assert cost.forward_flops > 2 * 2 * 5 * 32 * 128
 
 
 def test_all_methods_leaves_out_what_cannot_run_here(monkeypatch, capsys, tmp_path, task, tiny_plugin):
@@ -313,7 +313,7 @@ def test_precision_is_a_setting_recorded_in_every_record(monkeypatch, capsys, tm
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--precision", "bf16")
     assert code == 0 and "1 run(s) trained" in stdout, "another precision is another run"
-    found = {r.hparams["precision"]: r for r in records.load_records(out)}
+    found = {r.hparams.precision: r for r in records.load_records(out)}
     assert set(found) == {"fp32", "bf16"}, "auto on a CPU is fp32; the record says which"
     assert found["fp32"].run_id != found["bf16"].run_id
     code, _, stderr = run_cli(monkeypatch, capsys, *args, "--precision", "fp16")
@@ -327,7 +327,7 @@ def test_inference_speed_is_measured_once_per_architecture_in_a_sweep(monkeypatc
     assert run_cli(monkeypatch, capsys, *args)[0] == 0
     speeds = {}
     for record in records.load_records(out):
-        speeds.setdefault(record.method, []).append(record.cost["inference_images_per_s"])
+        speeds.setdefault(record.method, []).append(record.cost.inference_images_per_s)
     for method, measured in speeds.items():
         assert len(measured) == 2 and measured[0] == measured[1], "the seeds share one measurement"
         assert measured[0]["as_trained"] > 0 and method in measured[0]["measured_for"]

@@ -34,11 +34,11 @@ def test_stage_two_retrains_the_argmax_of_stage_one_with_every_seed(monkeypatch,
     stage_two = [r for r in found if r.protocol == "tuned"]
     assert len(stage_one) == 2 + 4 and {r.seed for r in stage_one} == {0}
     assert len(stage_two) == 2 * 2 and {r.seed for r in stage_two} == {0, 1}
-    assert all(r.metrics["eval_split"] == "val200" for r in stage_one)
-    assert all(r.metrics["eval_split"] == "test" for r in stage_two)
+    assert all(r.metrics.eval_split == "val200" for r in stage_one)
+    assert all(r.metrics.eval_split == "test" for r in stage_two)
     for method in ("linear", "convpass"):
         tried = [r for r in stage_one if r.method == method]
-        best = max(r.metrics["top1"] for r in tried)
+        best = max(r.metrics.top1 for r in tried)
         grid = grid_points(method_grid(method, {"recipe": {"lr": (1e-3, 3e-2), "weight_decay": (1e-4,)},
                                                 "convpass": {"scale": (0.1, 10.0), "xavier_init": (False,)}}))  # fmt: skip
         for r in (r for r in stage_two if r.method == method):
@@ -47,7 +47,7 @@ def test_stage_two_retrains_the_argmax_of_stage_one_with_every_seed(monkeypatch,
             assert sorted(scores) == sorted(t.run_id for t in tried), "every configuration's record is named"
             first_best = next(p for p in grid if _score(tried, p, method) == best)
             assert chosen == first_best, "the best val200 top-1, ties broken by grid order"
-            assert r.hparams["recipe"]["lr"] == chosen["lr"]
+            assert r.hparams.recipe["lr"] == chosen["lr"]
             assert r.tuning["selection"].startswith(f"chosen on val200 among {len(grid)} configurations")
             assert r.tuning["search_cost"]["runs"] == len(tried) and r.tuning["search_cost"]["seconds"] > 0
     assert "Chosen on val200" in stdout and "protocol 'tuned'" in stdout
@@ -57,9 +57,9 @@ def test_stage_two_retrains_the_argmax_of_stage_one_with_every_seed(monkeypatch,
 
 def _score(tried, point, method):
     for r in tried:
-        values = {**r.hparams["method"], **r.hparams["recipe"]}
+        values = {**r.hparams.method, **r.hparams.recipe}
         if all(values[k] == v for k, v in point.items()):
-            return r.metrics["top1"]
+            return r.metrics.top1
     raise AssertionError(point)
 
 
@@ -123,12 +123,12 @@ def test_halving_keeps_the_best_third_and_ends_on_the_full_schedule(monkeypatch,
     code, _, stderr = run_cli(monkeypatch, capsys, *args)
     assert code == 0, stderr
     stage_one = [r for r in records.load_records(out) if r.protocol == "tune"]
-    assert sorted(r.hparams["recipe"]["epochs"] for r in stage_one) == [1, 1, 1, 3]
-    short = {r.hparams["recipe"]["lr"]: r.metrics["top1"] for r in stage_one if r.hparams["recipe"]["epochs"] == 1}
-    (full,) = [r for r in stage_one if r.hparams["recipe"]["epochs"] == 3]
-    assert full.hparams["recipe"]["lr"] == max(short, key=lambda lr: (short[lr], -[1e-3, 1e-2, 1e-1].index(lr)))
+    assert sorted(r.hparams.recipe["epochs"] for r in stage_one) == [1, 1, 1, 3]
+    short = {r.hparams.recipe["lr"]: r.metrics.top1 for r in stage_one if r.hparams.recipe["epochs"] == 1}
+    (full,) = [r for r in stage_one if r.hparams.recipe["epochs"] == 3]
+    assert full.hparams.recipe["lr"] == max(short, key=lambda lr: (short[lr], -[1e-3, 1e-2, 1e-1].index(lr)))
     (tuned,) = [r for r in records.load_records(out) if r.protocol == "tuned"]
-    assert tuned.tuning["search"] == "halving" and tuned.hparams["recipe"]["lr"] == full.hparams["recipe"]["lr"]
+    assert tuned.tuning["search"] == "halving" and tuned.hparams.recipe["lr"] == full.hparams.recipe["lr"]
 
 
 def test_a_killed_tune_resumes_and_trains_nothing_twice(tmp_path, tiny_plugin):

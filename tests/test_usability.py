@@ -12,7 +12,8 @@ from conftest import make_task_folder
 import petl_bench as pb
 from petl_bench import records
 from petl_bench.config import Recipe
-from petl_bench.runner import plan, run_sweep
+from petl_bench.planning import plan
+from petl_bench.runner import run_sweep
 from petl_bench.task import folder_task
 
 TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -49,7 +50,7 @@ def test_the_same_run_gives_the_same_record_on_a_cold_and_a_warm_cache(tmp_path,
     warm = run_sweep(jobs, tmp_path / "warm", device=torch.device("cpu"))
     for first, second in zip(cold.finished, warm.finished):
         assert first.run_id == second.run_id
-        assert first.metrics["top1"] == second.metrics["top1"]
+        assert first.metrics.top1 == second.metrics.top1
         losses = [
             [line for line in (out / r.run_id / records.EPOCH_LOG).read_text().splitlines()]
             for out, r in ((tmp_path / "cold", first), (tmp_path / "warm", second))
@@ -114,8 +115,8 @@ def test_image_size_and_warmup_are_recorded_resolved(monkeypatch, capsys, tmp_pa
     args.remove("--set")
     assert run_cli(monkeypatch, capsys, *args, "--image-size", "24")[0] == 0
     (record,) = records.load_records(out)
-    assert record.hparams["input_size"] == [24, 24] and record.hparams["recipe"]["image_size"] == 24
-    assert record.hparams["recipe"]["warmup_epochs"] == 0 and record.hparams["recipe"]["head_init"] == "default"
+    assert record.hparams.input_size == [24, 24] and record.hparams.recipe["image_size"] == 24
+    assert record.hparams.recipe["warmup_epochs"] == 0 and record.hparams.recipe["head_init"] == "default"
 
 
 def test_version_and_an_unreachable_hub_fail_fast(tmp_path):
@@ -149,7 +150,7 @@ def test_cost_table_prints_integer_counts_and_what_speeds_measure(tmp_path):
 
     runs = [record("convpass", "cifar", 0, 50.0, params=1000), record("convpass", "dtd", 0, 50.0, params=2000),
             record("linear", "cifar", 0, 40.0, params=0)]  # fmt: skip
-    runs[2].cost["head_trained_on_cached_features"] = True
+    runs[2].cost.head_trained_on_cached_features = True
     costs = pb.report.cost_frame(pb.report.runs_frame(runs)).set_index("method")
     assert costs.loc["convpass", "trainable_params"] == "1,000–2,000" and costs.loc["linear", "trainable_params"] == "0"
     assert costs.loc["linear", "speeds_measure"].startswith("classifier on cached features")

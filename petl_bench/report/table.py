@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..config import Recipe
-from ..records import RunRecord, safe_name
+from ..paths import safe_name
+from ..records import RunRecord
 from ..registry import METHODS
 
 MISSING = "–"
@@ -37,27 +38,27 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
     """One row per run (top1 in percent); domain-generalisation targets as ``top1_<target>`` columns."""
     rows = []
     for r in records:
-        masks = set(r.metrics.get("class_mask", {}).values())
-        recipe = r.hparams.get("recipe", {}) if isinstance(r.hparams.get("recipe"), dict) else {}
-        inference = r.cost.get("inference_images_per_s") or {}
+        masks = set(r.metrics.class_mask.values())
+        recipe = r.hparams.recipe if isinstance(r.hparams.recipe, dict) else {}
+        inference = r.cost.inference_images_per_s or {}
         row = {
             "method": r.method, "task": r.task, "backbone": r.backbone, "seed": r.seed, "protocol": r.protocol,
-            "top1": r.metrics["top1"], "trainable_params": r.cost["trainable_params"],
-            "trainable_params_with_head": r.cost["trainable_params_with_head"],
-            "checkpoint_bytes": r.cost["checkpoint_bytes"], "peak_memory_bytes": r.cost["peak_memory_bytes"],
-            "train_images_per_s": r.cost["train_images_per_s"], "eval_images_per_s": r.cost["eval_images_per_s"],
-            "wall_seconds": r.cost["seconds"]["total"], "suite": r.suite, "group": r.group or "",
-            "eval_split": r.metrics["eval_split"], "shots": r.task_variant.get("shots"),
+            "top1": r.metrics.top1, "trainable_params": r.cost.trainable_params,
+            "trainable_params_with_head": r.cost.trainable_params_with_head,
+            "checkpoint_bytes": r.cost.checkpoint_bytes, "peak_memory_bytes": r.cost.peak_memory_bytes,
+            "train_images_per_s": r.cost.train_images_per_s, "eval_images_per_s": r.cost.eval_images_per_s,
+            "wall_seconds": r.cost.seconds.total, "suite": r.suite, "group": r.group or "",
+            "eval_split": r.metrics.eval_split, "shots": r.task_variant.get("shots"),
             "split_seed": r.task_variant.get("split_seed"), "class_mask": "subset" if "subset" in masks else ("all" if masks else ""),
-            "pretrained": r.pretrained, "run_id": r.run_id, "peak_memory_kind": r.cost.get("peak_memory_kind", ""),
-            "cached_features": bool(r.cost.get("head_trained_on_cached_features", False)),
+            "pretrained": r.pretrained, "run_id": r.run_id, "peak_memory_kind": r.cost.peak_memory_kind,
+            "cached_features": bool(r.cost.head_trained_on_cached_features),
             "epochs": recipe.get("epochs"), "lr": recipe.get("lr"), "batch_size": recipe.get("batch_size"),
             "image_size": recipe.get("image_size"), "weights_notes": " ".join(r.notes),
             "inference_images_per_s": inference.get("as_trained"), "merged_inference_images_per_s": inference.get("merged"),
             "data_fingerprint": r.data.get("fingerprint") or "", "data_manifest": r.data.get("manifest") or "",
             "finished_at": r.finished_at, "settings": json.dumps(run_settings(r), sort_keys=True, default=str),
         }  # fmt: skip
-        row.update({f"top1_{name}": value for name, value in r.metrics.get("targets", {}).items()})
+        row.update({f"top1_{name}": value for name, value in r.metrics.targets.items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
     extra = sorted(c for c in frame.columns if c not in RUN_COLUMNS)
@@ -78,20 +79,18 @@ def run_settings(record: RunRecord) -> dict:
     """Everything a run was trained with except its seed and its task's own values: the method's settings
     and the recipe (per-task defaults and the values a tuned run chose per task left out, since they are
     the same request on another task), the input size and the weights. Flat: ``{"epochs": 2, ...}``."""
-    hparams, chosen = record.hparams, set((record.tuning or {}).get("chosen", {}))
-    defaults = hparams.get("task_defaults") or {}
-    method = {
-        k: v for k, v in (hparams.get("method") or {}).items() if k not in chosen and defaults.get(k, object()) != v
-    }
-    recipe = hparams.get("recipe") if isinstance(hparams.get("recipe"), dict) else {}
+    settings, chosen = record.hparams, set((record.tuning or {}).get("chosen", {}))
+    defaults = settings.task_defaults or {}
+    method = {k: v for k, v in (settings.method or {}).items() if k not in chosen and defaults.get(k, object()) != v}
     skipped = {*Recipe.EXECUTION, *chosen, "image_size", "compile"}  # compile: the execution setting before 0.x
-    recipe = {k: v for k, v in recipe.items() if k not in skipped}
+    recipe = {k: v for k, v in (settings.recipe or {}).items() if k not in skipped}
     out: dict = {}
     _flat("", {**recipe, **method}, out)
-    out["input"] = "x".join(map(str, hparams.get("input_size") or [])) or None
+    out["input"] = "x".join(map(str, settings.input_size or [])) or None
     device = str((record.environment or {}).get("device", ""))  # records before the setting: what the device ran
-    out["precision"] = hparams.get("precision") or ("bf16" if device.startswith("cuda") else "fp32")
-    out["execution"] = hparams.get("execution") or "eager"  # records before compiled steps ran eagerly
+    out["precision"] = settings.precision or ("bf16" if device.startswith("cuda") else "fp32")
+    if (settings.execution or "eager") != "eager":  # named only when compiled: earlier records ran eagerly
+        out["execution"] = settings.execution
     out["weights"] = record.pretrained + (
         f" {record.backbone_checkpoint_sha256[:8]}" if record.backbone_checkpoint_sha256 else ""
     )

@@ -1,0 +1,102 @@
+"""``petl-bench noah search``: NOAH's supernet training, evolutionary search on val and retraining of
+the winner, from the command line (the search itself is :mod:`petl_bench.methods.noah_search`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import records
+from .cli_sweep import O_DATA_ROOT, PluginOption, integers, print_tables, progress_bars, with_options
+from .errors import UserError
+from .output import console
+
+noah_app = typer.Typer(help="NOAH: supernet training, evolutionary search and retraining of the winner.")
+
+
+@dataclass
+class SearchOptions:
+    """NOAH's search settings (its defaults; ``generations`` as in its VTAB script)."""
+
+    budget: float = typer.Option(0.64, help="Parameter limit in millions (NOAH's --param-limits).")
+    counter: str = typer.Option(
+        "noah", help="Budget counter: noah (NOAH's, dead prompt parameters included) or effective."
+    )
+    supernet_epochs: int = typer.Option(500, help="Supernet training epochs (NOAH: 500).")
+    supernet_lr: float = typer.Option(5e-4, help="Supernet learning rate (NOAH: 5e-4).")
+    population: int = typer.Option(50, help="Candidate subnets per generation (NOAH: 50).")
+    select: int = typer.Option(10, help="Parents kept per generation (top-k).")
+    mutation: int = typer.Option(25, help="Children made by mutation per generation (NOAH: 25).")
+    crossover: int = typer.Option(25, help="Children made by crossover per generation (NOAH: 25).")
+    m_prob: float = typer.Option(0.2, help="Probability that a mutation changes a module's depth (NOAH: 0.2).")
+    s_prob: float = typer.Option(0.4, help="Probability that a mutation changes a block's size (NOAH: 0.4).")
+    generations: int = typer.Option(15, help="Generations of the evolutionary search (NOAH: 15).")
+    sizes: str = typer.Option("1,5,10", help="Candidate prompt lengths / LoRA ranks / adapter widths.")
+    depths: str = typer.Option("3,6,9,12", help="Candidate numbers of blocks carrying each module type.")
+
+    def settings(self, recipe):
+        from .methods.noah_search import SearchSettings, SearchSpace
+
+        space = SearchSpace(tuple(integers(self.sizes, "--sizes")), tuple(integers(self.depths, "--depths")))
+        return SearchSettings(
+            budget_m=self.budget, counter=self.counter, population=self.population, select=self.select,
+            mutation=self.mutation, crossover=self.crossover, m_prob=self.m_prob, s_prob=self.s_prob,
+            generations=self.generations, space=space,
+            supernet_recipe=recipe.replace(epochs=self.supernet_epochs, lr=self.supernet_lr),
+        )  # fmt: skip
+
+
+@noah_app.command("search")
+@with_options(SearchOptions)
+def noah_search_command(
+    task: Optional[str] = typer.Option(None, help="A registered task (e.g. a VTAB-1K task or demo_digits)."),
+    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Or a folder with train/val/test lists."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the task's suite's)."),
+    pretrained: str = typer.Option("hub", help="hub, none, or a weights file."),
+    data_root: Optional[Path] = O_DATA_ROOT,
+    seed: int = typer.Option(0, help="Seed of the supernet, the search and the retrain."),
+    epochs: Optional[int] = typer.Option(None, help="Retrain epochs (default: the suite's recipe)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the suite's recipe)."),
+    image_size: Optional[int] = typer.Option(None, help="Input size (default: the suite's or the backbone's)."),
+    retrain: bool = typer.Option(True, help="Retrain the winner on train+val and test it."),
+    output: Path = typer.Option(Path("results/runs"), help="Run folders; the search goes to OUTPUT/noah-search/."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    plugin: Optional[list[Path]] = PluginOption,
+    *, options: SearchOptions,
+) -> None:  # fmt: skip
+    """Train a NOAH supernet on train, search a subnet on val under a budget, retrain it on train+val."""
+    from . import planning, registry, runner
+    from .methods.noah_search import run_search
+    from .paths import data_root_from
+
+    for path in plugin or []:
+        registry.load_plugin(path)
+    if (task is None) == (task_dir is None):
+        raise UserError("give exactly one of --task or --task-dir")
+    overrides = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size}
+    chosen, backbone, recipe = planning.one_task(task, task_dir, backbone, overrides)
+    target, root = runner.pick_device(device), data_root_from(data_root)
+    with progress_bars() as progress:
+        subnet_file = run_search(
+            chosen, backbone=backbone, pretrained=pretrained, data_root=root, output=output, seed=seed,
+            settings=options.settings(recipe), device=target, image_size=recipe.image_size, progress=progress,
+        )  # fmt: skip
+    found = json.loads(subnet_file.read_text())
+    console.print(
+        f"subnet: prompt {found['prompt']}, lora {found['lora']}, adapter {found['adapter']}; "
+        f"val top-1 {found['val_top1']:.2f}, {found['effective_params']:,} effective parameters "
+        f"({found['noah_counted_params']:,} by NOAH's counter); written to {subnet_file}"
+    )
+    if not retrain:
+        return
+    jobs = planning.plan(
+        ["noah"], [chosen], [backbone], [seed], protocol="final", pretrained=pretrained, recipe=recipe,
+        settings={"noah": {"subnet": str(subnet_file)}}, data_root=root,
+    )  # fmt: skip
+    with progress_bars() as progress:
+        runner.run_sweep(jobs, output, device=target, progress=progress)
+    print_tables([r for r in records.load_records(output) if r.run_id == jobs[0].run_id])
