@@ -36,6 +36,7 @@ class Adapter(Method):
     """``h = DP(MLP(LN2 x)); x = x + h + up(dropout(QuickGELU(down(h))))``, one adapter per block, no scale."""
 
     name = "adapter"
+    identity_at_init = False
     citation = "Houlsby et al. 2019 / Pfeiffer et al. 2021; the NOAH implementation (Zhang et al. 2022) used in the Convpass table"
     trains = "1 bottleneck adapter per block after the MLP (2hd + h + d parameters each)"
     Config = AdapterConfig

@@ -34,6 +34,7 @@ class AdaptFormer(Method):
     """``x = x + DP(MLP(LN2 x)) + s * up(dropout(ReLU(down(x))))``: un-normalised input, no drop-path."""
 
     name = "adaptformer"
+    identity_at_init = True
     citation = "Chen et al., AdaptFormer, NeurIPS 2022"
     trains = "1 parallel bottleneck per block beside the MLP (2hd + h + d parameters each)"
     Config = AdaptFormerConfig

@@ -34,6 +34,7 @@ class FullFinetune(TrainsOwnTensors):
     """Full finetuning: every backbone parameter trains (VPT paper protocol in the Convpass table)."""
 
     name = "full"
+    identity_at_init = True
     citation = "full finetuning; numbers in the Convpass table from Jia et al., VPT, ECCV 2022"
     trains = "every backbone parameter"
     kinds = ALL_KINDS
@@ -50,6 +51,7 @@ class LinearProbe(TrainsOwnTensors):
     the classifier on features computed once when nothing is augmented."""
 
     name = "linear"
+    identity_at_init = True
     citation = "linear probing; numbers in the Convpass table from Jia et al., VPT, ECCV 2022"
     trains = "nothing but the classifier"
     kinds = ALL_KINDS
@@ -107,6 +109,7 @@ class BitFit(TrainsOwnTensors):
     act while the biases train (``encoder_eval=True``, the default; ``false`` trains with them)."""
 
     name = "bitfit"
+    identity_at_init = True
     citation = "Ben Zaken et al., BitFit, ACL 2022 (VPT's 'Bias' / TinyTL-bias baseline)"
     trains = "all bias terms (attention, MLP, LayerNorm, patch embedding)"
     kinds = ALL_KINDS
@@ -126,6 +129,7 @@ class LayerNormTuning(TrainsOwnTensors):
     (OSU-MLB/PETL_Vision experiment/build_model.py), selected by module type rather than by name."""
 
     name = "ln_tune"
+    identity_at_init = True
     published_as = ("LayerNorm tuning",)
     citation = "LayerNorm tuning as re-evaluated in PETL_Vision (Mai et al., 2024)"
     trains = "the weight and bias of every LayerNorm"

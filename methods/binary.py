@@ -147,6 +147,7 @@ class BiAdaptFormer(BinaryMethod):
     """A 1-bit AdaptFormer: a quantised ReLU bottleneck beside the MLP, fed the residual stream."""
 
     name = "bi_adaptformer"
+    identity_at_init = False
     published_as = ("Bi-AdaptFormer",)
     trains = "1 quantised bias-free bottleneck beside each MLP (2hd latent weights, stored at `bits` each)"
     task_defaults = task_table("bi_adaptformer")
@@ -169,6 +170,7 @@ class BiLoRA(BinaryMethod):
     """A 1-bit LoRA on the query and value projections."""
 
     name = "bi_lora"
+    identity_at_init = False
     published_as = ("Bi-LoRA",)
     trains = "quantised rank-d updates of q and v in every block (4hd latent weights, stored at `bits` each)"
     task_defaults = task_table("bi_lora")

@@ -86,6 +86,7 @@ class Convpass(Method):
     """
 
     name = "convpass"
+    identity_at_init = True
     citation = CITATION
     trains = "2 conv bypasses per block ((2h+1)d + 9h^2 + 2h parameters each)"
     kinds = (VIT, SWIN, CLIP)

@@ -44,6 +44,7 @@ class DiffFit(Method):
     """gamma after each sub-block (init 1), plus every bias and every LayerNorm weight."""
 
     name = "difffit"
+    identity_at_init = True
     published_as = ("DiffFit",)
     citation = "Xie et al., DiffFit, ICCV 2023; the ViT version of PETL_Vision (Mai et al., 2024)"
     trains = "a per-channel scale on each sub-block output, every bias and every LayerNorm weight"

@@ -165,6 +165,7 @@ class FacTTT(Method):
     """FacT-TT: ``1536 r + 144 r^2`` parameters on ViT-B/16 (shared U, V; per-block cores)."""
 
     name = "fact_tt"
+    identity_at_init = True
     published_as = ("FacT-TT",)
     citation = CITATION
     trains = "shared factors U, V (2dr) and per-block cores (12 r^2 per block) updating qkv, proj, fc1, fc2"

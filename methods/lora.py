@@ -116,6 +116,11 @@ class LoRA(Method):
     Config = LoRAConfig
     head_init = "trunc_normal"
 
+    def is_identity_at_init(self, config) -> bool:
+        """NOAH's init (A and B trunc_normal) is not the identity; zero B (``init=module``, or the paper's
+        ``qv`` variant) is."""
+        return config.init == "module" or config.variant == "qv"
+
     def check_config(self, config):
         check_init(self.name, config.init)
         if config.variant not in ("qkv", "qv"):

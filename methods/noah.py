@@ -6,7 +6,7 @@ after the MLP. Modules are allocated at the super size (100) and sliced to the s
 (weight entanglement): the supernet trains all subnets at once, and a retrained subnet starts from
 super-size initialisation sliced down, as the original does. ``noah`` retrains a subnet (the
 published VTAB-1K subnets by default) from the pretrained backbone; ``petl-bench noah search``
-finds one (see ``noah_search.py``).
+finds one (see ``petl_bench/noah_search.py``).
 
 Effective init (``init="official"``, the default): NOAH's ``VisionTransformer.__init__`` builds the
 blocks with their LoRA and adapter ``nn.Linear`` modules and then runs timm's ``init_weights``
@@ -229,6 +229,7 @@ class Noah(Method):
     """A NOAH subnet retrained from the pretrained backbone (published VTAB-1K subnets per task)."""
 
     name = "noah"
+    identity_at_init = False
     citation = CITATION
     trains = "per-block prompts, LoRA and adapter of the subnet's sizes (NOAH)"
     Config = NoahConfig

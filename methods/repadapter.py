@@ -100,6 +100,7 @@ class RepAdapterMethod(Method):
     """RepAdapter (repblock): a linear, re-parameterisable adapter before attention and before the MLP."""
 
     name = "repadapter"
+    identity_at_init = True
     published_as = ("RepAdapter",)
     citation = "Luo et al., Towards Efficient Visual Adaption via Structural Re-parameterization (RepAdapter), 2023"
     trains = "2 linear adapters per block before qkv and fc1 (dh + h + dh/g + d parameters each)"

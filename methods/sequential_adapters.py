@@ -57,6 +57,7 @@ class HoulsbyAdapter(Method):
     """Houlsby placement: a ReLU adapter after the attention and one after the MLP of every block."""
 
     name = "houlsby_adapter"
+    identity_at_init = False
     published_as = ("Houlsby adapter",)
     citation = f"Houlsby et al., ICML 2019; {CITATION}"
     trains = "2 ReLU bottleneck adapters per block, after attention and after the MLP (2hd + h + d each)"
@@ -105,3 +106,6 @@ class PfeifferAdapter(HoulsbyAdapter):
     Config = PfeifferConfig
     search_space = {"dim": (4, 8, 16, 32, 64), "scale": (0.01, 0.1, 1, 10)}
     after_attention = False
+
+    def is_identity_at_init(self, config) -> bool:
+        return config.init == "module"  # the declared zero up-projection; PETL_Vision's re-init is not

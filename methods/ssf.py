@@ -71,6 +71,7 @@ class SSF(Method):
     """Scale and shift after the patch embedding, norm1, qkv, proj, norm2, fc1, fc2 and the final norm."""
 
     name = "ssf"
+    identity_at_init = False
     published_as = ("SSF",)
     citation = "Lian et al., Scaling & Shifting Your Features (SSF), NeurIPS 2022"
     trains = "a per-channel scale and shift after 6 operations per block, the patch embedding and the final norm"

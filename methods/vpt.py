@@ -41,6 +41,7 @@ class VPTShallow(Method):
     """``[cls, dropout(P), patches]`` into block 0 only; the frozen encoder stays in eval mode."""
 
     name = "vpt_shallow"
+    identity_at_init = False
     citation = CITATION
     trains = "l prompt tokens before block 0 (l * d parameters)"
     Config = VPTConfig
@@ -72,6 +73,7 @@ class VPTDeep(VPTShallow):
     """Every block gets fresh prompts that replace the previous block's prompt outputs."""
 
     name = "vpt_deep"
+    identity_at_init = False
     trains = "l prompt tokens per block (depth * l * d parameters)"
     Config = VPTDeepConfig
     task_defaults = task_table("vpt_deep")

@@ -112,7 +112,9 @@ def build_backbone(
 ) -> tuple[nn.Module, BackboneInfo]:
     """Create a backbone classifier and describe it. ``model_kwargs`` go to the model constructor."""
     if name.startswith(OPEN_CLIP_PREFIX):
-        return _build_open_clip(name, pretrained, num_classes, image_size, **model_kwargs)
+        from .clip import build_open_clip
+
+        return build_open_clip(name, pretrained, num_classes, image_size, **model_kwargs)
     source = BACKBONES.get(name) if name in BACKBONES else None
     timm_name = source.timm_name if source else name
     if source is None and not timm.is_model(timm_name):
@@ -309,190 +311,53 @@ def describe_timm(model: nn.Module, name: str, pretrained: str) -> BackboneInfo:
     """Describe a timm ViT, Swin or ConvNeXt (other timm models get kind 'other')."""
     from timm.models.convnext import ConvNeXt
     from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer
 
     head_path = _module_path(model, model.get_classifier())
     common = dict(name=name, pretrained=pretrained, head_path=head_path, num_features=model.num_features)
     if isinstance(model, VisionTransformer):
-        grid = tuple(model.patch_embed.grid_size)
-        patch = tuple(model.patch_embed.patch_size)
-        plain_blocks = all(type(block) is Block for block in model.blocks)
-        return BackboneInfo(
-            kind=VIT if plain_blocks else OTHER,
-            block_paths=[f"blocks.{i}" for i in range(len(model.blocks))],
-            widths=[model.embed_dim] * len(model.blocks),
-            grids=[grid] * len(model.blocks),
-            num_prefix_tokens=model.num_prefix_tokens,
-            patch_size=patch,
-            preprocessing=_timm_preprocessing(model, (grid[0] * patch[0], grid[1] * patch[1])),
-            blocks_path="blocks",
-            **common,
-        )
+        return _vit_info(model, common)
     if isinstance(model, SwinTransformer):
-        paths, widths, grids = [], [], []
-        for path, module in model.named_modules():
-            if type(module).__name__ == "SwinTransformerBlock":
-                paths.append(path)
-                widths.append(module.dim)
-                grids.append(tuple(module.input_resolution))
-        patch = tuple(model.patch_embed.patch_size)
-        return BackboneInfo(
-            kind=SWIN,
-            block_paths=paths,
-            widths=widths,
-            grids=grids,
-            num_prefix_tokens=0,
-            patch_size=patch,
-            preprocessing=_timm_preprocessing(model, tuple(model.patch_embed.img_size)),
-            **common,
-        )
+        return _blocks_info(model, SWIN, "SwinTransformerBlock", tuple(model.patch_embed.img_size), common)
     size = tuple((getattr(model, "pretrained_cfg", {}) or {}).get("input_size", (3, 224, 224))[1:])
     if isinstance(model, ConvNeXt):
-        paths, widths = [], []
-        for path, module in model.named_modules():
-            if type(module).__name__ == "ConvNeXtBlock":
-                paths.append(path)
-                widths.append(module.conv_dw.in_channels)
-        return BackboneInfo(
-            kind=CONVNEXT,
-            block_paths=paths,
-            widths=widths,
-            grids=[],
-            num_prefix_tokens=0,
-            patch_size=(4, 4),
-            preprocessing=_timm_preprocessing(model, size),
-            **common,
-        )
+        return _blocks_info(model, CONVNEXT, "ConvNeXtBlock", size, common)
+    return BackboneInfo(kind=OTHER, block_paths=[], widths=[], grids=[], num_prefix_tokens=0, patch_size=(0, 0),
+                        preprocessing=_timm_preprocessing(model, size), **common)  # fmt: skip
+
+
+def _vit_info(model: nn.Module, common: dict) -> BackboneInfo:
+    from timm.models.vision_transformer import Block
+
+    grid, patch = tuple(model.patch_embed.grid_size), tuple(model.patch_embed.patch_size)
+    plain_blocks = all(type(block) is Block for block in model.blocks)
     return BackboneInfo(
-        kind=OTHER,
-        block_paths=[],
-        widths=[],
-        grids=[],
-        num_prefix_tokens=0,
-        patch_size=(0, 0),
-        preprocessing=_timm_preprocessing(model, size),
+        kind=VIT if plain_blocks else OTHER,
+        block_paths=[f"blocks.{i}" for i in range(len(model.blocks))],
+        widths=[model.embed_dim] * len(model.blocks),
+        grids=[grid] * len(model.blocks),
+        num_prefix_tokens=model.num_prefix_tokens,
+        patch_size=patch,
+        preprocessing=_timm_preprocessing(model, (grid[0] * patch[0], grid[1] * patch[1])),
+        blocks_path="blocks",
         **common,
     )
 
 
-class ClipClassifier(nn.Module):
-    """An open_clip image tower followed by a linear classifier on its (optionally L2-normalised) embedding."""
-
-    def __init__(self, visual: nn.Module, head: nn.Linear, normalize: bool = False):
-        super().__init__()
-        self.visual = visual
-        self.head = head
-        self.normalize = normalize
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """What the classifier reads: the image embedding (L2-normalised for zero-shot classifiers)."""
-        features = self.visual(images)
-        return nn.functional.normalize(features, dim=-1) if self.normalize else features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(images))
+def _blocks_info(model: nn.Module, kind: str, block_type: str, size: tuple, common: dict) -> BackboneInfo:
+    """A hierarchical backbone (Swin: its blocks' widths and token grids; ConvNeXt: widths, 4x4 stem)."""
+    paths, widths, grids = [], [], []
+    for path, module in model.named_modules():
+        if type(module).__name__ == block_type:
+            paths.append(path)
+            widths.append(module.dim if kind == SWIN else module.conv_dw.in_channels)
+            if kind == SWIN:
+                grids.append(tuple(module.input_resolution))
+    patch = tuple(model.patch_embed.patch_size) if kind == SWIN else (4, 4)
+    return BackboneInfo(kind=kind, block_paths=paths, widths=widths, grids=grids, num_prefix_tokens=0,
+                        patch_size=patch, preprocessing=_timm_preprocessing(model, size), **common)  # fmt: skip
 
 
 def classifier_input(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """images -> what the classifier reads, so that ``model(x) == head(classifier_input(model)(x))``."""
-    if isinstance(model, ClipClassifier):
-        return model.forward_features
     return lambda images: model.forward_head(model.forward_features(images), pre_logits=True)
-
-
-def _build_open_clip(
-    name: str, pretrained: str | Path, num_classes: int, image_size: int | None, **model_kwargs
-) -> tuple[nn.Module, BackboneInfo]:
-    import open_clip
-
-    model_name = name[len(OPEN_CLIP_PREFIX) :]
-    if model_name not in open_clip.list_models():
-        raise UserError(f"unknown open_clip model '{model_name}'; choose from open_clip.list_models()")
-    text = str(pretrained)
-    checksum = None
-    if text.lower() == "none":
-        tag = None
-    elif text.lower() == "hub":
-        tag = "openai"
-    elif Path(text).expanduser().is_file():
-        tag = str(Path(text).expanduser())
-        checksum = file_sha256(Path(tag))
-    else:
-        tag = text  # an open_clip pretrained tag such as 'openai' or 'laion2b_s34b_b88k'
-    if image_size:
-        model_kwargs["force_image_size"] = image_size
-    try:
-        clip = open_clip.create_model(model_name, pretrained=tag, **model_kwargs)
-    except (OSError, RuntimeError) as error:
-        raise UserError(f"could not load open_clip '{model_name}' with pretrained '{text}': {error}") from error
-    visual = clip.visual
-    transformer = getattr(visual, "transformer", None)
-    if transformer is None or not hasattr(transformer, "resblocks"):
-        raise UserError(
-            f"open_clip model '{model_name}' has no visual transformer; only ViT image towers are supported"
-        )
-    if not getattr(transformer, "batch_first", True):
-        raise UserError(f"open_clip model '{model_name}' runs its transformer sequence-first; update open_clip_torch")
-    model = ClipClassifier(visual, nn.Linear(visual.output_dim, num_classes) if num_classes else nn.Identity())
-    tokenizer = open_clip.get_tokenizer(model_name)
-
-    @torch.no_grad()
-    def encode_text(texts: list[str]) -> torch.Tensor:
-        chunks = [clip.encode_text(tokenizer(texts[i : i + 256]), normalize=True) for i in range(0, len(texts), 256)]
-        return torch.cat(chunks)
-
-    grid = tuple(visual.grid_size)
-    depth = len(transformer.resblocks)
-    size = tuple(visual.image_size) if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
-    patch = tuple(visual.patch_size) if isinstance(visual.patch_size, (tuple, list)) else (visual.patch_size,) * 2
-    info = BackboneInfo(
-        name=name,
-        kind=CLIP,
-        block_paths=[f"visual.transformer.resblocks.{i}" for i in range(depth)],
-        widths=[transformer.width] * depth,
-        grids=[grid] * depth,
-        num_prefix_tokens=1,
-        patch_size=patch,
-        num_features=visual.output_dim,
-        head_path="head",
-        preprocessing=Preprocessing(
-            image_size=size,
-            interpolation="bicubic",
-            mean=tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
-            std=tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
-        ),
-        pretrained=text if tag is None or text.lower() != "hub" else "hub:openai",
-        checkpoint_sha256=checksum,
-        encode_text=encode_text,
-        logit_scale=float(clip.logit_scale.detach().exp()),
-    )
-    return model, info
-
-
-TEMPLATE_SETS = ("openai80", "simple7")  # open_clip's ImageNet prompt ensembles
-
-
-@torch.no_grad()
-def init_classifier_from_text(model: nn.Module, info: BackboneInfo, class_names, template: str) -> None:
-    """Zero-shot CLIP as a linear classifier: rows are ``logit_scale`` times the L2-normalised text
-    embeddings of the class prompts, bias 0, on L2-normalised image features, so that at init the
-    logits equal CLIP's zero-shot logits. ``template`` is a format string ("a photo of a {}.") or an
-    open_clip ensemble ("openai80", "simple7": the mean of the normalised embeddings, renormalised)."""
-    if info.encode_text is None:
-        raise UserError(f"a classifier from class-name prompts needs a CLIP backbone, not '{info.name}'")
-    if template in TEMPLATE_SETS:
-        import open_clip
-
-        templates = (
-            open_clip.OPENAI_IMAGENET_TEMPLATES if template == "openai80" else open_clip.SIMPLE_IMAGENET_TEMPLATES
-        )
-        embeddings = torch.stack([info.encode_text([fill(name) for name in class_names]) for fill in templates])
-        text = nn.functional.normalize(embeddings.mean(0), dim=-1)
-    elif "{}" in template:
-        text = info.encode_text([template.format(name) for name in class_names])
-    else:
-        raise UserError(f"prompt template {template!r} needs a '{{}}' for the class name, or one of {TEMPLATE_SETS}")
-    head = model.get_submodule(info.head_path)
-    head.weight.copy_(info.logit_scale * text)
-    head.bias.zero_()
-    model.normalize = True

@@ -1,5 +1,5 @@
 """``petl-bench noah search``: NOAH's supernet training, evolutionary search on val and retraining of
-the winner, from the command line (the search itself is :mod:`petl_bench.methods.noah_search`)."""
+the winner, from the command line (the search itself is :mod:`petl_bench.noah_search`)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class SearchOptions:
     depths: str = typer.Option("3,6,9,12", help="Candidate numbers of blocks carrying each module type.")
 
     def settings(self, recipe):
-        from .methods.noah_search import SearchSettings, SearchSpace
+        from .noah_search import SearchSettings, SearchSpace
 
         space = SearchSpace(tuple(integers(self.sizes, "--sizes")), tuple(integers(self.depths, "--depths")))
         return SearchSettings(
@@ -70,7 +70,7 @@ def noah_search_command(
 ) -> None:  # fmt: skip
     """Train a NOAH supernet on train, search a subnet on val under a budget, retrain it on train+val."""
     from . import planning, registry, runner
-    from .methods.noah_search import run_search
+    from .noah_search import run_search
     from .paths import data_root_from
 
     for path in plugin or []:

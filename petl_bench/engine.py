@@ -9,15 +9,11 @@ cross-entropy, no augmentation. fp32 on CPU, bf16 autocast on CUDA.
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import logging
 import math
-import os
 import random
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path
 from .config import Recipe, check_bounds  # noqa: F401 - Recipe re-exported: its old home
 from .data import Normalizer, TensorDataset
 from .errors import UserError
+from .training_state import EpochLog, FitResult, restore_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -126,30 +122,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-@dataclass
-class EpochLog:
-    epoch: int
-    lr: float
-    loss: float
-    images_per_s: float
-    seconds: float
-    top1: float | None = None  # test/val top-1 when this epoch was evaluated
-
-
-@dataclass
-class FitResult:
-    top1: float | None  # accuracy of the final model on the evaluation split (percent)
-    epochs: list[EpochLog] = field(default_factory=list)
-    train_images_per_s: float = 0.0
-    eval_images_per_s: float = 0.0
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-
-    @property
-    def curve(self) -> list[dict]:
-        return [{"epoch": e.epoch, "top1": e.top1} for e in self.epochs if e.top1 is not None]
-
-
 @torch.no_grad()
 def _evaluate(model, data, normalizer, device, batch_size, classes, precision) -> tuple[float, float]:
     model.eval()
@@ -233,109 +205,6 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoot
     return nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-RESUME_FORMAT = "petl-bench-resume/2"
-
-
-def _numpy_state() -> dict:
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-            "has_gauss": int(has_gauss), "cached": float(cached)}  # fmt: skip
-
-
-def _set_numpy_state(state: dict) -> None:
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((state["kind"], keys, state["position"], state["has_gauss"], state["cached"]))
-
-
-def _save_state(path: Path, epoch: int, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> None:
-    """Everything needed to continue training after ``epoch`` exactly as if never interrupted, as
-    tensors and plain values only: the file loads with ``torch.load(weights_only=True)``, which runs
-    no code whatever the file holds."""
-    version, mt_state, gauss = random.getstate()
-    state = {
-        "format": RESUME_FORMAT,
-        "epoch": epoch,
-        "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "order": order.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python_rng": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
-        "numpy_rng": _numpy_state(),
-        "result": dataclasses.asdict(result),
-    }
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
-
-
-def _snapshot(model: nn.Module, optimizer, order: torch.Generator) -> dict:
-    return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
-        "order": order.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state(),
-    }
-
-
-def _apply_state(state: dict, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> int:
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise ValueError(f"not a {RESUME_FORMAT} training state")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    saved = state["params"]
-    if set(params) != set(saved) or any(params[n].shape != saved[n].shape for n in params):
-        raise ValueError("it was written by a different model")
-    epoch = state["epoch"]
-    if not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"bad epoch {epoch!r}")
-    epochs = [EpochLog(**entry) for entry in state["result"]["epochs"]]
-    with torch.no_grad():
-        for name, parameter in params.items():
-            parameter.copy_(saved[name])
-    optimizer.load_state_dict(state["optimizer"])
-    order.set_state(state["order"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    version, mt_state, gauss = state["python_rng"]
-    random.setstate((version, tuple(int(v) for v in mt_state.tolist()), gauss))
-    _set_numpy_state(state["numpy_rng"])
-    result.epochs = epochs
-    result.train_seconds = float(state["result"]["train_seconds"])
-    result.eval_seconds = float(state["result"]["eval_seconds"])
-    result.eval_images_per_s = float(state["result"]["eval_images_per_s"])
-    return epoch + 1
-
-
-def _restore_state(path: Path, model: nn.Module, optimizer, order: torch.Generator, result: FitResult) -> int:
-    """Continue from a state written by :func:`_save_state`; returns the first epoch still to train.
-
-    The file is loaded with ``weights_only=True``: a crafted pickle is refused, never run. A file that
-    cannot be used (crafted, garbage, truncated, another model's) is moved aside with a warning and
-    the run starts afresh, exactly as a run that never had one."""
-    before = _snapshot(model, optimizer, order)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return _apply_state(state, model, optimizer, order, result)
-    except Exception as error:  # noqa: BLE001 - any unusable file: start afresh
-        rejected = path.with_name(path.name + ".rejected")
-        os.replace(path, rejected)
-        log.warning("discarded the saved training state %s (%s: %s); moved to %s, the run starts afresh",
-                    path, type(error).__name__, str(error)[:200], rejected.name)  # fmt: skip
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if name in before["params"]:
-                    parameter.copy_(before["params"][name])
-        optimizer.load_state_dict(before["optimizer"])
-        order.set_state(before["order"])
-        torch.set_rng_state(before["torch_rng"])
-        random.setstate(before["python_rng"])
-        np.random.set_state(before["numpy_rng"])
-        result.epochs, result.train_seconds, result.eval_seconds, result.eval_images_per_s = [], 0.0, 0.0, 0.0
-        return 0
-
-
 def execution_of(device: torch.device, execution: str = "auto") -> str:
     """How the training step runs: ``compiled`` (torch.compile of forward, loss and backward; CUDA graphs on
     CUDA) or ``eager``; ``auto`` is compiled on CUDA, where the host's kernel launches bound a PETL step,
@@ -402,8 +271,7 @@ def fit(
     checkpoint_seconds: float = 60.0,
     backend: str | None = None,
 ) -> FitResult:
-    """Train ``model``'s trainable parameters, then evaluate the final model once (if ``evaluation``).
-
+    """Train ``model``'s trainable parameters, then evaluate the final model once (if ``evaluation``);
     ``train`` is a :class:`TensorDataset` (cached uint8 images) or an :class:`AugmentedStream`.
 
     With ``evaluate_periodically`` (the paper protocol) the evaluation split is also scored after
@@ -414,24 +282,14 @@ def fit(
     result = FitResult(top1=None)
     if not any(p.requires_grad for p in model.parameters()):  # nothing to train (zero-shot): evaluate only
         if evaluation is not None:
-            start = time.perf_counter()
-            result.top1, result.eval_images_per_s = evaluate(
-                model, evaluation, normalizer, device, recipe.eval_batch_size, precision=recipe.precision
-            )
-            result.eval_seconds = time.perf_counter() - start
+            _score(result, model, evaluation, normalizer, recipe, device)
         return result
-    steps_per_epoch = len(train) // recipe.batch_size if recipe.drop_last else math.ceil(len(train) / recipe.batch_size)
-    images_per_epoch = steps_per_epoch * recipe.batch_size if recipe.drop_last else len(train)
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train)} training images are fewer than one batch of {recipe.batch_size}")
+    steps_per_epoch, images_per_epoch = _epoch_size(len(train), recipe)
     optimizer = adamw(parameter_groups(model, recipe.weight_decay_scope), recipe, device)
     order = torch.Generator().manual_seed(seed)
-    first_epoch = 0
-    if resume is not None and resume.is_file():
-        first_epoch = _restore_state(resume, model, optimizer, order, result)
-        for entry in result.epochs:
-            if on_epoch:
-                on_epoch(entry)
+    first_epoch = restore_state(resume, model, optimizer, order, result) if resume and resume.is_file() else 0
+    for entry in result.epochs if on_epoch else []:  # a resumed run replays the epochs it had
+        on_epoch(entry)
     last_save = time.monotonic()
     compute = torch.bfloat16 if precision_of(device, recipe.precision) == "bf16" else None
     step = train_step(model, normalizer, optimizer, recipe, device, backend)
@@ -442,24 +300,13 @@ def fit(
                 group["lr"] = lr
             total_loss, seconds = _train_epoch(model, train, step, order, recipe, device, epoch, before_step)
             result.train_seconds += seconds
-            log = EpochLog(epoch, lr, total_loss / steps_per_epoch, images_per_epoch / seconds, seconds)
-            if not math.isfinite(log.loss):  # read once per epoch: no sync per step
-                raise NonFiniteLoss(
-                    f"the training loss became {log.loss} in epoch {epoch}: a setting is likely too large or not a "
-                    f"number (the learning rate, a method's scale), or the weights hold NaN/inf; the run stops as failed"
-                )
+            log = _checked(EpochLog(epoch, lr, total_loss / steps_per_epoch, images_per_epoch / seconds, seconds))
             last = epoch == recipe.epochs - 1
-            if evaluation is not None and (
-                last or (evaluate_periodically and epoch % recipe.eval_every == recipe.eval_every - 1)
-            ):
-                eval_start = time.perf_counter()
-                log.top1, result.eval_images_per_s = evaluate(
-                    model, evaluation, normalizer, device, recipe.eval_batch_size, precision=recipe.precision
-                )
-                result.eval_seconds += time.perf_counter() - eval_start
+            if evaluation is not None and (last or (evaluate_periodically and (epoch + 1) % recipe.eval_every == 0)):
+                log.top1 = _score(result, model, evaluation, normalizer, recipe, device)
             result.epochs.append(log)
             if resume is not None and not last and time.monotonic() - last_save >= checkpoint_seconds:
-                _save_state(
+                save_state(
                     resume, epoch, model, optimizer, order, result
                 )  # before the log line: a logged epoch is saved
                 last_save = time.monotonic()
@@ -468,3 +315,31 @@ def fit(
     result.top1 = result.epochs[-1].top1
     result.train_images_per_s = images_per_epoch * recipe.epochs / max(result.train_seconds, 1e-9)
     return result
+
+
+def _epoch_size(images: int, recipe: Recipe) -> tuple[int, int]:
+    """(steps, images trained) per epoch: full batches only with ``drop_last``."""
+    steps = images // recipe.batch_size if recipe.drop_last else math.ceil(images / recipe.batch_size)
+    if steps == 0:
+        raise UserError(f"{images} training images are fewer than one batch of {recipe.batch_size}")
+    return steps, steps * recipe.batch_size if recipe.drop_last else images
+
+
+def _checked(log: EpochLog) -> EpochLog:
+    """The epoch's log, unless its loss is not finite (read once per epoch: no sync per step)."""
+    if not math.isfinite(log.loss):
+        raise NonFiniteLoss(
+            f"the training loss became {log.loss} in epoch {log.epoch}: a setting is likely too large or not a "
+            f"number (the learning rate, a method's scale), or the weights hold NaN/inf; the run stops as failed"
+        )
+    return log
+
+
+def _score(result: FitResult, model, evaluation, normalizer, recipe: Recipe, device) -> float:
+    """Top-1 on ``evaluation``, its speed and time added to ``result``."""
+    start = time.perf_counter()
+    result.top1, result.eval_images_per_s = evaluate(
+        model, evaluation, normalizer, device, recipe.eval_batch_size, precision=recipe.precision
+    )
+    result.eval_seconds += time.perf_counter() - start
+    return result.top1

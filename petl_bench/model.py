@@ -66,6 +66,13 @@ class Method:
     # Names of the method in published_vtab1k_next.csv (before any " (variant)" or " [source]"); the report
     # prints those rows beside ours.
     published_as: ClassVar[tuple[str, ...]] = ()
+    # True: at init the model computes the frozen backbone's logits (zero-initialised branches); False: it
+    # does not (prompts, random inits); None: undeclared. The contract test holds every method to its word.
+    identity_at_init: ClassVar[bool | None] = None
+
+    def is_identity_at_init(self, config: Any) -> bool | None:
+        """Whether the method with ``config`` starts as the frozen backbone (see ``identity_at_init``)."""
+        return self.identity_at_init
 
     def attach(self, model: nn.Module, info: BackboneInfo, config: Any) -> Iterable[nn.Parameter]:
         """Add or unfreeze modules on the frozen ``model``; return the parameters to train (head excluded)."""

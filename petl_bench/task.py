@@ -50,8 +50,30 @@ class ListNames:
 
 
 @dataclass(frozen=True)
+class ReportLayout:
+    """How the report tabulates a suite's runs, and which published numbers it prints beside them.
+
+    ``kind``: ``tasks`` (a column per task, group means and averages), ``shots`` (per dataset a column per
+    number of shots, and the average over the datasets) or ``targets`` (the source task and each evaluation
+    target). The reference CSVs (``results/reference``) are printed only for runs on ``reference_backbone``
+    at ``reference_size`` px, where the published numbers were measured (``shots`` and ``targets`` tables
+    print theirs always, as the paper's figure and table they come from)."""
+
+    kind: str = "tasks"
+    title: str = ""  # the suite's name in table titles (default: the suite's name)
+    paper: str | None = None  # the reference paper's table (CSV)
+    published: tuple[str, ...] = ()  # other publications' rows (CSV, each row naming its source)
+    reference_backbone: str | None = None
+    reference_size: int = 224
+    backbone_paper: str | None = None  # tasks: a table of group means per backbone, beside this CSV
+    paper_names: tuple[tuple[str, str], ...] = ()  # shots: (task, its name in the paper's CSV)
+    targets: tuple[str, ...] = ()  # targets: the evaluation targets, in column order
+    source: str = ""  # targets: the source task's column (default: the task's name)
+
+
+@dataclass(frozen=True)
 class Suite:
-    """A named set of tasks with the defaults a run of it uses."""
+    """A named set of tasks with the defaults a run of it uses, and how the report shows it."""
 
     name: str
     description: str
@@ -60,6 +82,7 @@ class Suite:
     recipe: Recipe
     tasks: tuple[str, ...] = ()  # default tasks; empty: every registered task of this suite
     seeds: tuple[int, ...] = (0,)
+    report: ReportLayout = ReportLayout()
 
 
 @dataclass

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petl_bench.config import Recipe
-from petl_bench.datasets import Dataset, downloading, hub_file, install_class_folders
+from petl_bench.datasets import Dataset
 from petl_bench.errors import UserError
+from petl_bench.install import downloading, hub_file, install_class_folders
 from petl_bench.progress import progress_for
 from petl_bench.registry import register_dataset, register_suite, register_task
-from petl_bench.task import EvalTarget, FileListTask, ListNames, Suite, TaskData
+from petl_bench.task import EvalTarget, FileListTask, ListNames, ReportLayout, Suite, TaskData
 
 from .fewshot import FewShotTask
 
@@ -117,6 +118,13 @@ register_suite(
             normalization="backbone",
         ),  # fmt: skip
         seeds=(0,),
+        report=ReportLayout(
+            kind="targets",
+            title="domain generalisation",
+            paper="paper_domain_generalization.csv",
+            targets=tuple(TARGETS),
+            source="imagenet",
+        ),  # fmt: skip
     )
 )
 

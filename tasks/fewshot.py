@@ -16,9 +16,10 @@ from pathlib import Path
 from petl_bench.atomic import write_atomic
 from petl_bench.backbones import PAPER_BACKBONE
 from petl_bench.config import Recipe
-from petl_bench.datasets import Dataset, downloading, link_or_copy
+from petl_bench.datasets import Dataset
+from petl_bench.install import downloading, link_or_copy
 from petl_bench.registry import register_dataset, register_suite, register_task
-from petl_bench.task import FileListTask, ListNames, Suite
+from petl_bench.task import FileListTask, ListNames, ReportLayout, Suite
 
 SHOTS = (1, 2, 4, 8, 16)
 SPLIT_SEEDS = (0, 1, 2)
@@ -86,6 +87,9 @@ register_suite(
         # NOAH's few-shot recipe: lr 5e-3, 100 epochs, RandAugment, mixup 0.8, cutmix 1.0, smoothing 0.1, erasing 0.25
         recipe=Recipe(lr=5e-3, augment="deit", mixup=0.8, cutmix=1.0, label_smoothing=0.1, random_erasing=0.25),
         seeds=(0,),
+        report=ReportLayout(
+            kind="shots", title="few-shot", paper="paper_fewshot.csv", paper_names=tuple(PAPER_NAMES.items())
+        ),
     )
 )
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from petl_bench.backbones import PAPER_BACKBONE
 from petl_bench.config import Recipe
-from petl_bench.datasets import Dataset, hub_file, install_archive
+from petl_bench.datasets import Dataset
+from petl_bench.install import hub_file, install_archive
 from petl_bench.progress import progress_for
 from petl_bench.registry import TASKS, register_dataset, register_suite, register_task
-from petl_bench.task import FileListTask, Suite
+from petl_bench.task import FileListTask, ReportLayout, Suite
 
 HOW_TO_GET = (
     "Get it with 'petl-bench data get vtab-1k' (NOAH's layout, from the Hugging Face hub), or prepare it with the "
@@ -64,6 +65,13 @@ register_suite(
         methods=(),
         recipe=Recipe(),
         seeds=(0,),
+        report=ReportLayout(
+            title="VTAB-1K",
+            paper="paper_vtab1k.csv",
+            published=("published_vtab1k_next.csv",),
+            reference_backbone=PAPER_BACKBONE,
+            backbone_paper="paper_backbones.csv",
+        ),  # fmt: skip
     )
 )
 

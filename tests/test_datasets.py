@@ -21,7 +21,7 @@ from conftest import ALIASES, TINY_RUN, make_task_folder, png, run_cli, vtab_zip
 from PIL import Image
 
 import petl_bench as pb
-from petl_bench import datasets, records
+from petl_bench import datasets, install, records
 from petl_bench.errors import UserError
 from petl_bench.tasks.vtab import VTAB_TASKS
 
@@ -132,7 +132,7 @@ def test_an_interrupted_extraction_leaves_nothing_and_a_rerun_completes(tmp_path
 
     monkeypatch.setattr(zipfile.ZipFile, "extract", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        datasets.install_archive(archive, root / "vtab-1k", tasks)
+        install.install_archive(archive, root / "vtab-1k", tasks)
     assert not any((root / "vtab-1k").iterdir()), "no partial folder is left behind"
     # A kill -9 cannot clean up: its temporary folder is never read, and the next get removes it.
     stale = root / "vtab-1k" / ".partial-999999" / "vtab-1k" / "kitti"
@@ -141,7 +141,7 @@ def test_an_interrupted_extraction_leaves_nothing_and_a_rerun_completes(tmp_path
     with pytest.raises(UserError, match="task 'kitti' not found"):
         pb.TASKS.get("kitti").folder(root)
     monkeypatch.setattr(zipfile.ZipFile, "extract", original)
-    datasets.install_archive(archive, root / "vtab-1k", tasks)
+    install.install_archive(archive, root / "vtab-1k", tasks)
     assert sorted(p.name for p in (root / "vtab-1k").iterdir()) == ["dtd", "kitti"]
     checks = [datasets.check_task(task, root) for task in tasks]
     assert all(check.ok for check in checks), [c.problems for c in checks]
@@ -242,7 +242,7 @@ def test_class_folder_lists_use_imagenet_1k_labels(tmp_path):
         (folder / wnid).mkdir(parents=True)
         (folder / wnid / "x.jpg").write_bytes(png(0))
     (folder / "README.txt").write_text("not a class")
-    assert datasets.write_class_folder_list(folder, wnid_labels().get, "annotations/val_meta.list") == 2
+    assert install.write_class_folder_list(folder, wnid_labels().get, "annotations/val_meta.list") == 2
     lines = (folder / "annotations" / "val_meta.list").read_text().splitlines()
     assert lines == ["n01443537/x.jpg 1", "n15075141/x.jpg 999"]
     assert index_label("17") == 17 and index_label("1000") is None and index_label("meta") is None
@@ -353,9 +353,9 @@ def test_an_archive_larger_than_the_free_space_is_refused_before_writing(tmp_pat
 
     archive = vtab_zip(tmp_path / "few.zip", tasks=[t for t in VTAB_TASKS if t[1] == "kitti"])
     usage = shutil_module.disk_usage(tmp_path)
-    monkeypatch.setattr(datasets, "declared_size", lambda path: usage.free * 2)
+    monkeypatch.setattr(install, "declared_size", lambda path: usage.free * 2)
     with pytest.raises(UserError, match="not enough free space for extracting few.zip"):
-        datasets.install_archive(archive, tmp_path / "data" / "vtab-1k", [pb.TASKS.get("kitti")])
+        install.install_archive(archive, tmp_path / "data" / "vtab-1k", [pb.TASKS.get("kitti")])
     assert not list((tmp_path / "data" / "vtab-1k").iterdir())
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 import petl_bench as pb
 from petl_bench import records
-from petl_bench.backbones import init_classifier_from_text
+from petl_bench.clip import init_classifier_from_text
 from petl_bench.errors import UserError
 from petl_bench.report import write_report
 

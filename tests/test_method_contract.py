@@ -3,6 +3,7 @@ every registered model): a new method gets these checks without editing a list."
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -15,14 +16,14 @@ from petl_bench.errors import UserError
 SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
 
 
-def _built(method: str, spec: dict, tmp_path):
+def _built(method: str, spec: dict, tmp_path, backbone=None):
     runner = pb.METHODS.get(method)()
     overrides = dict(SMALL.get(method, {}))
     if method == "noah":
         subnet = tmp_path / "subnet.json"
         subnet.write_text(json.dumps({"prompt": [10, 10], "lora": [8, 8], "adapter": [8, 8]}))
         overrides["subnet"] = str(subnet)
-    backbone, info = tiny_backbone(spec)
+    backbone, info = backbone or tiny_backbone(spec)
     config = runner.make_config(None, **overrides)
     return runner, info, pb.attach_method(backbone, info, runner, config)
 
@@ -63,3 +64,27 @@ def test_an_unsupported_backbone_is_one_user_error(method, tmp_path):
     backbone, info = tiny_backbone(TINY_SWIN)
     with pytest.raises(UserError, match=f"method '{method}' does not support the swin backbone"):
         pb.attach_method(backbone, info, runner, runner.make_config(None, **SMALL.get(method, {})))
+
+
+@pytest.mark.parametrize("method", pb.METHODS.names())
+def test_a_method_starts_as_the_frozen_backbone_exactly_when_it_says_so(method, tmp_path):
+    runner = pb.METHODS.get(method)()
+    overrides = {**SMALL.get(method, {})}
+    declared = runner.is_identity_at_init(runner.make_config(None, **overrides))
+    if declared is None or "vit" not in runner.kinds:
+        pytest.skip("declares nothing (identity_at_init is None)" if declared is None else "not a ViT method")
+    backbone, info = tiny_backbone(TINY_VIT, init_values=1e-1)
+    reference = copy.deepcopy(backbone).eval()
+    _, _, model = _built(method, TINY_VIT, tmp_path, backbone=(backbone, info))
+    x = images(TINY_VIT)
+    model.eval()
+    with torch.no_grad():
+        same = torch.allclose(model(x), reference(x), rtol=0, atol=1e-6)
+    assert same == declared, f"{method} declares identity_at_init={declared}"
+
+
+def test_every_built_in_method_declares_whether_it_starts_as_the_backbone():
+    undeclared = [name for name in pb.METHODS.names() if not name.startswith("peft:")
+                  and pb.METHODS.get(name)().is_identity_at_init(pb.METHODS.get(name)().make_config(None)) is None
+                  and "vit" in pb.METHODS.get(name).kinds]  # fmt: skip
+    assert not undeclared, undeclared

@@ -27,7 +27,7 @@ from petl_bench.methods.noah import (
     Supernet,
     published_subnets,
 )
-from petl_bench.methods.noah_search import (
+from petl_bench.noah_search import (
     Evolution,
     SearchSettings,
     SearchSpace,

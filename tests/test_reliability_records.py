@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import TINY_RUN, run_cli, synthetic_record
 
-from petl_bench import records
+from petl_bench import install, records
 
 
 def test_one_run_in_two_result_folders_is_counted_once(tmp_path, caplog):
@@ -145,7 +145,6 @@ def test_data_get_refuses_to_replace_a_users_file_named_like_a_task_folder(tmp_p
     from conftest import VTAB_TASKS, vtab_zip
 
     import petl_bench as pb
-    from petl_bench import datasets
     from petl_bench.errors import UserError
 
     archive = vtab_zip(tmp_path / "few.zip", tasks=[t for t in VTAB_TASKS if t[1] == "kitti"])
@@ -153,7 +152,7 @@ def test_data_get_refuses_to_replace_a_users_file_named_like_a_task_folder(tmp_p
     destination.mkdir(parents=True)
     (destination / "kitti").write_text("my notes")
     with pytest.raises(UserError, match="is a file, not a task folder"):
-        datasets.install_archive(archive, destination, [pb.TASKS.get("kitti")])
+        install.install_archive(archive, destination, [pb.TASKS.get("kitti")])
     assert (destination / "kitti").read_text() == "my notes"
 
 
@@ -203,7 +202,7 @@ def test_a_malformed_manifest_entry_is_dropped_and_verify_rewrites_it(tmp_path, 
 
     root = tmp_path / "data"
     archive = vtab_zip(tmp_path / "few.zip", tasks=[t for t in VTAB_TASKS if t[1] == "kitti"])
-    datasets.install_archive(archive, root / "vtab-1k", [pb.TASKS.get("kitti")])
+    install.install_archive(archive, root / "vtab-1k", [pb.TASKS.get("kitti")])
     (root / datasets.MANIFEST).write_text(json_module.dumps({"tasks": {"aaa": "x", "bbb": {"lists": 3}}}))
     assert datasets.read_manifest(root)["tasks"] == {} and "malformed" in caplog.text
     data = pb.TASKS.get("kitti").splits(root, "final")
@@ -223,7 +222,7 @@ def test_verify_on_a_root_it_cannot_write_verifies_and_says_so(tmp_path, monkeyp
 
     root = tmp_path / "data"
     archive = vtab_zip(tmp_path / "few.zip", tasks=[t for t in VTAB_TASKS if t[1] == "kitti"])
-    datasets.install_archive(archive, root / "vtab-1k", [pb.TASKS.get("kitti")])
+    install.install_archive(archive, root / "vtab-1k", [pb.TASKS.get("kitti")])
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

@@ -16,22 +16,41 @@ import pandas as pd
 
 from ..errors import UserError
 from ..records import RunRecord
-from .accuracy import MEAN_OF_GROUPS, MEAN_OF_TASKS, accuracy_tables, backbone_table
+from ..registry import SUITES
+from ..task import ReportLayout
+from .accuracy import MEAN_OF_GROUPS, MEAN_OF_TASKS, backbone_table, task_tables
 from .dg import dg_tables
 from .fewshot import fewshot_tables, plot_fewshot
 from .plots import plot_accuracy_vs_cost, plot_accuracy_vs_params, plot_bars
 from .table import MISSING, Table, csv_safe, csv_safe_frame, escape_markdown, markdown_table, method_order, runs_frame
 from .tuned import tuned_markdown
 
-FAMILIES = ("fewshot", "dg")  # suites with their own tables
-
 __all__ = ["MEAN_OF_GROUPS", "MEAN_OF_TASKS", "Table", "all_tables", "cost_frame", "runs_frame", "write_report"]
+TABLES = {"tasks": task_tables, "shots": fewshot_tables, "targets": dg_tables}  # by ReportLayout.kind
 
 
-def all_tables(frame: pd.DataFrame) -> list[Table]:
-    tables = accuracy_tables(frame[~frame["suite"].isin(FAMILIES)])
-    backbones = backbone_table(frame)
-    return tables + ([backbones] if backbones else []) + fewshot_tables(frame) + dg_tables(frame)
+def report_layout(suite: str) -> ReportLayout:
+    """How a suite declares its report (a suite that is not registered, e.g. task folders: a column per task)."""
+    return SUITES.get(suite).report if suite in SUITES else ReportLayout()
+
+
+def all_tables(frame: pd.DataFrame, kinds: tuple[str, ...] = tuple(TABLES)) -> list[Table]:
+    """Every suite's tables, in suite order, as each suite's :class:`ReportLayout` declares them (those of
+    ``kinds``); then the per-backbone tables of the suites that declare one."""
+    tables, backbones = [], []
+    for suite, runs in frame.groupby("suite", sort=True):
+        layout = report_layout(suite)
+        if layout.kind not in kinds:
+            continue
+        tables += TABLES[layout.kind](runs, suite, layout)
+        if layout.backbone_paper:
+            backbones += [t for t in [backbone_table(runs, suite, layout)] if t]
+    return tables + backbones
+
+
+def accuracy_tables(frame: pd.DataFrame) -> list[Table]:
+    """The tables of the suites laid out by task (a column per task, group means, averages)."""
+    return [table for table in all_tables(frame, ("tasks",)) if "__backbones" not in table.slug]
 
 
 def count_range(values: pd.Series) -> str:
@@ -157,16 +176,23 @@ def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] =
         raise UserError("no finished runs found; run 'petl-bench run' first")
     out.mkdir(parents=True, exist_ok=True)
     frame = runs_frame(records)
-    tables = all_tables(frame)
-    costs = cost_frame(frame)
-    written: list[Path] = []
-
-    def write(name: str, text: str) -> None:
-        (out / name).write_text(text)
-        written.append(out / name)
-
+    tables, costs = all_tables(frame), cost_frame(frame)
     csv_safe_frame(frame).to_csv(out / "runs.csv", index=False)
-    written.append(out / "runs.csv")
+    plots = write_plots(frame, tables, out)
+    written = [out / "runs.csv", *plots]
+    if "md" in formats:
+        (out / "report.md").write_text(report_markdown(frame, tables, costs, records, plots))
+        written.append(out / "report.md")
+    if "csv" in formats:
+        (out / "accuracy.csv").write_text(accuracy_csv(tables))
+        (out / "cost.csv").write_text(csv_safe_frame(costs).to_csv(index=False))
+        written += [out / "accuracy.csv", out / "cost.csv"]
+    return written
+
+
+def write_plots(frame: pd.DataFrame, tables: list[Table], out: Path) -> list[Path]:
+    """Per table: accuracy vs parameters, the summary bars and (with a headline) accuracy vs cost; per
+    suite laid out by shots: one figure of accuracy vs shots."""
     plots = []
     for table in tables:
         plots += [plot_accuracy_vs_params(table, out / f"accuracy_vs_params__{table.slug}.png")]
@@ -174,40 +200,34 @@ def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] =
         if table.headline:
             per_method = method_costs(frame, table.key)
             plots += [plot_accuracy_vs_cost(table, per_method, out / f"accuracy_vs_cost__{table.slug}.png")]
-    fewshot = [t for t in tables if t.key.get("suite") == "fewshot"]
-    for backbone, protocol in {(t.key["backbone"], t.key["protocol"]) for t in fewshot}:
-        panels = [t for t in fewshot if (t.key["backbone"], t.key["protocol"]) == (backbone, protocol)]
-        plots.append(plot_fewshot(panels, out / f"fewshot__{panels[0].slug.split('__', 2)[2]}.png"))
-    written += [path for path in plots if path]
-    if "md" in formats:
-        parts = ["# petl-bench report", "", f"{len(frame)} runs.", "", "## Accuracy (top-1 %)", "", COLUMNS_LEGEND, ""]
-        for table in tables:
-            parts += [table.markdown(), escape_markdown(settings_note(frame, table.key)), ""]
-        tuned = tuned_markdown(records)
-        parts += [tuned] if tuned else []
-        parts += ["## Cost", "", COST_LEGEND, "", frame_markdown(costs), "## Plots", ""]
-        parts += [f"![{path.stem}]({path.name})" for path in plots if path]
-        write("report.md", "\n".join(parts) + "\n")
-    if "csv" in formats:
-        buffer = io.StringIO()
-        long = [row for table in tables for row in table.long_rows()]
-        columns = [
-            "suite",
-            "dataset",
-            "backbone",
-            "protocol",
-            "class_mask",
-            "table",
-            "method",
-            "source",
-            "column",
-            "mean",
-            "std",
-            "n",
-        ]
-        writer = csv.DictWriter(buffer, columns, restval="")
-        writer.writeheader()
-        writer.writerows({key: csv_safe(value) for key, value in row.items()} for row in long)
-        write("accuracy.csv", buffer.getvalue())
-        write("cost.csv", csv_safe_frame(costs).to_csv(index=False))
-    return written
+    shots = [t for t in tables if "dataset" in t.key]  # the per-dataset tables of a `shots` layout
+    for key in sorted({(t.key["suite"], t.key["backbone"], t.key["protocol"]) for t in shots}):
+        panels = [t for t in shots if (t.key["suite"], t.key["backbone"], t.key["protocol"]) == key]
+        plots.append(plot_fewshot(panels, out / f"{key[0]}__{panels[0].slug.split('__', 2)[2]}.png"))
+    return [path for path in plots if path]
+
+
+def report_markdown(frame, tables: list[Table], costs: pd.DataFrame, records: list[RunRecord], plots) -> str:
+    parts = ["# petl-bench report", "", f"{len(frame)} runs.", "", "## Accuracy (top-1 %)", "", COLUMNS_LEGEND, ""]
+    for table in tables:
+        parts += [table.markdown(), escape_markdown(settings_note(frame, table.key)), ""]
+    tuned = tuned_markdown(records)
+    parts += [tuned] if tuned else []
+    parts += ["## Cost", "", COST_LEGEND, "", frame_markdown(costs), "## Plots", ""]
+    parts += [f"![{path.stem}]({path.name})" for path in plots]
+    return "\n".join(parts) + "\n"
+
+
+ACCURACY_COLUMNS = ["suite", "dataset", "backbone", "protocol", "class_mask", "table", "method", "source", "column",
+                    "mean", "std", "n"]  # fmt: skip
+
+
+def accuracy_csv(tables: list[Table]) -> str:
+    """Every cell of every table as one row (long format)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ACCURACY_COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(
+        {key: csv_safe(value) for key, value in row.items()} for table in tables for row in table.long_rows()
+    )
+    return buffer.getvalue()

@@ -12,7 +12,6 @@ from importlib.resources import files
 
 import pandas as pd
 
-from ..config import PAPER_BACKBONE
 from ..errors import warn_once
 from ..registry import METHODS, SUITES, TASKS
 from .table import PAPER_METHODS, Row, Stat, Table, escape_markdown, row_order, slug, stats, with_paper
@@ -107,10 +106,10 @@ def _reference(name: str) -> pd.DataFrame:
     return pd.read_csv(files("petl_bench.reference") / name)
 
 
-def paper_vtab(layout: Layout) -> tuple[dict[str, dict[str, Stat]], dict[str, float]]:
-    """The paper's Table 1, where it has the cell."""
+def paper_rows(name: str, layout: Layout) -> tuple[dict[str, dict[str, Stat]], dict[str, float]]:
+    """The reference paper's table (the Convpass paper's Table 1 for VTAB-1K), where it has the cell."""
     rows, params = {}, {}
-    for _, line in _reference("paper_vtab1k.csv").iterrows():
+    for _, line in _reference(name).iterrows():
         method = PAPER_METHODS.get(line["method"], line["method"])
         row = {t: (float(line[t]), 0.0, 1) for t in layout.tasks if t in line and not pd.isna(line[t])}
         row.update({g: (float(line[g]), 0.0, 1) for g in layout.groups if g in line})
@@ -137,11 +136,12 @@ def published_name(method: str) -> str:
     return method.split(" (")[0].split(" [")[0].strip()
 
 
-def published_vtab(layout: Layout, methods) -> dict[str, list[Row]]:
-    """Other publications' VTAB-1K rows of the ``methods`` present, by the names each method declares."""
+def published_rows(names_csv: tuple[str, ...], layout: Layout, methods) -> dict[str, list[Row]]:
+    """Other publications' rows of the ``methods`` present, by the names each method declares."""
     names = {name: method for method in methods if method in METHODS for name in METHODS.get(method).published_as}
     rows: dict[str, list[Row]] = {}
-    for _, line in _reference("published_vtab1k_next.csv").iterrows():
+    lines = pd.concat([_reference(name) for name in names_csv], ignore_index=True) if names_csv else pd.DataFrame()
+    for _, line in lines.iterrows():
         method = names.get(published_name(line["method"]))
         if method is None:
             continue
@@ -181,53 +181,54 @@ NO_REFERENCE_NOTE = (
 )
 
 
-def published_setting(runs: pd.DataFrame) -> bool:
-    """The runs are on the backbone and input size the published VTAB-1K numbers were measured with."""
+def published_setting(runs: pd.DataFrame, layout) -> bool:
+    """The runs are on the backbone and input size the suite's published numbers were measured with."""
     sizes = set(runs["image_size"].dropna().astype(int))
-    return set(runs["backbone"]) == {PAPER_BACKBONE} and sizes <= {224}
+    return set(runs["backbone"]) == {layout.reference_backbone} and sizes <= {layout.reference_size}
 
 
-def accuracy_tables(frame: pd.DataFrame) -> list[Table]:
-    """One table per suite, backbone and protocol; VTAB-1K with the paper's Table 1 beside."""
+def task_tables(frame: pd.DataFrame, suite: str, layout) -> list[Table]:
+    """One table per backbone and protocol of the suite's runs, with the published numbers the suite's
+    layout names beside them where the runs are on the setting those were measured with."""
     tables = []
-    for (suite, backbone, protocol), runs in frame.groupby(["suite", "backbone", "protocol"], sort=True):
-        layout = layout_for(suite, list(runs["task"].unique()))
-        ours, methods = accuracy_cells(runs, layout)
+    has_references = bool(layout.paper or layout.published)
+    for (backbone, protocol), runs in frame.groupby(["backbone", "protocol"], sort=True):
+        columns = layout_for(suite, list(runs["task"].unique()))
+        ours, methods = accuracy_cells(runs, columns)
         params = runs.groupby("row")["trainable_params"].mean().to_dict()
-        comparable = suite == "vtab" and published_setting(runs)
-        paper, paper_params = paper_vtab(layout) if comparable else ({}, {})
-        published = published_vtab(layout, set(methods.values())) if comparable else {}
+        comparable = has_references and published_setting(runs, layout)
+        paper, paper_params = paper_rows(layout.paper, columns) if comparable and layout.paper else ({}, {})
+        published = published_rows(layout.published, columns, set(methods.values())) if comparable else {}
         title = f"{suite} on {backbone}, protocol '{protocol}'"
         mixed = mixed_data(runs)
         notes = [mixed_data_note(mixed, title)] if mixed else []
-        notes += [NO_REFERENCE_NOTE] if suite == "vtab" and not comparable else []
+        notes += [NO_REFERENCE_NOTE] if has_references and not comparable else []
         notes += [PAPER_NOTE] if paper else []
         notes += [PUBLISHED_NOTE] if published else []
         tables.append(
             Table(
                 title=title + (" [MIXED DATA]" if mixed else ""),
                 slug=slug(suite, backbone, protocol),
-                columns=layout.tasks + layout.aggregate_columns(),
+                columns=columns.tasks + columns.aggregate_columns(),
                 rows=with_paper(ours, paper, params, paper_params, published, methods),
                 key={"suite": suite, "backbone": backbone, "protocol": protocol},
                 note=" ".join(notes),
-                headline=(MEAN_OF_GROUPS, MEAN_OF_TASKS) if layout.groups else (MEAN_OF_TASKS,),
-                summary=tuple(layout.aggregate_columns()),
+                headline=(MEAN_OF_GROUPS, MEAN_OF_TASKS) if columns.groups else (MEAN_OF_TASKS,),
+                summary=tuple(columns.aggregate_columns()),
             )
         )
     return tables
 
 
-def backbone_table(frame: pd.DataFrame) -> Table | None:
-    """VTAB-1K group means per backbone and method, beside the paper's backbone table (Table 3)."""
-    vtab = frame[frame["suite"] == "vtab"]
-    if vtab.empty:
+def backbone_table(frame: pd.DataFrame, suite: str, report_layout) -> Table | None:
+    """The suite's group means per backbone and method, beside the paper's backbone table (Table 3)."""
+    if frame.empty:
         return None
-    columns = ["natural", "specialized", "structured", MEAN_OF_GROUPS]
-    paper = _reference("paper_backbones.csv")
+    columns = [*layout_for(suite, []).groups, MEAN_OF_GROUPS]
+    paper = _reference(report_layout.backbone_paper)
     rows = []
-    for (backbone, protocol), runs in vtab.groupby(["backbone", "protocol"], sort=True):
-        layout = layout_for("vtab", list(runs["task"].unique()))
+    for (backbone, protocol), runs in frame.groupby(["backbone", "protocol"], sort=True):
+        layout = layout_for(suite, list(runs["task"].unique()))
         params = runs.groupby("row")["trainable_params"].mean().to_dict()
         ours, methods = accuracy_cells(runs, layout)
         for row_label, cells in ours.items():
@@ -244,7 +245,8 @@ def backbone_table(frame: pd.DataFrame) -> Table | None:
                     }
                     rows.append(Row(f"{short} / {line['method']} (paper)", cells, None, "paper", method))
     return Table(
-        title="VTAB-1K by backbone", slug="vtab__backbones", columns=columns, rows=rows, key={"suite": "vtab"},
+        title=f"{report_layout.title or suite} by backbone", slug=f"{suite}__backbones", columns=columns, rows=rows,
+        key={"suite": suite},
         note="Group means (top-1 %); rows marked (paper) are the Convpass paper's backbone table (Table 3).",
         summary=tuple(columns),
     )  # fmt: skip

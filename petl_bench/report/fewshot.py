@@ -19,11 +19,11 @@ def _shot_column(shots: int) -> str:
     return f"{shots}-shot"
 
 
-def _paper(dataset: str) -> dict[str, dict[str, Stat]]:
-    from ..tasks.fewshot import PAPER_NAMES
-
-    name = PAPER_AVERAGE if dataset == AVERAGE else PAPER_NAMES.get(dataset)
-    table = pd.read_csv(files("petl_bench.reference") / "paper_fewshot.csv")
+def _paper(dataset: str, layout) -> dict[str, dict[str, Stat]]:
+    if not layout.paper:
+        return {}
+    name = PAPER_AVERAGE if dataset == AVERAGE else dict(layout.paper_names).get(dataset)
+    table = pd.read_csv(files("petl_bench.reference") / layout.paper)
     rows: dict[str, dict[str, Stat]] = {}
     for _, line in table[table["dataset"] == name].iterrows():
         method = PAPER_METHODS.get(line["method"], line["method"])
@@ -31,11 +31,11 @@ def _paper(dataset: str) -> dict[str, dict[str, Stat]]:
     return rows
 
 
-def fewshot_tables(frame: pd.DataFrame) -> list[Table]:
-    """Per backbone and protocol: one table per dataset, then the average over all five datasets."""
+def fewshot_tables(frame: pd.DataFrame, suite: str, layout) -> list[Table]:
+    """Per backbone and protocol: one table per dataset, then the average over all the suite's datasets."""
     tables = []
-    datasets_all = [name for name, task in TASKS.items() if task.suite == "fewshot"]
-    for (backbone, protocol), runs in frame[frame["suite"] == "fewshot"].groupby(["backbone", "protocol"], sort=True):
+    datasets_all = [name for name, task in TASKS.items() if task.suite == suite]
+    for (backbone, protocol), runs in frame.groupby(["backbone", "protocol"], sort=True):
         shots = sorted(int(s) for s in runs["shots"].unique())
         columns = [_shot_column(s) for s in shots]
         per_dataset: dict[str, dict[str, dict[str, Stat]]] = {}
@@ -59,14 +59,16 @@ def fewshot_tables(frame: pd.DataFrame) -> list[Table]:
             (AVERAGE, {m: {c: stats(v) for c, v in s.items()} for m, s in average.items()}),
         ]
         for dataset, cells in sections:
-            display = TASKS.get(dataset).description if dataset in TASKS else "average of the five datasets"
+            display = (
+                TASKS.get(dataset).description if dataset in TASKS else f"average of the {len(datasets_all)} datasets"
+            )
             tables.append(
                 Table(
-                    title=f"few-shot {display} on {backbone}, protocol '{protocol}'",
-                    slug=slug("fewshot", dataset, backbone, protocol),
+                    title=f"{layout.title or suite} {display} on {backbone}, protocol '{protocol}'",
+                    slug=slug(suite, dataset, backbone, protocol),
                     columns=columns,
-                    rows=with_paper(cells, _paper(dataset), params, {}, methods=methods),
-                    key={"suite": "fewshot", "dataset": dataset, "backbone": backbone, "protocol": protocol},
+                    rows=with_paper(cells, _paper(dataset, layout), params, {}, methods=methods),
+                    key={"suite": suite, "dataset": dataset, "backbone": backbone, "protocol": protocol},
                     note="Mean ± std over split seeds (and seeds). (paper): read off the paper's Figure 5 (about ±0.02).",
                 )
             )
@@ -101,7 +103,7 @@ def plot_fewshot(tables: list[Table], path: Path) -> Path | None:
             axis.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                               color=color, alpha=0.2)  # fmt: skip
         axis.set_xscale("log", base=2)
-        axis.set_title(plain(table.title.split(" on ")[0].removeprefix("few-shot ")), fontsize=9)
+        axis.set_title(plain(table.title.split(" on ")[0]), fontsize=9)
         axis.set_xlabel("shots per class")
         axis.set_ylabel("top-1 (%)")
         axis.grid(alpha=0.3)

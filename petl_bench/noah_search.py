@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-import petl_bench as pb
-from petl_bench import paths, records
-from petl_bench.atomic import write_atomic
-from petl_bench.checkpoints import load_trainable, save_trainable
-from petl_bench.config import Recipe
-from petl_bench.errors import UserError
-from petl_bench.model import Method
-
-from .noah import SUPER_DIM, NoahConfig, Subnet, Supernet
+from . import paths, records
+from .atomic import write_atomic
+from .checkpoints import load_trainable, save_trainable
+from .config import Recipe
+from .engine import evaluate, fit
+from .errors import UserError
+from .methods.noah import SUPER_DIM, NoahConfig, Subnet, Supernet
+from .model import Method
+from .runner import prepare
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,32 @@ def search_folder(output: Path, task: str, backbone: str, seed: int, settings: S
     return output / "noah-search" / f"{paths.safe_name(task)}__{paths.safe_name(backbone)}__s{seed}__{digest}"
 
 
+def train_supernet(prepared, supernet, recipe, folder: Path, task: str, backbone: str, seed: int, settings, device,
+                   progress=None) -> None:  # fmt: skip
+    """Train the supernet (a random subnet of the search space every step, NOAH's sampler reseeded every
+    epoch) and write its weights and log into ``folder``."""
+    model, depth, sampler = prepared.model, len(prepared.model.info.block_paths), random.Random()
+
+    def sample(epoch: int, step: int) -> None:
+        if step == 0:  # NOAH reseeds its sampler every epoch
+            sampler.seed(seed * 100_003 + epoch)
+        supernet.select(random_subnet(sampler, settings.space, depth))
+
+    bar = progress.add_task("NOAH supernet", total=recipe.epochs) if progress else None
+    result = fit(
+        model, prepared.train, None, prepared.normalizer, recipe, device=device, seed=seed, before_step=sample,
+        on_epoch=(lambda e: progress.update(bar, advance=1, description=f"NOAH supernet: loss {e.loss:.3f}")) if progress else None,
+        resume=folder / "supernet_resume.pt",
+    )  # fmt: skip
+    save_trainable(model, folder / "supernet.safetensors")
+    (folder / "supernet_resume.pt").unlink(missing_ok=True)
+    write_atomic(folder / "supernet.json", json.dumps({
+        "task": task, "backbone": backbone, "seed": seed, "recipe": dataclasses.asdict(recipe),
+        "epochs": [dataclasses.asdict(e) for e in result.epochs], "train_seconds": result.train_seconds,
+        "finished_at": records.now(),
+    }, indent=1))  # fmt: skip
+
+
 def run_search(
     task,
     *,
@@ -257,39 +283,19 @@ def run_search(
     data = task.splits(data_root, "tune")
     recipe = dataclasses.replace(settings.supernet_recipe, image_size=image_size or settings.supernet_recipe.image_size)
     method = _SupernetMethod()
-    prepared = pb.prepare(method, NoahConfig(), backbone, pretrained, recipe, data, seed, device, progress)
+    prepared = prepare(method, NoahConfig(), backbone, pretrained, recipe, data, seed, device, progress)
     model, info, supernet = prepared.model, prepared.model.info, method.supernet
-    train, val, normalizer = prepared.train, prepared.evaluation, prepared.normalizer
+    val, normalizer = prepared.evaluation, prepared.normalizer
 
     weights = folder / "supernet.safetensors"
     if weights.is_file():
         load_trainable(model, weights)
     else:
-        depth = len(info.block_paths)
-        sampler = random.Random()
-
-        def sample(epoch: int, step: int) -> None:
-            if step == 0:  # NOAH reseeds its sampler every epoch
-                sampler.seed(seed * 100_003 + epoch)
-            supernet.select(random_subnet(sampler, settings.space, depth))
-
-        bar = progress.add_task("NOAH supernet", total=recipe.epochs) if progress else None
-        result = pb.fit(
-            model, train, None, normalizer, recipe, device=device, seed=seed, before_step=sample,
-            on_epoch=(lambda e: progress.update(bar, advance=1, description=f"NOAH supernet: loss {e.loss:.3f}")) if progress else None,
-            resume=folder / "supernet_resume.pt",
-        )  # fmt: skip
-        save_trainable(model, weights)
-        (folder / "supernet_resume.pt").unlink(missing_ok=True)
-        write_atomic(folder / "supernet.json", json.dumps({
-            "task": task.name, "backbone": backbone, "seed": seed, "recipe": dataclasses.asdict(recipe),
-            "epochs": [dataclasses.asdict(e) for e in result.epochs], "train_seconds": result.train_seconds,
-            "finished_at": records.now(),
-        }, indent=1))  # fmt: skip
+        train_supernet(prepared, method.supernet, recipe, folder, task.name, backbone, seed, settings, device, progress)
 
     def score(subnet: Subnet) -> float:
         supernet.select(subnet)
-        return pb.evaluate(model, val, normalizer, device, recipe.eval_batch_size)[0]
+        return evaluate(model, val, normalizer, device, recipe.eval_batch_size)[0]
 
     evolution = Evolution(settings, len(info.block_paths), info.widths[0], score, seed, folder / "search_state.json")
     best = evolution.run(progress)
