@@ -227,6 +227,10 @@ def train_step(model, normalizer, optimizer, recipe: Recipe, device, backend: st
         return classification_loss(logits.float(), labels, recipe.label_smoothing)
 
     if execution_of(device, recipe.execution) == "compiled":
+        # A fresh start per fit: graphs are guarded on this model, and a sweep's runs in one process would
+        # otherwise fill dynamo's per-function cache (then fall back to eager). Inductor's on-disk caches
+        # make the later runs' compiles of the same shapes fast.
+        torch._dynamo.reset()
         options = {"backend": backend} if backend else {"mode": "reduce-overhead" if device.type == "cuda" else None}
         loss_of = torch.compile(loss_of, fullgraph=True, dynamic=False, **options)
 

@@ -46,7 +46,6 @@ def _train(method: str, execution: str, backend=None) -> tuple[torch.nn.Module, 
     data = TensorDataset(images, torch.arange(16) % 4)
     recipe = Recipe(epochs=2, batch_size=8, warmup_epochs=1, lr=1e-2, execution=execution)
     torch.manual_seed(0)  # dropout and drop-path draw from the global stream in both executions
-    torch._dynamo.reset()
     fit(model, data, None, Normalizer((0.5,) * 3, (0.5,) * 3), recipe, device=torch.device("cpu"), seed=0,
         backend=backend or "aot_eager")  # fmt: skip
     model.eval()
@@ -65,3 +64,13 @@ def test_compiled_training_equals_eager(method):
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         if a.requires_grad:
             assert torch.equal(a, b), f"{name}: {(a - b).abs().max()}"
+
+
+def test_every_fit_of_a_sweep_compiles_its_own_step(monkeypatch):
+    """Runs in one process each get a compiled step: dynamo's cache (guarded on the model) would otherwise
+    fill up and fall back to eager without a word."""
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 1)
+    backend = Recording()
+    for _ in range(2):
+        _train("lora", "compiled", backend)
+    assert backend.graphs == 2
