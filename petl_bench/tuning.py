@@ -135,9 +135,9 @@ class TuneSpec(SweepSpec):
     def _configured(self, base: Job, point: dict, seeds: list[int], protocol: str, epochs: int | None = None):
         """The jobs of ``base`` with the configuration ``point`` (and ``epochs``), one per seed."""
         settings = parse_settings(self.settings)
-        scoped = {**settings.get(base.method, {}), **{k: str(v) for k, v in point.items()}}
+        scoped = {**settings.get(base.method, {}), **point}  # typed grid values: parsed once, from --grid
         if epochs is not None:
-            scoped["epochs"] = str(epochs)
+            scoped["epochs"] = epochs
         return plan([base.method], [base.task], [base.backbone], seeds, protocol=protocol, pretrained=base.pretrained,
                     recipe=base.recipe, settings={**settings, base.method: scoped}, data_root=base.data_root)  # fmt: skip
 
