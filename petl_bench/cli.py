@@ -168,6 +168,29 @@ def report_command(
     console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
 
 
+@app.command("compare")
+def compare_command(
+    a: str = typer.Argument(..., metavar="A", help="A method, or a report row (a method and its settings)."),
+    b: str = typer.Argument(..., metavar="B", help="The other method or row."),
+    results: Path = typer.Option(Path("results/runs"), help="Folder of run records."),
+    suite: Optional[str] = typer.Option(None, help="Only runs of this suite (needed when several hold both)."),
+    backbone: Optional[str] = typer.Option(None, help="Only runs on this backbone (likewise)."),
+    protocol: str = typer.Option("final", metavar="final|paper|tune|tuned", help="Only runs of this protocol."),
+    alpha: float = typer.Option(0.05, help="The level of the tests (Holm-corrected over tasks)."),
+) -> None:
+    """Are A and B different? Per task, the paired difference (same seeds, same test images) with its 95%
+    bootstrap interval and test; across tasks, Wilcoxon's signed-rank test."""
+    from .report.significance import comparison_rows, paired, select_pair, summary_line
+
+    frame = select_pair(records.load_records(results), a, b, suite, backbone, protocol)
+    result = paired(frame, a, b, alpha)
+    title = f"{a} vs {b}: {frame['suite'].iloc[0]} on {frame['backbone'].iloc[0]}, protocol '{protocol}'"
+    render(comparison_rows(result), title, "table")
+    if result.unpaired:
+        console.print(result.unpaired_line(), highlight=False)
+    console.print(summary_line(result, alpha), highlight=False)
+
+
 @app.command("export")
 def export_command(
     run_dir: Path = typer.Argument(

@@ -123,20 +123,21 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def _evaluate(model, data, normalizer, device, batch_size, classes, precision) -> tuple[float, float]:
+def _evaluate(model, data, normalizer, device, batch_size, classes, precision):
     model.eval()
     subset = torch.tensor(classes, device=device) if classes is not None else None
-    correct, start = 0, time.perf_counter()
+    hits, start = [], time.perf_counter()
     for images, labels in data.batches(batch_size):
         with autocast(device, precision):
             logits = model(normalizer(images.to(device, non_blocking=True)))
         predictions = logits.argmax(-1) if subset is None else subset[logits[:, subset].argmax(-1)]
-        correct += int((predictions == labels.to(device)).sum())
+        hits.append(predictions == labels.to(device))
+    outcomes = torch.cat(hits).cpu()  # the one read of the pass
     seconds = time.perf_counter() - start
-    return 100.0 * correct / len(data), len(data) / max(seconds, 1e-9)
+    return 100.0 * int(outcomes.sum()) / len(data), len(data) / max(seconds, 1e-9), outcomes
 
 
-def evaluate(
+def evaluate_outcomes(
     model: nn.Module,
     data: TensorDataset,
     normalizer: Normalizer,
@@ -144,10 +145,10 @@ def evaluate(
     batch_size: int = 0,
     classes: tuple[int, ...] | None = None,
     precision: str = "auto",
-) -> tuple[float, float]:
-    """(top-1 in percent, images/s) of ``model`` on ``data``; with ``classes``, the prediction is the
-    best of those logits only (ImageNet-A/-R evaluated on their 200 classes). ``batch_size`` 0 takes
-    batches as large as memory allows."""
+) -> tuple[float, float, torch.Tensor]:
+    """(top-1 in percent, images/s, which images were classified correctly: a bool tensor in ``data``'s
+    order) of ``model`` on ``data``; with ``classes``, the prediction is the best of those logits only
+    (ImageNet-A/-R evaluated on their 200 classes). ``batch_size`` 0 takes batches as large as memory allows."""
     batch = batch_size or (1024 if device.type == "cuda" else 256)
     while True:
         try:
@@ -157,6 +158,11 @@ def evaluate(
                 raise
             torch.cuda.empty_cache()
             batch //= 2
+
+
+def evaluate(model, data, normalizer, device, batch_size=0, classes=None, precision="auto") -> tuple[float, float]:
+    """(top-1 in percent, images/s): :func:`evaluate_outcomes` without the per-image outcomes."""
+    return evaluate_outcomes(model, data, normalizer, device, batch_size, classes, precision)[:2]
 
 
 @torch.no_grad()
@@ -286,7 +292,7 @@ def fit(
     result = FitResult(top1=None)
     if not any(p.requires_grad for p in model.parameters()):  # nothing to train (zero-shot): evaluate only
         if evaluation is not None:
-            _score(result, model, evaluation, normalizer, recipe, device)
+            _score(result, model, evaluation, normalizer, recipe, device, epoch=0)
         return result
     steps_per_epoch, images_per_epoch = _epoch_size(len(train), recipe)
     optimizer = adamw(parameter_groups(model, recipe.weight_decay_scope), recipe, device)
@@ -307,7 +313,7 @@ def fit(
             log = _checked(EpochLog(epoch, lr, total_loss / steps_per_epoch, images_per_epoch / seconds, seconds))
             last = epoch == recipe.epochs - 1
             if evaluation is not None and (last or (evaluate_periodically and (epoch + 1) % recipe.eval_every == 0)):
-                log.top1 = _score(result, model, evaluation, normalizer, recipe, device)
+                log.top1 = _score(result, model, evaluation, normalizer, recipe, device, epoch)
             result.epochs.append(log)
             if resume is not None and not last and time.monotonic() - last_save >= checkpoint_seconds:
                 save_state(
@@ -339,10 +345,10 @@ def _checked(log: EpochLog) -> EpochLog:
     return log
 
 
-def _score(result: FitResult, model, evaluation, normalizer, recipe: Recipe, device) -> float:
-    """Top-1 on ``evaluation``, its speed and time added to ``result``."""
+def _score(result: FitResult, model, evaluation, normalizer, recipe: Recipe, device, epoch: int) -> float:
+    """Top-1 on ``evaluation``; its per-image outcomes, speed and time added to ``result``."""
     start = time.perf_counter()
-    result.top1, result.eval_images_per_s = evaluate(
+    result.top1, result.eval_images_per_s, result.outcomes[epoch] = evaluate_outcomes(
         model, evaluation, normalizer, device, recipe.eval_batch_size, precision=recipe.precision
     )
     result.eval_seconds += time.perf_counter() - start

@@ -9,6 +9,7 @@ run trains keeps a second process off the same run.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -77,6 +78,34 @@ class Metrics:
     eval_images: int | None = None
     train_images: int | None = None
     targets: dict[str, float] = field(default_factory=dict)
+    # Which evaluation images the selected evaluation classified correctly (see pack_outcomes); None in
+    # records from before per-image outcomes, and where the selected evaluation's were not kept (a paper-
+    # protocol run resumed after its best epoch).
+    outcomes: dict[str, Any] | None = None
+
+
+def pack_outcomes(hits, eval_list: str) -> dict[str, Any]:
+    """Per-image outcomes as a record stores them: the bits packed (numpy's order) in base64, the number of
+    images, and the fingerprint of the evaluation list they belong to (two runs pair only on the same one)."""
+    import numpy as np
+
+    bits = np.asarray(hits, dtype=bool)
+    return {"bits": base64.b64encode(np.packbits(bits).tobytes()).decode("ascii"), "images": int(bits.size),
+            "eval_list": eval_list}  # fmt: skip
+
+
+def unpack_outcomes(outcomes: dict[str, Any] | None):
+    """The bool array :func:`pack_outcomes` stored, None when there is none (or it does not decode)."""
+    import numpy as np
+
+    if not outcomes:
+        return None
+    try:
+        packed = np.frombuffer(base64.b64decode(outcomes["bits"], validate=True), dtype=np.uint8)
+        bits = np.unpackbits(packed, count=int(outcomes["images"])).astype(bool)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return bits if bits.size == int(outcomes["images"]) else None
 
 
 @dataclass
@@ -217,6 +246,11 @@ def parse_record(text: str) -> RunRecord:
         raise ValueError("metrics.targets holds a value that is not a percentage")
     if not isinstance(metrics.get("eval_split"), str):
         raise ValueError("metrics.eval_split is missing")
+    outcomes = metrics.get("outcomes")
+    if outcomes is not None and not (
+        isinstance(outcomes, dict) and isinstance(outcomes.get("bits"), str) and isinstance(outcomes.get("images"), int)
+    ):
+        raise ValueError("metrics.outcomes is not an object with packed bits and a count of images")
     missing = [name for name in _COSTS if not _finite(cost.get(name)) or cost[name] < 0]
     seconds = cost.get("seconds")
     if missing or not isinstance(seconds, dict) or not _finite(seconds.get("total")) or seconds["total"] < 0:

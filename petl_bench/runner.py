@@ -172,7 +172,8 @@ def run_job(
     if result.top1 is None or not len(evaluation):
         raise RuntimeError("the run evaluated no image; no record is written")
     model, info = prepared.model, prepared.model.info
-    metrics = run_metrics(job, data, result)
+    identity = data_identity(data)
+    metrics = run_metrics(job, data, result, identity["splits"]["eval"])
     metrics.eval_images, metrics.train_images = len(evaluation), len(train)
     metrics.targets = evaluate_targets(job, prepared, data, device)
     checkpoint = save_trainable(model, run_dir / records.CHECKPOINT)
@@ -184,7 +185,7 @@ def run_job(
         run_id=job.run_id, method=job.method, task=job.task.name, task_variant=dict(job.task.variant),
         suite=job.task.suite, group=job.task.group, backbone=job.backbone, pretrained=info.pretrained,
         backbone_checkpoint_sha256=info.checkpoint_sha256, seed=job.seed, protocol=job.protocol,
-        hparams=run_hparams(job, info, data, prepared.normalizer, device), data=data_identity(data),
+        hparams=run_hparams(job, info, data, prepared.normalizer, device), data=identity,
         metrics=metrics, cost=run_costs(job, prepared, data, result, trainee is not model, checkpoint, device, seconds),
         environment=records.environment(str(device)), notes=[note for note in (info.notes,) if note],
         started_at=started, tuning=dict(job.tuning or {}),
@@ -302,12 +303,14 @@ def run_hparams(job: Job, info, data: TaskData, normalizer: Normalizer, device: 
     )
 
 
-def run_metrics(job: Job, data: TaskData, result) -> records.Metrics:
-    """The top-1 the protocol selects (``paper``: the max over the test evaluations), and the curve."""
+def run_metrics(job: Job, data: TaskData, result, eval_list: str = "") -> records.Metrics:
+    """The top-1 the protocol selects (``paper``: the max over the test evaluations, the first on ties), its
+    per-image outcomes, and the curve."""
     curve = result.curve
-    top1 = max(point["top1"] for point in curve) if job.protocol == "paper" and curve else result.top1
+    best = max(curve, key=lambda point: point["top1"]) if job.protocol == "paper" and curve else None
+    outcomes = result.outcomes_of(best["epoch"] if best else None)
     return records.Metrics(
-        top1=top1,
+        top1=best["top1"] if best else result.top1,
         top1_last=result.top1,
         eval_split=data.eval.name,
         selection=records.SELECTION[job.protocol],
@@ -316,6 +319,7 @@ def run_metrics(job: Job, data: TaskData, result) -> records.Metrics:
             name: ("subset" if t.classes and job.recipe.class_mask == "subset" else "all")
             for name, t in data.targets.items()
         },
+        outcomes=records.pack_outcomes(outcomes.numpy(), eval_list) if outcomes is not None else None,
     )
 
 

@@ -39,6 +39,14 @@ class FitResult:
     eval_images_per_s: float = 0.0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    # epoch -> which evaluation images were classified correctly (bool, the split's order); not resumed
+    outcomes: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def outcomes_of(self, epoch: int | None = None) -> torch.Tensor | None:
+        """The per-image outcomes of ``epoch``'s evaluation (default: the last one), None when not kept."""
+        if epoch is None:
+            return self.outcomes[max(self.outcomes)] if self.outcomes else None
+        return self.outcomes.get(epoch)
 
     @property
     def curve(self) -> list[dict]:
@@ -74,7 +82,7 @@ def save_state(path: Path, epoch: int, model: nn.Module, optimizer, order: torch
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
         "numpy_rng": _numpy_state(),
-        "result": dataclasses.asdict(result),
+        "result": {k: v for k, v in dataclasses.asdict(result).items() if k != "outcomes"},
     }
     with atomic_path(path) as temporary:
         torch.save(state, temporary)

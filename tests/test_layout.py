@@ -7,6 +7,7 @@ import ast
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from petl_bench import records
@@ -22,8 +23,14 @@ def test_records_of_schema_1_read_and_report_identically(tmp_path):
     assert len(found) == 4 and {r.schema_version for r in found} == {1}
     assert all(isinstance(r.metrics, records.Metrics) and isinstance(r.cost.seconds, records.Seconds) for r in found)
     write_report(found, tmp_path / "report", ("md", "csv"))
-    for name in ("report.md", "accuracy.csv", "cost.csv", "runs.csv"):
+    for name in ("report.md", "cost.csv", "runs.csv"):
         assert (tmp_path / "report" / name).read_text() == (OLD / "report" / name).read_text(), name
+    # accuracy.csv gained interval columns since (lower/upper: bootstrap, none without per-image outcomes;
+    # t_lower/t_upper over seeds): every column it had is as it was.
+    now = pd.read_csv(tmp_path / "report" / "accuracy.csv")
+    before = pd.read_csv(OLD / "report" / "accuracy.csv")
+    pd.testing.assert_frame_equal(now[before.columns], before)
+    assert now["lower"].isna().all() and now["t_lower"].notna().any()
 
 
 # Layers, lowest first: a module imports only from its own layer or below (methods and tasks are the

@@ -22,7 +22,18 @@ from .accuracy import MEAN_OF_GROUPS, MEAN_OF_TASKS, backbone_table, task_tables
 from .dg import dg_tables
 from .fewshot import fewshot_tables, plot_fewshot
 from .plots import plot_accuracy_vs_cost, plot_accuracy_vs_params, plot_bars
-from .table import MISSING, Table, csv_safe, csv_safe_frame, escape_markdown, markdown_table, method_order, runs_frame
+from .significance import inflation_markdown, statistics_markdown
+from .table import (
+    INTERNAL,
+    MISSING,
+    Table,
+    csv_safe,
+    csv_safe_frame,
+    escape_markdown,
+    markdown_table,
+    method_order,
+    runs_frame,
+)
 from .tuned import tuned_markdown
 
 __all__ = ["MEAN_OF_GROUPS", "MEAN_OF_TASKS", "Table", "all_tables", "cost_frame", "runs_frame", "write_report"]
@@ -177,11 +188,13 @@ def write_report(records: list[RunRecord], out: Path, formats: tuple[str, ...] =
     out.mkdir(parents=True, exist_ok=True)
     frame = runs_frame(records)
     tables, costs = all_tables(frame), cost_frame(frame)
-    csv_safe_frame(frame).to_csv(out / "runs.csv", index=False)
+    csv_safe_frame(frame.drop(columns=INTERNAL)).to_csv(out / "runs.csv", index=False)
     plots = write_plots(frame, tables, out)
+    statistics, statistics_plots = statistics_markdown(frame, tables, out)
+    plots += statistics_plots
     written = [out / "runs.csv", *plots]
     if "md" in formats:
-        (out / "report.md").write_text(report_markdown(frame, tables, costs, records, plots))
+        (out / "report.md").write_text(report_markdown(frame, tables, costs, records, plots, statistics))
         written.append(out / "report.md")
     if "csv" in formats:
         (out / "accuracy.csv").write_text(accuracy_csv(tables))
@@ -207,19 +220,19 @@ def write_plots(frame: pd.DataFrame, tables: list[Table], out: Path) -> list[Pat
     return [path for path in plots if path]
 
 
-def report_markdown(frame, tables: list[Table], costs: pd.DataFrame, records: list[RunRecord], plots) -> str:
+def report_markdown(frame, tables: list[Table], costs, records: list[RunRecord], plots, statistics: str = "") -> str:
     parts = ["# petl-bench report", "", f"{len(frame)} runs.", "", "## Accuracy (top-1 %)", "", COLUMNS_LEGEND, ""]
     for table in tables:
         parts += [table.markdown(), escape_markdown(settings_note(frame, table.key)), ""]
-    tuned = tuned_markdown(records)
-    parts += [tuned] if tuned else []
+    tuned, inflation = tuned_markdown(records), inflation_markdown(frame)
+    parts += [part for part in (statistics, inflation, tuned) if part]
     parts += ["## Cost", "", COST_LEGEND, "", frame_markdown(costs), "## Plots", ""]
     parts += [f"![{path.stem}]({path.name})" for path in plots]
     return "\n".join(parts) + "\n"
 
 
 ACCURACY_COLUMNS = ["suite", "dataset", "backbone", "protocol", "class_mask", "table", "method", "source", "column",
-                    "mean", "std", "n"]  # fmt: skip
+                    "mean", "std", "n", "lower", "upper", "t_lower", "t_upper"]  # fmt: skip
 
 
 def accuracy_csv(tables: list[Table]) -> str:

@@ -10,10 +10,13 @@ import logging
 from dataclasses import dataclass
 from importlib.resources import files
 
+import numpy as np
 import pandas as pd
 
 from ..errors import warn_once
 from ..registry import METHODS, SUITES, TASKS
+from .stats import accuracy_replicates, percentile_interval
+from .stats import rng as stats_rng
 from .table import PAPER_METHODS, Row, Stat, Table, escape_markdown, row_order, slug, stats, with_paper
 
 log = logging.getLogger(__name__)
@@ -205,19 +208,58 @@ def task_tables(frame: pd.DataFrame, suite: str, layout) -> list[Table]:
         notes += [NO_REFERENCE_NOTE] if has_references and not comparable else []
         notes += [PAPER_NOTE] if paper else []
         notes += [PUBLISHED_NOTE] if published else []
+        rows = with_paper(ours, paper, params, paper_params, published, methods)
+        replicates = attach_intervals(rows, runs, columns)
+        notes += [INTERVAL_NOTE] if replicates else []
         tables.append(
             Table(
                 title=title + (" [MIXED DATA]" if mixed else ""),
                 slug=slug(suite, backbone, protocol),
                 columns=columns.tasks + columns.aggregate_columns(),
-                rows=with_paper(ours, paper, params, paper_params, published, methods),
+                rows=rows,
                 key={"suite": suite, "backbone": backbone, "protocol": protocol},
                 note=" ".join(notes),
                 headline=(MEAN_OF_GROUPS, MEAN_OF_TASKS) if columns.groups else (MEAN_OF_TASKS,),
                 summary=tuple(columns.aggregate_columns()),
+                replicates=replicates,
             )
         )
     return tables
+
+
+INTERVAL_NOTE = (
+    "Where a row's runs stored per-image outcomes, `±` is the half-width of the 95% bootstrap interval over test "
+    "images (seeds pooled, images resampled within every task for the averages; accuracy.csv has its bounds and "
+    "the t-interval over seeds); elsewhere it is the std over seeds."
+)
+
+
+def task_replicates(runs: pd.DataFrame, rng) -> dict[str, np.ndarray]:
+    """Per task of one row: bootstrap replicates of its accuracy (the mean over its seeds), where every seed
+    stored per-image outcomes on the same evaluation list."""
+    found = {}
+    for task, group in runs.sort_values("seed").groupby("task", sort=True):
+        outcomes = list(group["outcomes"])
+        if any(o is None for o in outcomes) or len({(o[0], len(o[1])) for o in outcomes}) != 1:
+            continue
+        found[task] = accuracy_replicates([o[1] for o in outcomes], rng)
+    return found
+
+
+def attach_intervals(rows: list[Row], runs: pd.DataFrame, layout: Layout) -> dict[str, dict[str, np.ndarray]]:
+    """Each of our rows' 95% bootstrap intervals (tasks, and the aggregates whose every task has one):
+    row label -> task -> replicates, for the rankings."""
+    generator, replicates = stats_rng(), {}
+    for row in rows:
+        if row.source != "ours":
+            continue
+        per_task = task_replicates(runs[runs["row"] == row.label], generator)
+        if not per_task:
+            continue
+        replicates[row.label] = per_task
+        combined = {**per_task, **aggregates(per_task, layout)}
+        row.intervals = {column: percentile_interval(values) for column, values in combined.items()}
+    return replicates
 
 
 def backbone_table(frame: pd.DataFrame, suite: str, report_layout) -> Table | None:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..config import Recipe
 from ..paths import safe_name
-from ..records import RunRecord
+from ..records import RunRecord, unpack_outcomes
 from ..registry import METHODS
 
 MISSING = "–"
@@ -57,14 +57,24 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
             "inference_images_per_s": inference.get("as_trained"), "merged_inference_images_per_s": inference.get("merged"),
             "data_fingerprint": r.data.get("fingerprint") or "", "data_manifest": r.data.get("manifest") or "",
             "finished_at": r.finished_at, "settings": json.dumps(run_settings(r), sort_keys=True, default=str),
+            "outcomes": _outcomes(r),
         }  # fmt: skip
         row.update({f"top1_{name}": value for name, value in r.metrics.targets.items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
-    extra = sorted(c for c in frame.columns if c not in RUN_COLUMNS)
-    frame = frame.reindex(columns=RUN_COLUMNS + extra)
+    extra = sorted(c for c in frame.columns if c not in RUN_COLUMNS + INTERNAL)
+    frame = frame.reindex(columns=RUN_COLUMNS + extra + INTERNAL)
     frame["row"] = row_labels(frame) if len(frame) else []
     return frame
+
+
+INTERNAL = ["outcomes"]  # frame columns the report computes with but does not write (runs.csv)
+
+
+def _outcomes(record: RunRecord):
+    """(the evaluation list's fingerprint, the per-image outcomes), None for a record without them."""
+    bits = unpack_outcomes(record.metrics.outcomes)
+    return None if bits is None else (record.metrics.outcomes.get("eval_list", ""), bits)
 
 
 def _flat(prefix: str, value, out: dict) -> None:
@@ -152,11 +162,26 @@ def stats(values: list[float]) -> Stat:
     return mean, std, len(values)
 
 
-def format_cell(cell: Stat | None) -> str:
+def format_cell(cell: Stat | None, interval: tuple[float, float] | None = None) -> str:
+    """``mean ± h``: h the half-width of the cell's 95% bootstrap interval where it has one, else the std
+    over seeds (several seeds), else the mean alone."""
     if cell is None:
         return MISSING
     mean, std, n = cell
+    if interval is not None:
+        return f"{mean:.1f} ± {(interval[1] - interval[0]) / 2:.1f}"
     return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+
+
+def t_bounds(cell: Stat) -> tuple[float | None, float | None]:
+    """The 95% t-interval over seeds of a cell (None, None below two seeds)."""
+    from scipy import stats
+
+    mean, std, n = cell
+    if n < 2:
+        return None, None
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return round(mean - half, 4), round(mean + half, 4)
 
 
 def format_params(count: float | None) -> str:
@@ -204,6 +229,7 @@ class Row:
     params: float | None = None
     source: str = "ours"  # or "paper"
     method: str = ""
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # column -> 95% bootstrap interval
 
 
 @dataclass
@@ -218,6 +244,7 @@ class Table:
     note: str = ""  # Markdown written by the report itself (text from records escaped where it is put in)
     headline: tuple[str, ...] = ()  # the column(s) a plot takes as the row's overall number, by preference
     summary: tuple[str, ...] = ()  # the columns a bar plot shows
+    replicates: dict = field(default_factory=dict, repr=False)  # row label -> task -> bootstrap replicates
 
     def ours(self) -> dict[str, dict[str, Stat]]:
         """Our rows' cells by label (the method's name unless it has rows of several settings)."""
@@ -228,7 +255,7 @@ class Table:
             {
                 "method": row.label,
                 "params": format_params(row.params),
-                **{c: format_cell(row.cells.get(c)) for c in self.columns},
+                **{c: format_cell(row.cells.get(c), row.intervals.get(c)) for c in self.columns},
             }
             for row in self.rows
         ]
@@ -250,6 +277,10 @@ class Table:
                 "mean": round(cell[0], 4),
                 "std": round(cell[1], 4),
                 "n": cell[2],
+                "lower": round(row.intervals[column][0], 4) if column in row.intervals else None,
+                "upper": round(row.intervals[column][1], 4) if column in row.intervals else None,
+                "t_lower": t_bounds(cell)[0],
+                "t_upper": t_bounds(cell)[1],
             }  # fmt: skip
             for row in self.rows
             for column, cell in row.cells.items()
