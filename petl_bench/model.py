@@ -183,7 +183,7 @@ class PetlModel(nn.Module):
         return self.backbone.get_submodule(self.info.head_path)
 
 
-HEAD_INITS = ("default", "trunc_normal", "vpt", "text")
+HEAD_INITS = ("default", "trunc_normal", "vpt", "zero", "text")
 
 
 @torch.no_grad()
@@ -206,11 +206,14 @@ def init_classifier(head: nn.Linear, how: str) -> None:
     """The classifier's initial values. ``default``: PyTorch's Linear init (timm's reset_classifier, the
     Convpass code); ``trunc_normal``: weight trunc_normal(std 0.02), bias 0 (NOAH's reset_classifier);
     ``vpt``: VPT's MLP head, weight kaiming_normal(fan_out, a=0), bias -log(99) (its ``special_bias``);
-    ``text``: set afterwards from class-name prompts (CLIP)."""
+    ``zero``: weight and bias 0 (ARC's ``zero_head``); ``text``: set afterwards from class-name prompts (CLIP)."""
     if how in ("default", "text"):
         return
     if how == "trunc_normal":
         vit_linear_init_([head])
+    elif how == "zero":
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
     elif how == "vpt":
         nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
         nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))

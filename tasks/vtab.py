@@ -68,7 +68,7 @@ register_suite(
         report=ReportLayout(
             title="VTAB-1K",
             paper="paper_vtab1k.csv",
-            published=("published_vtab1k_next.csv",),
+            published=("published_vtab1k_next.csv", "published_vtab1k_third.csv"),
             reference_backbone=PAPER_BACKBONE,
             backbone_paper="paper_backbones.csv",
         ),  # fmt: skip

@@ -21,6 +21,9 @@ DEPTH = TINY_VIT["depth"]
 # The floor holds its frozen weights in bf16 (engine.frozen_weights_in), as training does.
 BUDGET = {
     "adapter": 27,
+    "adapter_plus": 25,
+    "arc": 60,
+    "arc_attn": 30,
     "adaptformer": 23,
     "bi_adaptformer": 95,
     "bi_lora": 195,

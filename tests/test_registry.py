@@ -89,7 +89,7 @@ def test_params_without_methods_counts_every_method_that_runs_on_the_backbone(mo
         "ln_tune": 38_400, "ssf": 205_824, "fact_tt": 8_448, "fact_tk": 13_952, "repadapter": 239_808,
         "repadapter_attn": 119_904,
         "difffit": 140_544, "houlsby_adapter": 313_536, "pfeiffer_adapter": 156_768, "bi_adaptformer": 589_824,
-        "bi_lora": 1_179_648,
+        "bi_lora": 1_179_648, "adapter_plus": 165_984, "arc": 96_432, "arc_attn": 48_216,
     }  # fmt: skip
     assert "not counted: zero_shot" in stderr and "not counted: noah" in stderr
 

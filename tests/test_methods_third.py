@@ -1,0 +1,135 @@
+"""The third batch of methods (spec: ../shared/spec/methods-third.md): Adapter+ and ARC. Counts on ViT-B/16
+equal the spec's, the equations written out give the same outputs, inits are the official ones, ARC folds
+exactly. (Identity at init, the trained set, checkpoints and merging: the contract test, for every method.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_VIT, images, randomize_trainable, tiny_backbone, with_method
+
+import petl_bench as pb
+from petl_bench.methods.adapter_plus import AdapterPlusBlock, rank_tables
+from petl_bench.methods.arc import ARCInput
+
+
+def vit_b_count(method: str, **overrides) -> int:
+    model = pb.create_model(method, pb.PAPER_BACKBONE, num_classes=10, pretrained="none", **overrides)
+    return pb.count_trainable(model)[0]
+
+
+@pytest.mark.parametrize(
+    "method,overrides,expected",
+    [
+        ("adapter_plus", {}, 165_984),  # 12 (1537 r + 1536), r = 8
+        ("adapter_plus", {"dim": 1}, 36_876),
+        ("adapter_plus", {"dim": 32}, 608_640),
+        ("arc", {}, 96_432),  # 1560 r + 18,432, r = 50
+        ("arc_attn", {}, 48_216),  # 780 r + 9,216
+    ],
+)
+def test_counts_on_vit_b16_equal_the_spec(method, overrides, expected):
+    assert vit_b_count(method, **overrides) == expected
+
+
+def test_adapter_plus_per_task_ranks_give_the_specs_19_task_means():
+    method = pb.METHODS.get("adapter_plus")()
+    tasks = [name for name, task in pb.TASKS.items() if task.suite == "vtab"]
+    for table, mean in (("dim1-4", 75_705), ("dim1-8", 122_301), ("dim1-32", 231_023)):
+        assert set(rank_tables()[table]) == set(tasks)
+        ranks = [method.make_config(task, ranks=table).dim for task in tasks]
+        assert round(sum(12 * (1537 * r + 1536) for r in ranks) / len(tasks)) == mean
+    assert method.make_config("svhn", ranks="dim1-32").dim == 16 and method.make_config("svhn").dim == 8
+    assert method.make_config("svhn", ranks="dim1-32", dim=3).dim == 3, "an explicit dim wins"
+
+
+def test_adapter_plus_post_is_the_block_output_plus_the_scaled_bottleneck():
+    reference, model = with_method("adapter_plus", tiny_backbone(TINY_VIT), drop_path=0.0)
+    randomize_trainable(model)
+    wrapped = model.backbone.blocks[0]
+    assert isinstance(wrapped, AdapterPlusBlock)
+    adapter, x = wrapped.adapter, torch.randn(2, 17, 32)
+    model.eval()
+    with torch.no_grad():
+        z = reference.blocks[0](x)
+        expected = z + adapter.scaling * adapter.up(torch.nn.functional.gelu(adapter.down(z)))
+        torch.testing.assert_close(wrapped(x), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("position", ["pre", "intermediate", "parallel"])
+def test_adapter_plus_positions_follow_the_official_block(position):
+    reference, model = with_method("adapter_plus", tiny_backbone(TINY_VIT), drop_path=0.0, position=position)
+    randomize_trainable(model)
+    block, wrapped = reference.blocks[0], model.backbone.blocks[0]
+    delta, x = wrapped.adapter, torch.randn(2, 17, 32)
+    model.eval()
+    with torch.no_grad():
+        y = x + block.attn(block.norm1(x))
+        if position == "pre":
+            y = y + delta(y)
+            expected = y + block.mlp(block.norm2(y))
+        else:
+            h = block.mlp(block.norm2(y))
+            expected = y + h + delta(h if position == "intermediate" else y)
+        torch.testing.assert_close(wrapped(x), expected, rtol=0, atol=1e-6)
+
+
+def test_adapter_plus_inits():
+    _, model = with_method("adapter_plus", tiny_backbone(TINY_VIT, embed_dim=192, num_heads=3), dim=64)
+    adapters = [block.adapter for block in model.backbone.blocks]
+    for layer in [a.down for a in adapters] + [a.up for a in adapters]:
+        weight = layer.weight.detach()
+        assert weight.abs().max() <= 0.02 and 0.006 < weight.std() < 0.01  # trunc_normal(0.01) cut at +-0.02
+        assert torch.equal(layer.bias.detach(), torch.zeros_like(layer.bias))
+    assert all(torch.equal(a.scaling.detach(), torch.ones(192)) for a in adapters)
+    _, lora = with_method("adapter_plus", tiny_backbone(TINY_VIT), init="lora")
+    assert all(not block.adapter.up.weight.any() for block in lora.backbone.blocks)
+
+
+def test_arc_shares_one_projection_per_kind_and_its_inits_are_the_official_ones():
+    _, model = with_method("arc", tiny_backbone(TINY_VIT), dim=6)
+    att = [b.attn.qkv.adapter for b in model.backbone.blocks]
+    mlp = [b.mlp.fc1.adapter for b in model.backbone.blocks]
+    assert all(a.shared is model.backbone.arc_att_down_projection for a in att)
+    assert all(a.shared is model.backbone.arc_mlp_down_projection for a in mlp)
+    assert all(not a.adapter_rescale.any() and not a.adapter_bias.any() for a in att)
+    bound = math.sqrt(6 / 7)
+    assert all(a.adapter_rescale.abs().max() <= bound and a.adapter_rescale.any() for a in mlp)
+    names = set(pb.trainable_parameters(model))
+    assert sum(".down_projection" in n or "_down_projection" in n for n in names) == 2
+
+
+def test_arc_is_the_official_equation_and_folds_exactly():
+    reference, model = with_method("arc", tiny_backbone(TINY_VIT), dim=6)
+    randomize_trainable(model)
+    model.eval()
+    wrapped = model.backbone.blocks[1].mlp.fc1
+    assert isinstance(wrapped, ARCInput)
+    z = torch.randn(2, 17, 32)
+    adapter = wrapped.adapter
+    with torch.no_grad():
+        u, lam, beta = adapter.shared.weight, adapter.adapter_rescale, adapter.adapter_bias
+        expected = reference.blocks[1].mlp.fc1(z + (z @ (u * lam)) @ u.t() + beta)
+        torch.testing.assert_close(wrapped(z), expected, rtol=0, atol=1e-5)
+        x = images(TINY_VIT)
+        merged = pb.merge(model)
+        assert (merged(x) - model(x)).abs().max() <= 1e-4
+        assert not any("arc" in name or "adapter" in name for name, _ in merged.named_parameters())
+
+
+def test_adapter_plus_prints_beside_its_published_rows_with_source_and_average_kind():
+    from conftest import synthetic_record
+
+    from petl_bench.report import accuracy_tables, runs_frame
+
+    tasks = [name for name, task in pb.TASKS.items() if task.suite == "vtab"]
+    runs = [synthetic_record("adapter_plus", task, 0, 75.0) for task in tasks]
+    (table,) = accuracy_tables(runs_frame(runs))
+    labels = [row["method"] for row in table.display_rows()]
+    average = "average = mean of group means"
+    source = "visinf/adapter_plus assets/params_accuracy.png"
+    assert f"adapter_plus (published: Adapter+ (r=8); {source}; {average})" in labels
+    assert f"adapter_plus (published: Adapter+ opt. (dim1-8 per-task r); {source}; {average})" in labels
+    assert labels[0] == "adapter_plus" and "arc" not in " ".join(labels), "ours first; only the methods that ran"
