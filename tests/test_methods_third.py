@@ -133,3 +133,37 @@ def test_adapter_plus_prints_beside_its_published_rows_with_source_and_average_k
     assert f"adapter_plus (published: Adapter+ (r=8); {source}; {average})" in labels
     assert f"adapter_plus (published: Adapter+ opt. (dim1-8 per-task r); {source}; {average})" in labels
     assert labels[0] == "adapter_plus" and "arc" not in " ".join(labels), "ours first; only the methods that ran"
+
+
+def test_dtl_counts_and_the_per_task_kernels_give_the_specs_mean():
+    assert vit_b_count("dtl") == 36_864 and vit_b_count("dtl_plus") == 43_776
+    method = pb.METHODS.get("dtl_plus")()
+    tasks = [name for name, task in pb.TASKS.items() if task.suite == "vtab"]
+    kernels = [method.make_config(task).kernel for task in tasks]
+    assert round(sum(36_864 + 768 * k * k for k in kernels) / len(tasks)) == 50_728
+
+
+@pytest.mark.parametrize("method", ["dtl", "dtl_plus"])
+def test_dtl_side_network_and_head_follow_the_official_forward(method):
+    reference, model = with_method(method, tiny_backbone(TINY_VIT, depth=4), beta=3.0)
+    randomize_trainable(model)
+    side = model.backbone.blocks
+    x = images(TINY_VIT)
+    model.eval()
+    with torch.no_grad():
+        tokens = reference.norm_pre(reference._pos_embed(reference.patch_embed(x)))
+        summed = 0
+        for index, block in enumerate(reference.blocks):
+            summed = summed + tokens @ side.lora_A[index].weight.t() @ side.lora_B[index].weight.t()
+            tokens = block(tokens)
+            if index >= 2:  # half of the 4 blocks get the side network
+                g = summed * torch.sigmoid(3.0 * summed)
+                if method == "dtl_plus":
+                    patches = g[:, 1:].transpose(1, 2).reshape(len(x), 32, 4, 4)
+                    conv = torch.nn.functional.conv2d(patches, side.lora_fusion.weight, padding="same", groups=32)
+                    g = torch.cat([g[:, :1], conv.flatten(2).transpose(1, 2)], dim=1)
+                tokens = tokens + g
+        expected = model.backbone.head(reference.norm(tokens[:, 1:].mean(1)))  # mean of patch tokens, then the norm
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    assert not any(up.weight.any() for up in pb.create_model(method, "vit_tiny_patch16_224", num_classes=3,
+                   pretrained="none").backbone.blocks.lora_B), "B starts at zero"  # fmt: skip

@@ -31,6 +31,8 @@ BUDGET = {
     "convpass": 121,
     "convpass_attn": 59,
     "difffit": 29,
+    "dtl": 4,
+    "dtl_plus": 8,
     "fact_tk": 132,
     "fact_tt": 110,
     "full": 31,
