@@ -205,11 +205,16 @@ def _die_with(owner: int) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-owner").start()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a SLURM task's share, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _decode_into(path: Path, split: Split, size: tuple[int, int], interpolation: str, workers, progress) -> None:
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(split), 3, size[0], size[1]))
     jobs = [(str(file), size[0], size[1], interpolation) for file in split.files()]
     task = progress.add_task(f"decoding {split.name} ({len(jobs)} images)", total=len(jobs)) if progress else None
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or usable_cores()  # decoding is CPU-bound and runs before training: all of them
 
     def fill(target: np.ndarray, decoded_images) -> None:
         for index, decoded in enumerate(decoded_images):
