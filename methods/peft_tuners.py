@@ -106,6 +106,7 @@ class PeftTuner(Method):
     kinds = (VIT, SWIN, CLIP)
     merges = True
     reads_frozen_weights = True  # DoRA's norm, VeRA/BOFT/OFT's transforms read the base weight in their own code
+    compiles = False  # PEFT's layers are not checked for graph breaks (DoRA's break: str.startswith in its forward)
     preset: typing.ClassVar[dict] = {}
 
     def build_config(self, values: dict):

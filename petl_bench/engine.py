@@ -211,12 +211,12 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoot
     return nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-def execution_of(device: torch.device, execution: str = "auto") -> str:
+def execution_of(device: torch.device, execution: str = "auto", compiles: bool = True) -> str:
     """How the training step runs: ``compiled`` (torch.compile of forward, loss and backward; CUDA graphs on
-    CUDA) or ``eager``; ``auto`` is compiled on CUDA, where the host's kernel launches bound a PETL step,
-    and eager elsewhere."""
+    CUDA) or ``eager``; ``auto`` is compiled on CUDA, where the host's kernel launches bound a PETL step, for
+    methods that declare they compile without graph breaks (``Method.compiles``), and eager elsewhere."""
     if execution == "auto":
-        return "compiled" if device.type == "cuda" else "eager"
+        return "compiled" if device.type == "cuda" and compiles else "eager"
     return execution
 
 
@@ -232,7 +232,7 @@ def train_step(model, normalizer, optimizer, recipe: Recipe, device, backend: st
             logits = model(normalizer(images))
         return classification_loss(logits.float(), labels, recipe.label_smoothing)
 
-    if execution_of(device, recipe.execution) == "compiled":
+    if execution_of(device, recipe.execution, getattr(getattr(model, "method", None), "compiles", True)) == "compiled":
         # A fresh start per fit: graphs are guarded on this model, and a sweep's runs in one process would
         # otherwise fill dynamo's per-function cache (then fall back to eager). Inductor's on-disk caches
         # make the later runs' compiles of the same shapes fast.

@@ -61,6 +61,9 @@ class Method:
     # True when the method's code reads frozen Linear/conv weights outside those layers (DoRA's weight norm):
     # then they are not held in the compute dtype during training (engine.frozen_weights_in).
     reads_frozen_weights: ClassVar[bool] = False
+    # True: the training step compiles as one graph without breaks (tests/test_compiled.py holds every built-in
+    # method to it); False: ``--execution auto`` trains it eagerly on CUDA too.
+    compiles: ClassVar[bool] = True
     # Bounds of the config's fields beyond COMMON_BOUNDS: name -> (lowest, highest, highest excluded).
     bounds: ClassVar[Mapping[str, tuple]] = {}
     # Names of the method in published_vtab1k_next.csv (before any " (variant)" or " [source]"); the report

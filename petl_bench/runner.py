@@ -295,7 +295,7 @@ def run_hparams(job: Job, info, data: TaskData, normalizer: Normalizer, device: 
         },
         input_size=list(info.preprocessing.image_size),
         precision=precision_of(device, job.recipe.precision),
-        execution=execution_of(device, job.recipe.execution),
+        execution=execution_of(device, job.recipe.execution, method.compiles),
         pretrained_source=job.pretrained,
         num_classes=data.num_classes,
         class_names=list(data.class_names) if data.class_names else None,

@@ -74,3 +74,13 @@ def test_every_fit_of_a_sweep_compiles_its_own_step(monkeypatch):
     for _ in range(2):
         _train("lora", "compiled", backend)
     assert backend.graphs == 2
+
+
+def test_auto_compiles_on_cuda_only_the_methods_that_declare_it():
+    from petl_bench.engine import execution_of
+
+    cuda = torch.device("cuda")  # a device object: no GPU needed
+    assert execution_of(cuda, "auto") == "compiled" and execution_of(torch.device("cpu"), "auto") == "eager"
+    assert execution_of(cuda, "auto", compiles=False) == "eager" and execution_of(cuda, "compiled", False) == "compiled"
+    assert all(pb.METHODS.get(name).compiles for name in pb.METHODS.names())  # built-ins: held by the test above
+    assert pb.METHODS.get("peft:dora").compiles is False  # DoRA's forward breaks the graph
