@@ -116,9 +116,17 @@ def summary_line(result: Paired, alpha: float = ALPHA) -> str:
     shown = ", ".join(f"{verdict} on {n}" for verdict, n in counts.items())
     test = "Wilcoxon signed-rank over tasks" if len(result.comparisons) > 1 else result.comparisons[0].test
     mean = float(np.mean([c.difference for c in result.comparisons]))
+    tasks = len(result.comparisons)
+    floor = 2 / 2**tasks  # the smallest two-sided p of Wilcoxon's exact test over this many tasks
+    caveat = (
+        f" (over {tasks} tasks Wilcoxon's p cannot go below {floor:.3g}: only the per-task verdicts can show a "
+        f"difference)"
+        if tasks > 1 and floor > alpha
+        else ""
+    )
     return (
         f"{result.a} vs {result.b}: {result.verdict} (mean difference {mean:+.2f} points over "
-        f"{len(result.comparisons)} task(s); {test} p = {result.p:.3g}, level {alpha}); per task (Holm): {shown}"
+        f"{tasks} task(s); {test} p = {result.p:.3g}, level {alpha}); per task (Holm): {shown}{caveat}"
     )
 
 
