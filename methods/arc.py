@@ -30,6 +30,8 @@ from petl_bench.backbones import VIT
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
+from .building_blocks import AdaptedInput
+
 
 class SharedProjection(nn.Module):
     """The down-projection ``U`` (d x r) shared by one kind of adapter across all layers."""
@@ -67,28 +69,6 @@ class ARCAdapter(nn.Module):
         ) @ u.t(), self.adapter_bias
 
 
-class ARCInput(nn.Module):
-    """``linear(adapter(x))``."""
-
-    def __init__(self, linear: nn.Linear, adapter: ARCAdapter):
-        super().__init__()
-        self.linear = linear
-        self.adapter = adapter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.adapter(x))
-
-    @torch.no_grad()
-    def folded(self) -> nn.Linear:
-        m, beta = self.adapter.affine()
-        weight = self.linear.weight.clone()
-        self.linear.weight.copy_(weight @ m.to(weight.dtype))
-        if self.linear.bias is None:
-            self.linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)
-        self.linear.bias += weight @ beta.to(weight.dtype)
-        return self.linear
-
-
 @dataclass
 class ARCConfig:
     dim: int = 50  # r, the official adapter_dim of ViT-B
@@ -122,7 +102,7 @@ class ARC(Method):
             for path in info.block_paths:
                 target = f"{path}.{self._linear(kind)}"
                 adapter = ARCAdapter(shared, width, config.dim, config.dropout, identity=kind == "att")
-                model.set_submodule(target, ARCInput(model.get_submodule(target), adapter))
+                model.set_submodule(target, AdaptedInput(model.get_submodule(target), adapter))
                 params += list(adapter.parameters())
         return params
 

@@ -265,3 +265,26 @@ def task_table(method: str) -> dict[str, dict]:
 
     data = json.loads((files("petl_bench.methods") / f"{method}.tasks.json").read_text(encoding="utf-8"))
     return {task: values for task, values in data.items() if not task.startswith("_")}
+
+
+class AdaptedInput(nn.Module):
+    """``linear(adapter(x))`` for a linear adapter (``affine()`` -> ``(M, c)`` with ``adapter(z) = M z + c``), which
+    folds into the Linear exactly: ``W' = W M``, ``b' = b + W c`` (RepAdapter, ARC)."""
+
+    def __init__(self, linear: nn.Linear, adapter: nn.Module):
+        super().__init__()
+        self.linear = linear
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.adapter(x))
+
+    @torch.no_grad()
+    def folded(self) -> nn.Linear:
+        m, c = (t.to(self.linear.weight.dtype) for t in self.adapter.affine())
+        weight = self.linear.weight.clone()
+        self.linear.weight.copy_(weight @ m)
+        if self.linear.bias is None:
+            self.linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)
+        self.linear.bias += weight @ c
+        return self.linear

@@ -28,7 +28,7 @@ from petl_bench.errors import UserError
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-from .building_blocks import task_table
+from .building_blocks import AdaptedInput, task_table
 
 
 class RepAdapter(nn.Module):
@@ -63,28 +63,6 @@ class RepAdapter(nn.Module):
         a = self.conv_A.weight.squeeze(-1)
         identity = torch.eye(b.shape[0], dtype=b.dtype, device=b.device)
         return identity + self.scale * b @ a, self.scale * (b @ self.conv_A.bias + self.conv_B.bias)
-
-
-class AdaptedInput(nn.Module):
-    """``linear(adapter(x))``."""
-
-    def __init__(self, linear: nn.Linear, adapter: RepAdapter):
-        super().__init__()
-        self.linear = linear
-        self.adapter = adapter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.adapter(x))
-
-    @torch.no_grad()
-    def folded(self) -> nn.Linear:
-        m, c = (t.to(self.linear.weight.dtype) for t in self.adapter.affine())
-        weight = self.linear.weight.clone()
-        self.linear.weight.copy_(weight @ m)
-        if self.linear.bias is None:
-            self.linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)
-        self.linear.bias += weight @ c
-        return self.linear
 
 
 @dataclass

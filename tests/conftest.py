@@ -21,6 +21,19 @@ from petl_bench.tasks.vtab import VTAB_TASKS
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 OFFLINE_DATA = SHARED / "offline_data"
 
+# Settings of the methods whose defaults are wide for the tiny test ViT; "noah" (a subnet file) is added by the
+# session fixture below.
+SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _noah_subnet_for_the_tiny_vit(tmp_path_factory):
+    """A NOAH subnet for the two-block test ViT, as ``SMALL["noah"]``."""
+    path = tmp_path_factory.mktemp("noah") / "subnet.json"
+    path.write_text(json.dumps({"prompt": [10, 10], "lora": [8, 8], "adapter": [8, 8]}))
+    SMALL["noah"] = {"subnet": str(path)}
+
+
 TINY_VIT = dict(name="vit_tiny_patch16_224", image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 TINY_SWIN = dict(
     name="swin_tiny_patch4_window7_224", image_size=56, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7

@@ -5,25 +5,14 @@ break or a difference in what is computed shows here; inductor's fused kernels a
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import TINY_VIT, tiny_backbone
+from conftest import SMALL, TINY_VIT, tiny_backbone
 
 import petl_bench as pb
 from petl_bench.config import Recipe
 from petl_bench.data import Normalizer, TensorDataset
 from petl_bench.engine import fit
-
-SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _noah_subnet(tmp_path_factory):
-    path = tmp_path_factory.mktemp("noah") / "subnet.json"
-    path.write_text(json.dumps({"prompt": [10, 10], "lora": [8, 8], "adapter": [8, 8]}))
-    SMALL["noah"] = {"subnet": str(path)}
 
 
 class Recording:

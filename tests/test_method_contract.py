@@ -4,25 +4,18 @@ every registered model): a new method gets these checks without editing a list."
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from conftest import TINY_SWIN, TINY_VIT, images, randomize_trainable, tiny_backbone
+from conftest import SMALL, TINY_SWIN, TINY_VIT, images, randomize_trainable, tiny_backbone
 
 import petl_bench as pb
 from petl_bench.errors import UserError
-
-SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
 
 
 def _built(method: str, spec: dict, tmp_path, backbone=None):
     runner = pb.METHODS.get(method)()
     overrides = dict(SMALL.get(method, {}))
-    if method == "noah":
-        subnet = tmp_path / "subnet.json"
-        subnet.write_text(json.dumps({"prompt": [10, 10], "lora": [8, 8], "adapter": [8, 8]}))
-        overrides["subnet"] = str(subnet)
     backbone, info = backbone or tiny_backbone(spec)
     config = runner.make_config(None, **overrides)
     return runner, info, pb.attach_method(backbone, info, runner, config)

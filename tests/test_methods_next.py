@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_SWIN, TINY_VIT, images, randomize_trainable, tiny_backbone, with_method
+from conftest import SMALL, TINY_SWIN, TINY_VIT, images, randomize_trainable, tiny_backbone, with_method
 
 import petl_bench as pb
 from petl_bench.errors import UserError
@@ -17,7 +17,6 @@ from petl_bench.methods.binary import QLinear, normal_codes
 
 NEW = ["ssf", "fact_tt", "fact_tk", "repadapter", "repadapter_attn", "difffit", "ln_tune", "houlsby_adapter", "pfeiffer_adapter",
        "bi_adaptformer", "bi_lora"]  # fmt: skip
-SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
 IDENTITY_AT_INIT = [
     "fact_tt",
     "fact_tk",

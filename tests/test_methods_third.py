@@ -12,7 +12,7 @@ from conftest import TINY_VIT, images, randomize_trainable, tiny_backbone, with_
 
 import petl_bench as pb
 from petl_bench.methods.adapter_plus import AdapterPlusBlock, rank_tables
-from petl_bench.methods.arc import ARCInput
+from petl_bench.methods.building_blocks import AdaptedInput
 
 
 def vit_b_count(method: str, **overrides) -> int:
@@ -106,7 +106,7 @@ def test_arc_is_the_official_equation_and_folds_exactly():
     randomize_trainable(model)
     model.eval()
     wrapped = model.backbone.blocks[1].mlp.fc1
-    assert isinstance(wrapped, ARCInput)
+    assert isinstance(wrapped, AdaptedInput)
     z = torch.randn(2, 17, 32)
     adapter = wrapped.adapter
     with torch.no_grad():

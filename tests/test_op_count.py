@@ -3,11 +3,9 @@ host sync inside a step, and the fused optimizer equal to the foreach one."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import TINY_VIT, tiny_backbone
+from conftest import SMALL, TINY_VIT, tiny_backbone
 
 import petl_bench as pb
 from petl_bench.opcount import count_step
@@ -48,15 +46,6 @@ BUDGET = {
     "vpt_deep": 8,
     "vpt_shallow": 1,
 }
-SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _noah_subnet(tmp_path_factory):
-    """A NOAH subnet for the two-block test ViT."""
-    path = tmp_path_factory.mktemp("noah") / "subnet.json"
-    path.write_text(json.dumps({"prompt": [10, 10], "lora": [8, 8], "adapter": [8, 8]}))
-    SMALL["noah"] = {"subnet": str(path)}
 
 
 def _model(method: str, **overrides):
