@@ -45,23 +45,23 @@ def report_layout(suite: str) -> ReportLayout:
     return SUITES.get(suite).report if suite in SUITES else ReportLayout()
 
 
-def all_tables(frame: pd.DataFrame, kinds: tuple[str, ...] = tuple(TABLES)) -> list[Table]:
+def all_tables(frame: pd.DataFrame, kinds: tuple[str, ...] = tuple(TABLES), backbones: bool = True) -> list[Table]:
     """Every suite's tables, in suite order, as each suite's :class:`ReportLayout` declares them (those of
-    ``kinds``); then the per-backbone tables of the suites that declare one."""
-    tables, backbones = [], []
+    ``kinds``); then, with ``backbones``, the per-backbone tables of the suites that declare one."""
+    tables, by_backbone = [], []
     for suite, runs in frame.groupby("suite", sort=True):
         layout = report_layout(suite)
         if layout.kind not in kinds:
             continue
         tables += TABLES[layout.kind](runs, suite, layout)
-        if layout.backbone_paper:
-            backbones += [t for t in [backbone_table(runs, suite, layout)] if t]
-    return tables + backbones
+        if backbones and layout.backbone_paper:
+            by_backbone += [t for t in [backbone_table(runs, suite, layout)] if t]
+    return tables + by_backbone
 
 
 def accuracy_tables(frame: pd.DataFrame) -> list[Table]:
     """The tables of the suites laid out by task (a column per task, group means, averages)."""
-    return [table for table in all_tables(frame, ("tasks",)) if "__backbones" not in table.slug]
+    return all_tables(frame, ("tasks",), backbones=False)
 
 
 def count_range(values: pd.Series) -> str:

@@ -34,11 +34,11 @@ def _seeds(runs: pd.DataFrame) -> dict[int, tuple]:
     return {int(seed): outcome for seed, outcome in zip(runs["seed"], runs["outcomes"])}
 
 
-def _pair_task(task: str, a_runs: pd.DataFrame, b_runs: pd.DataFrame, a: str, b: str):
-    """(the seeds both rows ran on the same images, what is unpaired on this task)."""
-    if a_runs.empty or b_runs.empty:
-        return [], [f"{task}: only {a if b_runs.empty else b} has runs"]
-    a_seeds, b_seeds = _seeds(a_runs), _seeds(b_runs)
+def _pair_task(task: str, a_seeds: dict[int, tuple], b_seeds: dict[int, tuple], a: str, b: str):
+    """(the seeds both rows ran on the same images, what is unpaired on this task); ``*_seeds``: seed ->
+    (test list, outcomes) or None."""
+    if not a_seeds or not b_seeds:
+        return [], [f"{task}: only {a if not b_seeds else b} has runs"]
     lonely = sorted(set(a_seeds) ^ set(b_seeds))
     notes = [f"{task}: seed(s) {', '.join(map(str, lonely))} of one row only"] if lonely else []
     shared = sorted(set(a_seeds) & set(b_seeds))
@@ -58,11 +58,10 @@ def paired(frame: pd.DataFrame, a: str, b: str, alpha: float = ALPHA) -> Paired:
     result, generator = Paired(a, b), rng()
     for task in sorted(set(frame.loc[frame["row"].isin([a, b]), "task"])):
         on_task = frame[frame["task"] == task]
-        a_runs, b_runs = on_task[on_task["row"] == a], on_task[on_task["row"] == b]
-        seeds, notes = _pair_task(task, a_runs, b_runs, a, b)
+        first, second = _seeds(on_task[on_task["row"] == a]), _seeds(on_task[on_task["row"] == b])
+        seeds, notes = _pair_task(task, first, second, a, b)
         result.unpaired += notes
         if seeds:
-            first, second = _seeds(a_runs), _seeds(b_runs)
             outcomes_a, outcomes_b = [first[s][1] for s in seeds], [second[s][1] for s in seeds]
             result.comparisons.append(compare_task(task, seeds, outcomes_a, outcomes_b, generator))
     if result.comparisons:
@@ -145,7 +144,7 @@ def top_rows(table: Table, count: int = TOP) -> list[str]:
     return [label for label, value in sorted((s for s in scored if s[1] is not None), key=lambda s: -s[1])][:count]
 
 
-def ranking(table: Table) -> tuple[pd.DataFrame, np.ndarray, list[str]] | None:
+def ranking(table: Table) -> tuple[pd.DataFrame, list[str], list[str]] | None:
     """(tasks x rows matrix of accuracies, the tasks, the rows): our rows over the tasks every one of them
     has; None with fewer than 2 rows or 2 tasks."""
     ours = table.ours()
@@ -154,7 +153,7 @@ def ranking(table: Table) -> tuple[pd.DataFrame, np.ndarray, list[str]] | None:
     if "dataset" in table.key or len(ours) < 2 or len(tasks) < 2:
         return None
     matrix = pd.DataFrame({label: [cells[t][0] for t in tasks] for label, cells in ours.items()}, index=tasks)
-    return matrix, np.asarray(tasks), list(ours)
+    return matrix, tasks, list(ours)
 
 
 def rank_intervals(table: Table, tasks: list[str], rows: list[str]) -> dict[str, tuple[float, float]]:
@@ -163,7 +162,7 @@ def rank_intervals(table: Table, tasks: list[str], rows: list[str]) -> dict[str,
     if not all(all(t in table.replicates.get(r, {}) for t in tasks) for r in rows):
         return {}
     cube = np.stack([np.stack([table.replicates[r][t] for r in rows], axis=-1) for t in tasks])  # tasks, B, rows
-    ranks = np.stack([average_ranks(cube[:, b, :]) for b in range(cube.shape[1])])
+    ranks = average_ranks(cube)  # replicates x rows
     return {row: percentile_interval(ranks[:, i]) for i, row in enumerate(rows)}
 
 
@@ -174,7 +173,7 @@ def ranking_markdown(table: Table, out: Path) -> tuple[str, Path | None]:
         return "", None
     matrix, tasks, rows = found
     ranks = dict(zip(rows, average_ranks(matrix.to_numpy())))
-    intervals = rank_intervals(table, list(tasks), rows)
+    intervals = rank_intervals(table, tasks, rows)
     p = friedman_p(matrix.to_numpy())
     lines = [
         {

@@ -27,13 +27,16 @@ SEED = 0
 
 def t_interval(values: list[float], level: float = LEVEL) -> tuple[float, float] | None:
     """The t-interval of the mean of ``values`` (seeds): mean ± t(level, n - 1) * s / sqrt(n); None for n < 2."""
+    if len(values) < 2:
+        return None
+    return t_bounds(float(np.mean(values)), float(np.std(values, ddof=1)), len(values), level)
+
+
+def t_bounds(mean: float, std: float, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """mean ± t(level, n - 1) * std / sqrt(n), from a cell's summary (n >= 2)."""
     from scipy import stats
 
-    n = len(values)
-    if n < 2:
-        return None
-    mean = float(np.mean(values))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(np.std(values, ddof=1)) / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
     return mean - half, mean + half
 
 
@@ -112,11 +115,12 @@ def verdict(difference: float, p: float, a: str, b: str, alpha: float = ALPHA) -
     return "no detectable difference"
 
 
-def average_ranks(matrix: np.ndarray) -> np.ndarray:
-    """Mean over tasks (rows) of each method's (column's) rank, 1 the best accuracy, ties averaged."""
+def average_ranks(accuracies: np.ndarray) -> np.ndarray:
+    """Mean over tasks (the first axis) of each method's (last axis) rank, 1 the best accuracy, ties averaged;
+    any axes between (bootstrap replicates) are kept."""
     from scipy import stats
 
-    return np.mean([stats.rankdata(-row) for row in matrix], axis=0)
+    return np.mean(stats.rankdata(-accuracies, axis=-1), axis=0)
 
 
 def friedman_p(matrix: np.ndarray) -> float | None:

@@ -175,13 +175,12 @@ def format_cell(cell: Stat | None, interval: tuple[float, float] | None = None) 
 
 def t_bounds(cell: Stat) -> tuple[float | None, float | None]:
     """The 95% t-interval over seeds of a cell (None, None below two seeds)."""
-    from scipy import stats
+    from .stats import t_bounds as bounds
 
-    mean, std, n = cell
-    if n < 2:
+    if cell[2] < 2:
         return None, None
-    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return round(mean - half, 4), round(mean + half, 4)
+    low, high = bounds(*cell)
+    return round(low, 4), round(high, 4)
 
 
 def format_params(count: float | None) -> str:
@@ -268,24 +267,22 @@ class Table:
 
     def long_rows(self) -> list[dict]:
         return [
-            {
-                **self.key,
-                "table": self.title,
-                "method": row.method,
-                "source": row.source,
-                "column": column,
-                "mean": round(cell[0], 4),
-                "std": round(cell[1], 4),
-                "n": cell[2],
-                "lower": round(row.intervals[column][0], 4) if column in row.intervals else None,
-                "upper": round(row.intervals[column][1], 4) if column in row.intervals else None,
-                "t_lower": t_bounds(cell)[0],
-                "t_upper": t_bounds(cell)[1],
-            }  # fmt: skip
+            self._long_row(row, column, cell)
             for row in self.rows
             for column, cell in row.cells.items()
             if column in self.columns
         ]
+
+    def _long_row(self, row: Row, column: str, cell: Stat) -> dict:
+        """One cell of the table as a CSV row: its mean, std, count and both 95% intervals."""
+        interval = row.intervals.get(column)
+        t_low, t_high = t_bounds(cell)
+        return {
+            **self.key, "table": self.title, "method": row.method, "source": row.source, "column": column,
+            "mean": round(cell[0], 4), "std": round(cell[1], 4), "n": cell[2],
+            "lower": round(interval[0], 4) if interval else None, "upper": round(interval[1], 4) if interval else None,
+            "t_lower": t_low, "t_upper": t_high,
+        }  # fmt: skip
 
 
 def with_paper(
