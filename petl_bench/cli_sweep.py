@@ -208,7 +208,7 @@ def execute(spec, run, *, dry_run: bool = False, title: str = ""):
             spec, checked, run, progress=progress,
             on_finished=lambda record: progress.console.print(finished_line(record), highlight=False),
         )  # fmt: skip
-    if outcome.submitted or run.executor == "slurm":
+    if run.executor == "slurm":
         console.print(
             f"submitted {outcome.submitted} run(s) to {run.slurm.cluster}; logs in {run.output / 'slurm-logs'}"
         )
@@ -228,7 +228,7 @@ def report_sweep(outcome, run) -> None:
     finished = [r for r in records.load_records(run.output) if r.run_id in ids]
     if finished:
         print_tables(finished)
-    if outcome.in_process:
+    if run.in_process:
         console.print(counts_line(summary, run.output))
     else:
         console.print(f"{len(finished)} of {len(outcome.jobs)} run(s) have records in {run.output}")
@@ -286,7 +286,7 @@ def tune_command(
         if outcome is not None and outcome.summary is not None and title != STAGE_TWO:
             if outcome.summary.failed:
                 report_sweep(outcome, run)
-            if outcome.in_process:
+            if run.in_process:
                 console.print(f"{title}: {counts_line(outcome.summary, run.output)}")
         return outcome
 

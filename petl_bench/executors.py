@@ -81,13 +81,13 @@ class RunOne:
 
 @dataclass
 class Outcome:
-    """What running a sweep did: its jobs and, where this process saw them run, the summary (a sweep of
-    worker processes or SLURM tasks reports through the run folders instead: every job counts as skipped)."""
+    """What running a sweep did: its jobs and, where this process saw them run (``Execution.in_process``), the
+    summary (a sweep of worker processes or SLURM tasks reports through the run folders instead: every job
+    counts as skipped)."""
 
     jobs: list[Job]
     summary: SweepSummary | None  # None: submitted to SLURM without waiting
     submitted: int = 0  # SLURM array tasks submitted
-    in_process: bool = True  # the runs ran in this process, so the summary's counts are exact
 
 
 @dataclass
@@ -187,11 +187,11 @@ def run_checked(
         submitted = submit(spec, run.output, run.slurm, force=run.force, checkpoint_seconds=run.checkpoint_seconds,
                            checked=checked)  # fmt: skip
         summary = SweepSummary(skipped=[j.run_id for j in jobs]) if run.slurm.wait else None
-        return Outcome(jobs, summary, submitted=len(submitted), in_process=False)
+        return Outcome(jobs, summary, submitted=len(submitted))
     if not run.in_process:
         run_on_gpus(spec, run.output, run.gpus, force=run.force, checkpoint_seconds=run.checkpoint_seconds,
                     runs_per_gpu=run.runs_per_gpu)  # fmt: skip
-        return Outcome(jobs, SweepSummary(skipped=[j.run_id for j in jobs]), in_process=False)
+        return Outcome(jobs, SweepSummary(skipped=[j.run_id for j in jobs]))
     summary = run_sweep(
         checked.jobs, run.output, device=pick_device(run.device), force=run.force, progress=progress,
         checkpoint_seconds=run.checkpoint_seconds, checked=checked, on_finished=on_finished,
