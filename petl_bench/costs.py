@@ -17,11 +17,18 @@ from .planning import Job
 _FLOPS: dict[str, int] = {}
 
 
-def method_flops(model, info, job: Job, device: torch.device, num_classes: int) -> int:
-    """The method model's forward FLOPs per image, counted once per (method, settings, backbone, input size,
-    classes) in a process: the tasks and seeds of a sweep share it."""
+def architecture(job: Job, info) -> str:
+    """What a model's cost depends on but a run's task and seed do not: the method and its settings, the
+    backbone and the input size."""
     config = json.dumps(job.method_object.config_identity(job.method_config), sort_keys=True, default=str)
-    key = f"{job.method} {config} {job.backbone} {info.preprocessing.image_size} {num_classes}"
+    size = "x".join(map(str, info.preprocessing.image_size))
+    return f"{job.method} {config} on {job.backbone} at {size}"
+
+
+def method_flops(model, info, job: Job, device: torch.device, num_classes: int) -> int:
+    """The method model's forward FLOPs per image, counted once per architecture and number of classes in a
+    process: the tasks and seeds of a sweep share it."""
+    key = f"{architecture(job, info)}, {num_classes} classes"
     if key not in _FLOPS:
         _FLOPS[key] = forward_flops(model, info.preprocessing.image_size, device)
     return _FLOPS[key]
@@ -30,9 +37,7 @@ def method_flops(model, info, job: Job, device: torch.device, num_classes: int) 
 def inference_key(job: Job, info, device: torch.device) -> str:
     """What an inference speed depends on: the architecture (method and settings, backbone, input size),
     the device, the batch and the precision; not the task or the seed."""
-    config = json.dumps(job.method_object.config_identity(job.method_config), sort_keys=True, default=str)
-    size = "x".join(map(str, info.preprocessing.image_size))
-    return f"{job.method} {config} on {job.backbone} at {size}, {device}, batch {job.recipe.eval_batch_size}, {job.recipe.precision}"
+    return f"{architecture(job, info)}, {device}, batch {job.recipe.eval_batch_size}, {job.recipe.precision}"
 
 
 INFERENCE_IMAGES = 512  # images timed for the inference throughput
