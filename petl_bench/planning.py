@@ -136,12 +136,13 @@ class SweepSpec:
             warn_once(
                 log, "no --backbone given: using %s (the paper's ViT-B/16; pass --backbone for another)", PAPER_BACKBONE
             )
-        recipe = (definition.recipe if definition else Recipe()).replace(**self.recipe_overrides)
+        recipe, backbone, seeds = suite_defaults(definition)
+        recipe = recipe.replace(**self.recipe_overrides)
         return plan(
             resolve_methods(self.methods, suite),
             tasks,
-            self.backbones or [definition.backbone if definition else PAPER_BACKBONE],
-            self.seeds or list(definition.seeds if definition else (0,)),
+            self.backbones or [backbone],
+            self.seeds or list(seeds),
             protocol=self.protocol,
             pretrained=self.pretrained,
             recipe=recipe,
@@ -176,14 +177,19 @@ def one_task(
 ) -> tuple[FileListTask, str, Recipe]:
     """A registered task or a task folder, with its backbone (given, else its suite's, else the paper's) and
     its suite's recipe with ``overrides`` (None values left out)."""
+    (task,) = resolve_tasks(None, [name] if name else [], [folder] if folder else [])
+    recipe, default_backbone, _ = suite_defaults(SUITES.get(task.suite) if task.suite in SUITES else None)
+    recipe = recipe.replace(**{key: value for key, value in overrides.items() if value is not None})
+    return task, backbone or default_backbone, recipe
+
+
+def suite_defaults(definition) -> tuple[Recipe, str, tuple[int, ...]]:
+    """(recipe, backbone, seeds) of a suite's runs; without a suite: the paper's recipe, its ViT-B/16, seed 0."""
     from .backbones import PAPER_BACKBONE
 
-    (task,) = resolve_tasks(None, [name] if name else [], [folder] if folder else [])
-    definition = SUITES.get(task.suite) if task.suite in SUITES else None
-    recipe = (definition.recipe if definition else Recipe()).replace(
-        **{key: value for key, value in overrides.items() if value is not None}
-    )
-    return task, backbone or (definition.backbone if definition else PAPER_BACKBONE), recipe
+    if definition is None:
+        return Recipe(), PAPER_BACKBONE, (0,)
+    return definition.recipe, definition.backbone, tuple(definition.seeds)
 
 
 def plan(
