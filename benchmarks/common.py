@@ -50,3 +50,20 @@ def write_csv(path: Path | None, columns: list[str], rows: list[list]) -> None:
         writer = csv.writer(handle)
         writer.writerow(columns)
         writer.writerows(rows)
+
+
+def run_arguments(parser) -> bool:
+    """The options the end-to-end benchmarks share, with defaults for the machine: ViT-B/16 at its 224 px on a
+    GPU, a small ViT at 56 px on a CPU. Returns whether CUDA is there (for the script's own defaults)."""
+    import torch
+
+    import petl_bench as pb
+
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--backbone", default=pb.PAPER_BACKBONE if cuda else "vit_small_patch14_dinov2")
+    parser.add_argument("--image-size", type=int, default=None if cuda else 56)
+    parser.add_argument("--method", default="convpass")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--csv", type=Path)
+    return cuda

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from cache_epoch import DecodeEveryEpoch
-from common import make_jpeg_task, write_csv
+from common import make_jpeg_task, run_arguments, write_csv
 from torch.utils.data import DataLoader
 
 import petl_bench as pb
@@ -72,17 +72,11 @@ def naive_pipeline(task, args, recipe: Recipe, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    parser.add_argument("--backbone", default=pb.PAPER_BACKBONE if cuda else "vit_small_patch14_dinov2")
-    parser.add_argument("--image-size", type=int, default=None if cuda else 56)
-    parser.add_argument("--method", default="convpass")
+    cuda = run_arguments(parser)
     parser.add_argument("--epochs", type=int, default=100 if cuda else 4)
     parser.add_argument("--eval-every", type=int, default=10 if cuda else 2)
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--test-images", type=int, default=2000 if cuda else 500)
     parser.add_argument("--workers", type=int, default=4 if cuda else 2)
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--csv", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
     workspace = Path(tempfile.mkdtemp(prefix="petl-bench-e2e-"))

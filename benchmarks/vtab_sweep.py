@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import make_jpeg_task, write_csv
+from common import make_jpeg_task, run_arguments, write_csv
 
 import petl_bench as pb
 from petl_bench import records
@@ -48,16 +48,10 @@ def task_folders(workspace: Path, count: int, test: int) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    parser.add_argument("--backbone", default=pb.PAPER_BACKBONE if cuda else "vit_small_patch14_dinov2")
-    parser.add_argument("--image-size", type=int, default=None if cuda else 56)
-    parser.add_argument("--method", default="convpass")
+    cuda = run_arguments(parser)
     parser.add_argument("--tasks", type=int, default=19)
     parser.add_argument("--epochs", type=int, default=10 if cuda else 2)
     parser.add_argument("--test-images", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--csv", type=Path)
     args = parser.parse_args()
     workspace = Path(tempfile.mkdtemp(prefix="petl-bench-sweep-"))
     os.environ["PETL_BENCH_CACHE"] = str(workspace / "cache")  # the sweep pays for its own decoding
