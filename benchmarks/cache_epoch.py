@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import make_jpeg_task, timed, write_csv
+from common import make_jpeg_task, scratch_folder, timed, write_csv
 from torch.utils.data import DataLoader, Dataset
 
 import petl_bench as pb
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--task-dir", type=Path, help="an existing task folder (default: generated JPEGs)")
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args()
-    os.environ["PETL_BENCH_CACHE"] = tempfile.mkdtemp(prefix="petl-bench-cache-")  # time the decode from scratch
+    os.environ["PETL_BENCH_CACHE"] = str(scratch_folder("petl-bench-cache-"))  # time the decode from scratch
 
     device = torch.device(args.device)
     folder = args.task_dir or make_jpeg_task(Path(tempfile.gettempdir()) / "petl-bench-jpeg-task")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +33,13 @@ def make_jpeg_task(folder: Path, train: int = 1000, test: int = 500, classes: in
             lines.append(f"{path} {label}")
         name = "train800val200.txt" if split == "train" else "test.txt"
         (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def scratch_folder(prefix: str) -> Path:
+    """A temporary folder removed when the script exits (runs, caches: up to hundreds of MB per run)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 
 

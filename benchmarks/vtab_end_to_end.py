@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from cache_epoch import DecodeEveryEpoch
-from common import make_jpeg_task, run_arguments, write_csv
+from common import make_jpeg_task, run_arguments, scratch_folder, write_csv
 from torch.utils.data import DataLoader
 
 import petl_bench as pb
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4 if cuda else 2)
     args = parser.parse_args()
     device = torch.device(args.device)
-    workspace = Path(tempfile.mkdtemp(prefix="petl-bench-e2e-"))
+    workspace = scratch_folder("petl-bench-e2e-")
     os.environ["PETL_BENCH_CACHE"] = str(workspace / "cache")  # petl-bench pays for its own decoding
     folder = make_jpeg_task(
         Path(tempfile.gettempdir()) / f"petl-bench-vtab-task-{args.test_images}", test=args.test_images

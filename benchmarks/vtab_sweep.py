@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import make_jpeg_task, run_arguments, write_csv
+from common import make_jpeg_task, run_arguments, scratch_folder, write_csv
 
 import petl_bench as pb
 from petl_bench import records
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10 if cuda else 2)
     parser.add_argument("--test-images", type=int, default=500)
     args = parser.parse_args()
-    workspace = Path(tempfile.mkdtemp(prefix="petl-bench-sweep-"))
+    workspace = scratch_folder("petl-bench-sweep-")
     os.environ["PETL_BENCH_CACHE"] = str(workspace / "cache")  # the sweep pays for its own decoding
     tasks = [folder_task(folder) for folder in task_folders(workspace, args.tasks, args.test_images)]
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size)
