@@ -22,6 +22,11 @@ class ConvBypass(nn.Module):
     Token input ``(B, prefix + rows * cols, width)``: patch tokens are convolved as an image; each
     prefix token (cls, registers) goes through the same conv as a 1x1 image, so only the centre tap
     acts on it. NHWC input ``(B, rows, cols, width)`` (Swin) is convolved directly.
+
+    One convolution does both (the official code runs one per prefix token and a ``cat``): the prefix
+    tokens are laid out below the patch grid, each alone in its own row behind a row of zeros, so its
+    3x3 neighbourhood is zeros as in a padded 1x1 image (the same sums: the extra terms are exact zeros);
+    one ``index_select`` puts the outputs back in token order.
     """
 
     def __init__(
@@ -52,21 +57,32 @@ class ConvBypass(nn.Module):
         nn.init.zeros_(self.adapter_conv.bias)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
+        if grid is not None:
+            rows, cols = grid
+            cells = rows * cols
+            slots = [cells + (2 * index + 1) * cols for index in range(num_prefix_tokens)]
+            order = torch.tensor(slots + list(range(cells)))  # image cell of each output token
+            self.register_buffer("token_order", order, persistent=False)
 
     def _conv_channels_last(self, images: torch.Tensor) -> torch.Tensor:
         return self.adapter_conv(images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
+    def _conv_tokens(self, a: torch.Tensor) -> torch.Tensor:
+        batch, _, dim = a.shape
+        rows, cols = self.grid
+        prefix = self.num_prefix_tokens
+        tokens, patches = a.split([prefix, rows * cols], dim=1)
+        zeros = a.new_zeros(()).expand(batch, cols, dim)
+        pieces = [patches]
+        for token in tokens.split(1, dim=1) if prefix else ():  # a zero row, then the token alone in its row
+            pieces += [zeros, token, zeros[:, 1:]]
+        image = torch.cat(pieces, dim=1).view(batch, rows + 2 * prefix, cols, dim)
+        out = self._conv_channels_last(image).flatten(1, 2)
+        return out.index_select(1, self.token_order)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.act(self.adapter_down(x))
-        if self.grid is None:
-            a = self._conv_channels_last(a)
-        else:
-            batch, _, dim = a.shape
-            rows, cols = self.grid
-            prefix = self.num_prefix_tokens
-            patches = self._conv_channels_last(a[:, prefix:].reshape(batch, rows, cols, dim))
-            tokens = self._conv_channels_last(a[:, :prefix].reshape(batch * prefix, 1, 1, dim))
-            a = torch.cat([tokens.reshape(batch, prefix, dim), patches.reshape(batch, rows * cols, dim)], dim=1)
+        a = self._conv_channels_last(a) if self.grid is None else self._conv_tokens(a)
         return self.adapter_up(self.dropout(self.act(a)))
 
 

@@ -181,6 +181,29 @@ def test_conv_bypass_matches_the_official_module(grid, prefix):
     torch.testing.assert_close(module(x)[:, :1], expected)
 
 
+@pytest.mark.parametrize("grid,prefix", [((14, 14), 1), ((4, 6), 5)])
+def test_conv_bypass_gradients_equal_the_official_modules_in_fp32(grid, prefix):
+    """One convolution for patches and prefix tokens: the same output and gradients (input and every
+    parameter) as the official per-token convolutions, within 1e-6 of each tensor's largest magnitude
+    (the conv's weight and bias gradients sum the prefix and patch positions in one pass instead of two:
+    fp32 rounding; everything else is bitwise equal)."""
+    from petl_bench.methods.convpass import ConvBypass
+
+    torch.manual_seed(1)
+    module = ConvBypass(24, 8, grid, prefix, xavier_init=True, dropout=0.0).train()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_()
+    x = torch.randn(3, prefix + grid[0] * grid[1], 24, requires_grad=True)
+    weights = torch.randn(3, prefix + grid[0] * grid[1], 24)
+    grads = []
+    for forward in (module, lambda x: _official_convpass(module, x, grid, prefix)):
+        out = forward(x)
+        grads.append((out, *torch.autograd.grad((out * weights).sum(), [x, *module.parameters()])))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * theirs.abs().max().item())
+
+
 def test_convpass_init_identity_or_xavier():
     from petl_bench.methods.convpass import ConvBypass
 
