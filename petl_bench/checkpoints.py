@@ -24,8 +24,13 @@ FORMAT = "petl-bench-trainable/1"
 FORMATS = ("petl-bench", "convpass-official")
 
 
+def task_state(model: PetlModel) -> dict[str, torch.Tensor]:
+    """What makes the task's model from the backbone: the trained tensors and what a selection stage chose."""
+    return {**trainable_parameters(model), **model.method.selected_state(model)}
+
+
 def _tensors(model: PetlModel) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable_parameters(model).items()}
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in task_state(model).items()}
 
 
 def _metadata(model: PetlModel) -> dict[str, str]:
@@ -55,9 +60,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
-def _read(path: Path, format: str) -> dict[str, torch.Tensor]:
+def _read(path: Path, format: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if format == "petl-bench":
-        return read_safetensors(path)
+        return read_safetensors(path, expected)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a crafted or broken file: refused, never run
@@ -66,13 +71,14 @@ def _read(path: Path, format: str) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, checked (floating, finite); one UserError for any fault."""
+def read_safetensors(path: Path, expected: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked (floating, finite; integers only where ``expected`` holds
+    integers, as a selection's indices); one UserError for any fault."""
     try:
         state = load_file(str(path))
     except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, a crafted header: the same answer
         raise UserError(f"{path} is not a readable safetensors checkpoint: {str(error)[:200]}") from None
-    return checked_state(state, path)[0]
+    return checked_state(state, path, expected)[0]
 
 
 def load_trainable(model: PetlModel, path: str | Path, format: str = "petl-bench") -> PetlModel:
@@ -86,8 +92,8 @@ def load_trainable(model: PetlModel, path: str | Path, format: str = "petl-bench
         saved_method = read_metadata(path).get("method")
         if saved_method and saved_method != model.method.name:
             raise UserError(f"{path} holds a '{saved_method}' checkpoint, not '{model.method.name}'")
-    state = _read(path, format)
-    params = trainable_parameters(model)
+    params = task_state(model)
+    state = _read(path, format, params)
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
@@ -97,6 +103,8 @@ def load_trainable(model: PetlModel, path: str | Path, format: str = "petl-bench
         )
     with torch.no_grad():
         for name, parameter in params.items():
+            if state[name].is_floating_point() != parameter.is_floating_point():
+                raise UserError(f"{path}: {name} holds {state[name].dtype} values, the model {parameter.dtype}")
             if state[name].shape != parameter.shape:
                 raise UserError(
                     f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(parameter.shape)}"

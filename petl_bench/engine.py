@@ -137,6 +137,26 @@ def _evaluate(model, data, normalizer, device, batch_size, classes, precision):
     return 100.0 * int(outcomes.sum()) / len(data), len(data) / max(seconds, 1e-9), outcomes
 
 
+@torch.no_grad()
+def select_stage(
+    model, data: TensorDataset, normalizer: Normalizer, device: torch.device, batch_size: int = 50
+) -> float:
+    """A method's selection stage (``Method.selects``), once per task before training: the model in eval
+    mode (no drop-path, no dropout), fp32, over ``data``, the training images without augmentation (never
+    the evaluation split); the official SCT code's batch of 50. Returns the seconds it took (0 without one)."""
+    method = getattr(model, "method", None)
+    if method is None or not method.selects:
+        return 0.0
+    start = time.perf_counter()
+    model.eval()
+    batches = (
+        (normalizer(images.to(device, non_blocking=True)), labels.to(device))
+        for images, labels in data.batches(batch_size)
+    )
+    method.select(model, batches)
+    return time.perf_counter() - start
+
+
 def evaluate_outcomes(
     model: nn.Module,
     data: TensorDataset,

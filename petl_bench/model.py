@@ -73,6 +73,19 @@ class Method:
     # does not (prompts, random inits); None: undeclared. The contract test holds every method to its word.
     identity_at_init: ClassVar[bool | None] = None
 
+    # True: a selection stage runs once per task before training (``select``), on the training images only.
+    selects: ClassVar[bool] = False
+
+    def select(self, model: "PetlModel", batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The selection stage (methods with ``selects``): choose what the method adapts from ``batches`` of
+        (normalised training images, labels) on the model's device, with the model in eval mode and no
+        gradients; store the choice in buffers that ``selected_state`` returns."""
+
+    def selected_state(self, model: "PetlModel") -> dict[str, torch.Tensor]:
+        """What a selection stage chose, by name inside the backbone (saved and loaded with the trained
+        tensors: a checkpoint is the whole of what makes the task's model)."""
+        return {}
+
     def is_identity_at_init(self, config: Any) -> bool | None:
         """Whether the method with ``config`` starts as the frozen backbone (see ``identity_at_init``)."""
         return self.identity_at_init

@@ -114,7 +114,7 @@ class Seconds:
 
     total: float
     data: float = 0.0
-    features: float = 0.0
+    features: float = 0.0  # the classifier's cached inputs, and a method's selection stage (SCT's channels)
     train: float = 0.0
     eval: float = 0.0
 

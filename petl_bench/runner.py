@@ -43,6 +43,7 @@ from .engine import (
     peak_memory_bytes,
     precision_of,
     seed_everything,
+    select_stage,
 )
 from .errors import UserError
 from .model import (
@@ -162,6 +163,7 @@ def run_job(
     )  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    selection_seconds = run_selection(prepared, data, job.recipe, device)
     trainee, train, evaluation, feature_seconds = what_trains(prepared, job.recipe, device, progress)
     with EpochWatcher(run_dir, job, progress, overall) as watcher:
         result = fit(
@@ -178,7 +180,7 @@ def run_job(
     metrics.targets = evaluate_targets(job, prepared, data, device)
     checkpoint = save_trainable(model, run_dir / records.CHECKPOINT)
     seconds = records.Seconds(
-        total=0.0, data=prepared.seconds, features=feature_seconds, train=result.train_seconds,
+        total=0.0, data=prepared.seconds, features=feature_seconds + selection_seconds, train=result.train_seconds,
         eval=result.eval_seconds,
     )  # fmt: skip
     record = records.RunRecord(
@@ -195,6 +197,18 @@ def run_job(
     records.write_record(run_dir, record)
     (run_dir / records.RESUME).unlink(missing_ok=True)
     return record
+
+
+def run_selection(prepared: Prepared, data: TaskData, recipe: Recipe, device: torch.device) -> float:
+    """The method's selection stage (if it has one) on the training images without augmentation: the
+    cached ones, or decoded here when training augments them. Seconds (counted with the features')."""
+    if not prepared.model.method.selects:
+        return 0.0
+    images = prepared.train
+    if not isinstance(images, TensorDataset):
+        info = prepared.model.info
+        images = TensorDataset.from_split(data.train, info.preprocessing.image_size, info.preprocessing.interpolation)
+    return select_stage(prepared.model, images, prepared.normalizer, device)
 
 
 def what_trains(prepared: Prepared, recipe: Recipe, device: torch.device, progress=None):

@@ -23,7 +23,13 @@ OFFLINE_DATA = SHARED / "offline_data"
 
 # Settings of the methods whose defaults are wide for the tiny test ViT; "noah" (a subnet file) is added by the
 # session fixture below.
-SMALL = {"fact_tt": {"rank": 3}, "fact_tk": {"rank": 3}, "bi_adaptformer": {"dim": 4}, "bi_lora": {"dim": 4}}
+SMALL = {
+    "fact_tt": {"rank": 3},
+    "fact_tk": {"rank": 3},
+    "bi_adaptformer": {"dim": 4},
+    "bi_lora": {"dim": 4},
+    "sct": {"channels": 8},
+}
 
 
 @pytest.fixture(scope="session", autouse=True)

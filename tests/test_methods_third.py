@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_VIT, images, randomize_trainable, tiny_backbone, with_method
@@ -167,3 +168,110 @@ def test_dtl_side_network_and_head_follow_the_official_forward(method):
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
     assert not any(up.weight.any() for up in pb.create_model(method, "vit_tiny_patch16_224", num_classes=3,
                    pretrained="none").backbone.blocks.lora_B), "B starts at zero"  # fmt: skip
+
+
+def _official_salient_channels(reference, batches, top_n: int) -> list[np.ndarray]:
+    """The official getSalientChannels (showlab/SCT train_model_sct.py, ``sct_attn``) on a frozen copy: hooks
+    keep each ``blocks.i.norm2`` input's patch tokens; per class the L2 norm over samples and tokens; the mean
+    over the classes present; the channels above ``sort(score)[width - 1 - topN]``."""
+    kept: list[list[torch.Tensor]] = [[] for _ in reference.blocks]
+    hooks = [
+        block.norm2.register_forward_hook(lambda m, i, o, index=index: kept[index].append(i[0][:, 1:, :]))
+        for index, block in enumerate(reference.blocks)
+    ]
+    labels = []
+    with torch.no_grad():
+        for x, y in batches:
+            reference(x)
+            labels.append(y.numpy())
+    for hook in hooks:
+        hook.remove()
+    labels = np.concatenate(labels)
+    chosen = []
+    for features in (torch.cat(k) for k in kept):
+        norms = torch.stack([torch.norm(features[labels == c], 2, dim=(0, 1)) for c in np.unique(labels)])
+        score = norms.mean(0).numpy()
+        chosen.append(np.argwhere(score > np.sort(score)[len(score) - 1 - top_n]).squeeze())
+    return chosen
+
+
+def _labelled_batches(classes: int = 5, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(6, 3, 32, 32, generator=generator), torch.randint(0, classes - 1, (6,), generator=generator))
+        for _ in range(3)
+    ]  # fmt: skip  (class 4 never appears: the mean is over the classes present)
+
+
+def test_sct_selection_is_the_official_rule_on_the_frozen_stream():
+    assert vit_b_count("sct") == 111_744 and vit_b_count("sct", channels=32) == 12_672  # 12 (K^2 + K)
+    reference, model = with_method("sct", tiny_backbone(TINY_VIT, depth=3), channels=8)
+    randomize_trainable(model)  # the maps are switched off while the stream is read: their values do not matter
+    batches = _labelled_batches()
+    model.eval()
+    with torch.no_grad():
+        model.method.select(model, iter(batches))
+    expected = _official_salient_channels(reference, batches, 8)
+    for block, official in zip(model.backbone.blocks, expected):
+        assert block.sct_attn.channels.tolist() == official.tolist()
+    assert not all(block.sct_attn.recording for block in model.backbone.blocks), "the maps are on again"
+
+
+def test_sct_map_adds_w_x_s_plus_b_to_the_salient_channels_of_the_stream():
+    reference, model = with_method("sct", tiny_backbone(TINY_VIT), channels=8)
+    randomize_trainable(model)
+    block, x = model.backbone.blocks[0], torch.randn(2, 17, 32)
+    channels = torch.tensor([1, 4, 5, 9, 12, 20, 30, 31])
+    block.sct_attn.channels.copy_(channels)
+    model.eval()
+    with torch.no_grad():
+        frozen = reference.blocks[0]
+        y = x + frozen.attn(frozen.norm1(x))
+        linear = block.sct_attn.adapt_linear
+        y[..., channels] += y[..., channels] @ linear.weight.T + linear.bias
+        expected = y + frozen.mlp(frozen.norm2(y))
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-6)
+
+
+def test_sct_checkpoints_carry_the_selection_and_refuse_float_indices(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, model = with_method("sct", tiny_backbone(TINY_VIT), channels=8)
+    model.eval()
+    with torch.no_grad():
+        model.method.select(model, iter(_labelled_batches()))
+    randomize_trainable(model)
+    path = pb.save_trainable(model, tmp_path / "sct.safetensors")
+    _, fresh = with_method("sct", tiny_backbone(TINY_VIT, seed=5), channels=8)
+    fresh.backbone.load_state_dict(model.backbone.state_dict(), strict=False)  # the same frozen weights
+    pb.load_trainable(fresh.eval(), path)
+    for ours, theirs in zip(model.backbone.blocks, fresh.backbone.blocks):
+        assert torch.equal(ours.sct_attn.channels, theirs.sct_attn.channels)
+    torch.testing.assert_close(fresh(images(TINY_VIT)), model(images(TINY_VIT)), rtol=0, atol=0)
+    state = load_file(str(path))
+    state["blocks.0.sct_attn.channels"] = state["blocks.0.sct_attn.channels"].float()
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={"method": "sct"})
+    with pytest.raises(pb.UserError, match="channels holds torch.float32"):
+        pb.load_trainable(fresh, tmp_path / "bad.safetensors")
+
+
+def test_an_sct_run_selects_from_the_training_images_only(monkeypatch, capsys, tmp_path, tiny_plugin):
+    from conftest import TINY_RUN, make_task_folder, run_cli
+
+    from petl_bench.methods.sct import SCT
+
+    seen = []
+    original = SCT.select
+
+    def counting(self, model, batches):
+        batches = list(batches)
+        seen.append(sum(len(labels) for _, labels in batches))
+        original(self, model, iter(batches))
+
+    monkeypatch.setattr(SCT, "select", counting)
+    task = make_task_folder(tmp_path / "colours", train=40, test=20)
+    code, _, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
+                              "--methods", "sct", "--set", "sct.channels=4", "--epochs", "1",
+                              "--output", str(tmp_path / "runs"), *TINY_RUN)  # fmt: skip
+    assert code == 0, stderr
+    assert seen == [40], "one selection pass over the 40 training images, never the 20 test images"
