@@ -94,7 +94,7 @@ class Recipe:
         "weight_decay_scope": ("all", "skip_1d"),
         "augment": ("none", "deit", "crop_flip"),
         "class_mask": ("subset", "all"),
-        "head_init": (None, "default", "trunc_normal", "vpt", "zero", "text"),
+        "head_init": (None, "default", "trunc_normal", "mocov3", "vpt", "zero", "text"),
         "precision": ("auto", "bf16", "fp32"),
         "execution": ("auto", "eager", "compiled"),
     }

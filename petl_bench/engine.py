@@ -247,12 +247,22 @@ def train_step(model, normalizer, optimizer, recipe: Recipe, device, backend: st
     through CUDA graphs on CUDA; the fused optimizer stays one launch outside it. ``backend`` (tests:
     ``aot_eager``) overrides torch.compile's default."""
 
-    def loss_of(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with autocast(device, recipe.precision):
-            logits = model(normalizer(images))
+    method = getattr(model, "method", None)
+
+    def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return classification_loss(logits.float(), labels, recipe.label_smoothing)
 
-    if execution_of(device, recipe.execution, getattr(getattr(model, "method", None), "compiles", True)) == "compiled":
+    def compute():
+        return autocast(device, recipe.precision)
+
+    def loss_of(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if getattr(method, "extra_loss", False):  # the method's own training loss (DyT: two passes, distillation)
+            return method.training_loss(model, normalizer(images), labels, criterion, compute)
+        with compute():
+            logits = model(normalizer(images))
+        return criterion(logits, labels)
+
+    if execution_of(device, recipe.execution, getattr(method, "compiles", True)) == "compiled":
         # A fresh start per fit: graphs are guarded on this model, and a sweep's runs in one process would
         # otherwise fill dynamo's per-function cache (then fall back to eager). Inductor's on-disk caches
         # make the later runs' compiles of the same shapes fast.

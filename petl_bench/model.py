@@ -86,6 +86,15 @@ class Method:
         tensors: a checkpoint is the whole of what makes the task's model)."""
         return {}
 
+    # True: training minimises ``training_loss`` instead of the classifier's loss alone (DyT).
+    extra_loss: ClassVar[bool] = False
+
+    def training_loss(self, model: "PetlModel", images, labels, criterion, compute) -> torch.Tensor:
+        """The loss of one training batch (methods with ``extra_loss``): ``images`` are normalised, ``criterion
+        (logits, labels)`` is the recipe's classification loss in fp32, ``compute()`` the recipe's autocast
+        context for the forward passes. The engine calls it inside the (compiled) training step."""
+        raise NotImplementedError
+
     def is_identity_at_init(self, config: Any) -> bool | None:
         """Whether the method with ``config`` starts as the frozen backbone (see ``identity_at_init``)."""
         return self.identity_at_init
@@ -199,7 +208,7 @@ class PetlModel(nn.Module):
         return self.backbone.get_submodule(self.info.head_path)
 
 
-HEAD_INITS = ("default", "trunc_normal", "vpt", "zero", "text")
+HEAD_INITS = ("default", "trunc_normal", "mocov3", "vpt", "zero", "text")
 
 
 @torch.no_grad()
@@ -222,11 +231,17 @@ def init_classifier(head: nn.Linear, how: str) -> None:
     """The classifier's initial values. ``default``: PyTorch's Linear init (timm's reset_classifier, the
     Convpass code); ``trunc_normal``: weight trunc_normal(std 0.02), bias 0 (NOAH's reset_classifier);
     ``vpt``: VPT's MLP head, weight kaiming_normal(fan_out, a=0), bias -log(99) (its ``special_bias``);
-    ``zero``: weight and bias 0 (ARC's ``zero_head``); ``text``: set afterwards from class-name prompts (CLIP)."""
+    ``mocov3``: weight trunc_normal(std 0.01), bias 0 (MoCo v3's, DyT's); ``zero``: weight and bias 0 (ARC's
+    ``zero_head``); ``text``: set afterwards from class-name prompts (CLIP)."""
     if how in ("default", "text"):
         return
     if how == "trunc_normal":
         vit_linear_init_([head])
+    elif how == "mocov3":
+        from timm.layers import trunc_normal_
+
+        trunc_normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
     elif how == "zero":
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)

@@ -88,14 +88,28 @@ def count_step(
                 counting = _Counter(count) if index == 1 else contextlib.nullcontext()
                 with counting:
                     x = images.requires_grad_(input_grad)
-                    cast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
-                    with cast:
-                        logits = model(x)
-                    loss = nn.functional.cross_entropy(logits.float(), labels)
+                    loss = _loss(model, x, labels, dtype)
                     step_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     step_optimizer.step()
     return count
+
+
+def _loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The training loss as the engine computes it: the method's own (``extra_loss``) or the classifier's."""
+
+    def compute():
+        return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def criterion(logits, targets):
+        return nn.functional.cross_entropy(logits.float(), targets)
+
+    method = getattr(model, "method", None)
+    if getattr(method, "extra_loss", False):
+        return method.training_loss(model, images, labels, criterion, compute)
+    with compute():
+        logits = model(images)
+    return criterion(logits, labels)
 
 
 @contextlib.contextmanager

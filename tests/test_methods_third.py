@@ -275,3 +275,70 @@ def test_an_sct_run_selects_from_the_training_images_only(monkeypatch, capsys, t
                               "--output", str(tmp_path / "runs"), *TINY_RUN)  # fmt: skip
     assert code == 0, stderr
     assert seen == [40], "one selection pass over the 40 training images, never the 20 test images"
+
+
+def _official_dyt_block(frozen, block, x, complete=False):
+    """The official DyT ``Block.forward`` in eval mode, written out on the frozen block and our modules."""
+    y = x + frozen.attn(frozen.norm1(x))
+    soft = block.mlp_token_select.mlp_head(y[:, 1:]).sigmoid()
+    mask = torch.cat([torch.ones(len(y), 1, 1), (soft > 0.5).float() - soft + soft], dim=1)
+    adapter = block.adaptmlp
+    adapted = adapter.up_proj(torch.relu(adapter.down_proj(y))) * adapter.scale
+    mlp = frozen.mlp(frozen.norm2(y))
+    return y + (mlp if complete else mask * mlp) + adapted, mask[:, 1:]
+
+
+def test_dyt_counts_block_equation_and_forward():
+    from petl_bench.methods.dyt import dyt_forward
+
+    assert vit_b_count("dyt") == 313_548 and vit_b_count("dyt", bottleneck=8) == 165_996  # 12 (1537 b + 1537)
+    reference, model = with_method("dyt", tiny_backbone(TINY_VIT), bottleneck=4)
+    randomize_trainable(model)
+    x, tokens = images(TINY_VIT), torch.randn(3, 17, 32)
+    model.eval()
+    with torch.no_grad():
+        for complete in (False, True):
+            ours, mask = model.backbone.blocks[0].run(tokens, complete)
+            expected, official_mask = _official_dyt_block(
+                reference.blocks[0], model.backbone.blocks[0], tokens, complete
+            )
+            torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+            assert (mask is None) == complete
+        assert 0 < official_mask.mean() < 1, "the randomised dispatcher keeps some tokens and skips others"
+        logits, masks = dyt_forward(model, x, complete=False)
+        assert torch.equal(logits, model(x)) and masks.shape == (3, 2, 16, 1)
+    head = pb.create_model("dyt", "vit_tiny_patch16_224", num_classes=3, pretrained="none").head
+    assert head.bias.abs().max() == 0 and 0.005 < head.weight.std() < 0.015, "MoCo v3's trunc_normal(0.01) head"
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_dyt_training_loss_is_the_official_sum_of_terms(distill):
+    from torch.nn import functional as F
+
+    from petl_bench.methods.dyt import dyt_forward
+
+    _, model = with_method("dyt", tiny_backbone(TINY_VIT), bottleneck=4, distill=distill)
+    randomize_trainable(model)
+    x, labels = images(TINY_VIT), torch.tensor([0, 2, 4])
+    model.eval()  # deterministic masks: the loss's composition is what is checked
+    with torch.no_grad():
+        loss = model.method.training_loss(model, x, labels, F.cross_entropy, torch.enable_grad)
+        student, masks = dyt_forward(model, x, complete=False)
+        teacher, _ = dyt_forward(model, x, complete=True)
+    expected = F.cross_entropy(student, labels) + 2 * (masks.mean() - 0.5) ** 2
+    if distill:  # KL(teacher || student), batch mean, and the teacher's own CE
+        p = F.softmax(teacher, -1)
+        expected += F.cross_entropy(teacher, labels) + (p * (p.log() - F.log_softmax(student, -1))).sum() / 3
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(student, teacher), "the teacher runs every token through the MLP"
+
+
+def test_dyt_dispatchers_learn_through_the_straight_through_mask():
+    _, model = with_method("dyt", tiny_backbone(TINY_VIT), bottleneck=4, distill=False, dropout=0.0)
+    randomize_trainable(model)
+    model.train()
+    loss = model.method.training_loss(model, images(TINY_VIT), torch.tensor([0, 1, 2]),
+                                      torch.nn.functional.cross_entropy, torch.enable_grad)  # fmt: skip
+    loss.backward()
+    for block in model.backbone.blocks:
+        assert block.mlp_token_select.mlp_head.weight.grad.abs().sum() > 0, "the hard mask passes the soft gradient"

@@ -31,6 +31,7 @@ BUDGET = {
     "difffit": 29,
     "dtl": 4,
     "dtl_plus": 8,
+    "dyt": 158,  # two passes per step (the student and the teacher), as the official training loss
     "fact_tk": 132,
     "fact_tt": 110,
     "full": 31,
