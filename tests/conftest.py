@@ -81,8 +81,9 @@ def with_method(method: str, backbone_and_info, task: str | None = None, **overr
     reference = copy.deepcopy(backbone).eval()
     runner = pb.METHODS.get(method)()
     model = pb.attach_method(backbone, info, runner, runner.make_config(task, **overrides))
-    if runner.trains_head:  # the method's classifier init applies to both: compare what the method adds
-        reference.get_submodule(info.head_path).load_state_dict(model.head.state_dict())
+    reference_head = reference.get_submodule(info.head_path)
+    if runner.trains_head and reference_head.weight.shape == model.head.weight.shape:
+        reference_head.load_state_dict(model.head.state_dict())  # the method's classifier init on both
     return reference, model
 
 

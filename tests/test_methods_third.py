@@ -342,3 +342,42 @@ def test_dyt_dispatchers_learn_through_the_straight_through_mask():
     loss.backward()
     for block in model.backbone.blocks:
         assert block.mlp_token_select.mlp_head.weight.grad.abs().sum() > 0, "the hard mask passes the soft gradient"
+
+
+def _official_vqt(frozen, queries, head, x):
+    """The official Head2ToeEncoder / Head2ToeVisionTransformer forward (eval mode) on the frozen timm ViT:
+    per block the queries' attention reads keys and values from the original tokens only."""
+    from torch.nn import functional as F
+
+    tokens = frozen.norm_pre(frozen._pos_embed(frozen.patch_embed(x)))
+    outputs = []
+    for block, q_i in zip(frozen.blocks, queries):
+        h = torch.cat([q_i.expand(len(x), -1, -1), tokens], dim=1)
+        y = block.norm1(h)
+        heads, dim = block.attn.num_heads, block.attn.head_dim
+        q, k, v = block.attn.qkv(y).reshape(len(x), h.shape[1], 3, heads, dim).permute(2, 0, 3, 1, 4)
+        t = len(q_i)
+        scores = (q @ k[:, :, t:].transpose(-1, -2) / math.sqrt(dim)).softmax(-1)
+        h = h + block.attn.proj((scores @ v[:, :, t:]).transpose(1, 2).reshape(h.shape))
+        h = h + block.mlp(block.norm2(h))
+        outputs.append(h[:, :t])
+        tokens = h[:, t:]
+    feats = [frozen.norm(tokens)[:, 0]] + [o.reshape(len(x), -1) for o in outputs]
+    return F.linear(torch.cat([F.normalize(f) for f in feats], dim=1), head.weight, head.bias)
+
+
+def test_vqt_counts_per_task_tokens_and_the_official_forward():
+    assert vit_b_count("vqt") == 9_216 and vit_b_count("vqt", tokens=10) == 92_160  # L d T
+    model = pb.create_model("vqt", pb.PAPER_BACKBONE, num_classes=100, pretrained="none")
+    assert pb.count_trainable(model)[1] - 9_216 == (768 * 13 + 1) * 100, "a classifier of d (1 + L T) inputs"
+    method = pb.METHODS.get("vqt")()
+    assert method.make_config("svhn").tokens == 20 and method.make_config("smallnorb_ele").tokens == 10
+    reference, model = with_method("vqt", tiny_backbone(TINY_VIT), tokens=2)
+    randomize_trainable(model)
+    x = images(TINY_VIT)
+    model.eval()
+    with torch.no_grad():
+        expected = _official_vqt(reference, model.backbone.blocks.query_prompt_embeddings, model.head, x)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    model.train()
+    assert model.backbone.blocks.prompt_dropout.training and not model.backbone.blocks.blocks[0].training

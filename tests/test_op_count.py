@@ -46,6 +46,7 @@ BUDGET = {
     "sct": 14,
     "ssf": 63,
     "vpt_deep": 8,
+    "vqt": 33,
     "vpt_shallow": 1,
 }
 
