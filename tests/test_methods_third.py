@@ -381,3 +381,26 @@ def test_vqt_counts_per_task_tokens_and_the_official_forward():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
     model.train()
     assert model.backbone.blocks.prompt_dropout.training and not model.backbone.blocks.blocks[0].training
+
+
+def test_e2vpt_counts_and_key_value_prompts_follow_the_official_attention():
+    method = pb.METHODS.get("e2vpt")()
+    tasks = [name for name, task in pb.TASKS.items() if task.suite == "vtab"]
+    configs = [method.make_config(task) for task in tasks]
+    assert round(sum(9_216 * (c.tokens + c.kv_tokens) for c in configs) / len(tasks)) == 137_755
+    assert vit_b_count("e2vpt", task="caltech101") == 340_992 and vit_b_count("e2vpt") == 9_216 * 15
+    reference, model = with_method("e2vpt", tiny_backbone(TINY_VIT), tokens=3, kv_tokens=2)
+    randomize_trainable(model)
+    wrapped, frozen = model.backbone.blocks.blocks[0].attn, reference.blocks[0].attn
+    x = torch.randn(2, 20, 32)
+    model.eval()
+    with torch.no_grad():
+        q, k, v = frozen.qkv(x).reshape(2, 20, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        phi = wrapped.kv_prompt.expand(2, -1, -1, -1)  # the same tensor in front of the keys and the values
+        keys, values = torch.cat([phi, k], dim=2), torch.cat([phi, v], dim=2)
+        scores = (q @ keys.transpose(-1, -2) / 4.0).softmax(-1)
+        expected = frozen.proj((scores @ values).transpose(1, 2).reshape(2, 20, 32))
+        torch.testing.assert_close(wrapped(x), expected, rtol=0, atol=1e-6)
+        assert model(images(TINY_VIT)).shape == (3, 5)
+    model.train()
+    assert model.backbone.blocks.dropout.training and not wrapped.training, "the encoder stays in eval mode"

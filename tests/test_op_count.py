@@ -32,6 +32,7 @@ BUDGET = {
     "dtl": 4,
     "dtl_plus": 8,
     "dyt": 158,  # two passes per step (the student and the teacher), as the official training loss
+    "e2vpt": 15,
     "fact_tk": 132,
     "fact_tt": 110,
     "full": 31,
