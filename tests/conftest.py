@@ -38,6 +38,13 @@ def _noah_subnet_for_the_tiny_vit(tmp_path_factory):
     path = tmp_path_factory.mktemp("noah") / "subnet.json"
     path.write_text(json.dumps({"prompt": [10, 10], "lora": [8, 8], "adapter": [8, 8]}))
     SMALL["noah"] = {"subnet": str(path)}
+    # GLoRA paths for the 8 Linears of the two-block ViT: every form of every component at least once
+    forms = [("lora", "vector", "lora", "vector", "constant"), ("vector", "constant", "vector", "constant", "none"),
+             ("constant", "none", "none", "none", "vector"), ("none", "lora", "lora", "vector", "vector")]  # fmt: skip
+    paths = [dict(zip("ABCDE", forms[index % 4])) for index in range(8)]
+    glora = tmp_path_factory.mktemp("glora") / "paths.json"
+    glora.write_text(json.dumps(paths))
+    SMALL["glora"] = {"paths": str(glora)}
 
 
 TINY_VIT = dict(name="vit_tiny_patch16_224", image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)

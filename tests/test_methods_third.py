@@ -404,3 +404,56 @@ def test_e2vpt_counts_and_key_value_prompts_follow_the_official_attention():
         assert model(images(TINY_VIT)).shape == (3, 5)
     model.train()
     assert model.backbone.blocks.dropout.training and not wrapped.training, "the encoder stays in eval mode"
+
+
+def _official_glora(layer, path, rank):
+    """The official SuperScalableLinear.forward (GLoRA/layer.py) for one path, on our layer's tensors (a fixed
+    path allocates only the tensors it uses: the official supernet's slices of them)."""
+
+    def factor(name, form):
+        if form == "none":
+            return 0.0
+        down = getattr(layer, f"{name}d")
+        if form == "lora":
+            return down[:, :rank] @ getattr(layer, f"{name}u")[:rank, :]
+        return down[:, 0].unsqueeze(1) if form == "vector" else down[0, 0]
+
+    def shift(name, form):
+        return 0.0 if form == "none" else (getattr(layer, name) if form == "vector" else getattr(layer, name)[0])
+
+    a, b, c = factor("A", path["A"]), factor("B", path["B"]), factor("C", path["C"])
+    weight = layer.weight + layer.weight * a + b
+    bias = layer.bias + layer.bias * shift("D", path["D"]) + shift("E", path["E"])
+    prompt = (layer.weight @ c).squeeze() if path["C"] != "none" else 0.0
+    return lambda x: torch.nn.functional.linear(x, weight, bias + prompt)
+
+
+def test_glora_paths_follow_the_official_layer_count_as_get_param_and_fold_exactly():
+    import json as _json
+
+    from conftest import SMALL
+
+    from petl_bench.methods.glora import GLoRALinear
+
+    assert pb.count_trainable(pb.create_model("glora_fixed", pb.PAPER_BACKBONE, num_classes=10,
+                                              pretrained="none"))[0] == 1_603_776  # fmt: skip
+    reference, model = with_method("glora", tiny_backbone(TINY_VIT), **SMALL["glora"])
+    paths = _json.loads(open(SMALL["glora"]["paths"]).read())
+    layers = [m for m in model.backbone.modules() if isinstance(m, GLoRALinear)]
+    assert len(layers) == 8 and [layer.path for layer in layers] == paths
+    expected_count = 0
+    for layer, path in zip(layers, paths):  # the official get_param per component
+        o, i = layer.out_features, layer.in_features
+        size = {"lora": 4 * (o + i), "vector": o, "constant": 1, "none": 0}
+        expected_count += size[path["A"]] + size[path["B"]]
+        expected_count += {"lora": 4 * (i + 1), "vector": i, "none": 0}[path["C"]]
+        expected_count += sum({"vector": o, "constant": 1, "none": 0}[path[k]] for k in "DE")
+    assert pb.count_trainable(model)[0] == expected_count
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images(TINY_VIT)), reference(images(TINY_VIT))), "every path starts as the backbone"
+        randomize_trainable(model)
+        for layer, path in zip(layers, paths):
+            x_in = torch.randn(2, 17, layer.in_features)
+            torch.testing.assert_close(layer(x_in), _official_glora(layer, path, 4)(x_in), rtol=0, atol=1e-6)
+            torch.testing.assert_close(layer.folded()(x_in), layer(x_in), rtol=0, atol=1e-5)

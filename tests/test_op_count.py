@@ -36,6 +36,8 @@ BUDGET = {
     "fact_tk": 132,
     "fact_tt": 110,
     "full": 31,
+    "glora": 107,  # W' = W + W * A + B materialised per layer and step, as the official layer
+    "glora_fixed": 178,
     "houlsby_adapter": 56,
     "linear": -21,
     "ln_tune": 2,
