@@ -16,7 +16,6 @@ supernet saves its training state as it goes, the evolution its state after ever
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -25,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from . import paths, records
+from . import records, search
 from .atomic import write_atomic
-from .checkpoints import load_trainable, save_trainable
+from .checkpoints import load_trainable
 from .config import Recipe
-from .engine import evaluate, fit
+from .engine import evaluate
 from .errors import UserError
 from .methods.noah import SUPER_DIM, NoahConfig, Subnet, Supernet
 from .model import Method
@@ -105,115 +104,45 @@ def crossover(rng: random.Random, first: Subnet, second: Subnet) -> Subnet:
     return Subnet(*(rng.choice([a, b]) for a, b in zip(dataclasses.astuple(first), dataclasses.astuple(second))))
 
 
-class Evolution:
-    """NOAH's evolutionary search with a memory of evaluated candidates (resumable by generation)."""
+class NoahProblem:
+    """NOAH's candidates: subnets of the search space, counted by NOAH's counter or the effective one."""
 
-    def __init__(self, settings: SearchSettings, depth: int, width: int, score, seed: int, state: Path | None = None):
-        self.settings = settings
-        self.depth = depth
-        self.width = width
-        self.score = score  # Subnet -> validation top-1
-        self.state = state
-        self.rng = random.Random(seed)
-        self.accuracy: dict[tuple, float] = {}
-        self.candidates: list[Subnet] = []
-        self.top: list[Subnet] = []
-        self.generation = 0
-        self.history: list[dict] = []
-        if state is not None and state.is_file():
-            self._load(state)
+    label = "NOAH"
+
+    def __init__(self, settings: SearchSettings, depth: int, width: int):
+        self.settings, self.depth, self.width = settings, depth, width
+        if settings.counter not in ("noah", "effective"):
+            raise UserError(f"unknown NOAH budget counter '{settings.counter}'; choose noah or effective")
+
+    def random(self, rng: random.Random) -> Subnet:
+        return random_subnet(rng, self.settings.space, self.depth)
+
+    def mutate(self, rng: random.Random, parent: Subnet) -> Subnet:
+        return mutate(rng, parent, self.settings.space, self.settings.m_prob, self.settings.s_prob)
+
+    def crossover(self, rng: random.Random, first: Subnet, second: Subnet) -> Subnet:
+        return crossover(rng, first, second)
 
     def params(self, subnet: Subnet) -> int:
         if self.settings.counter == "noah":
             return subnet.noah_counted_params(self.width, SUPER_DIM)
-        if self.settings.counter == "effective":
-            return subnet.effective_params(self.width)
-        raise UserError(f"unknown NOAH budget counter '{self.settings.counter}'; choose noah or effective")
+        return subnet.effective_params(self.width)
 
-    def _legal(self, subnet: Subnet) -> bool:
-        key = dataclasses.astuple(subnet)
-        if key in self.accuracy or self.params(subnet) > self.settings.budget_m * 1e6:
-            return False
-        self.accuracy[key] = self.score(subnet)
-        return True
+    def key(self, subnet: Subnet) -> tuple:
+        return dataclasses.astuple(subnet)
 
-    def _fill(self, make, wanted: int, attempts: int) -> list[Subnet]:
-        found: list[Subnet] = []
-        while len(found) < wanted and attempts > 0:
-            attempts -= 1
-            subnet = make()
-            if self._legal(subnet):
-                found.append(subnet)
-        return found
+    def to_json(self, subnet: Subnet) -> dict:
+        return subnet.to_dict()
 
-    def _random_fill(self) -> None:
-        missing = self.settings.population - len(self.candidates)
-        space, depth = self.settings.space, self.depth
-        self.candidates += self._fill(
-            lambda: random_subnet(self.rng, space, depth), missing, 100 * self.settings.population
-        )
-        if not self.top and not self.candidates:
-            raise UserError(f"no subnet of the search space fits the budget of {self.settings.budget_m}M parameters")
-
-    def run(self, progress=None) -> Subnet:
-        s = self.settings
-        if self.generation == 0 and not self.candidates:
-            self._random_fill()
-        task = progress.add_task("NOAH evolution", total=s.generations, completed=self.generation) if progress else None
-        while self.generation < s.generations:
-            ranked = sorted({dataclasses.astuple(c): c for c in self.top + self.candidates}.values(), key=self._key)
-            self.top = ranked[: s.select]
-            best = self.top[0]
-            self.history.append({"generation": self.generation, "best_val_top1": self._acc(best),
-                                 "best_params": self.params(best), "evaluated": len(self.accuracy)})  # fmt: skip
-            mutations = self._fill(lambda: mutate(self.rng, self.rng.choice(self.top), s.space, s.m_prob, s.s_prob),
-                                   s.mutation, 10 * s.mutation)  # fmt: skip
-            crossovers = self._fill(lambda: crossover(self.rng, self.rng.choice(self.top), self.rng.choice(self.top)),
-                                    s.crossover, 10 * s.crossover)  # fmt: skip
-            self.candidates = mutations + crossovers
-            self._random_fill()
-            self.generation += 1
-            if self.state is not None:
-                self._save(self.state)
-            if progress:  # the best so far, this generation's children included (what the pick would be)
-                leader = min(self.top + self.candidates, key=self._key)
-                progress.update(task, advance=1, description=f"NOAH evolution: best val {self._acc(leader):.2f}")
-        ranked = sorted({dataclasses.astuple(c): c for c in self.top + self.candidates}.values(), key=self._key)
-        return ranked[0]
-
-    def _acc(self, subnet: Subnet) -> float:
-        return self.accuracy[dataclasses.astuple(subnet)]
-
-    def _key(self, subnet: Subnet):
-        return (-self._acc(subnet), self.params(subnet), dataclasses.astuple(subnet))
-
-    def _save(self, path: Path) -> None:
-        state = {
-            "generation": self.generation,
-            "rng": _jsonable(self.rng.getstate()),
-            "accuracy": [[list(map(list, key)), acc] for key, acc in self.accuracy.items()],
-            "candidates": [c.to_dict() for c in self.candidates],
-            "top": [c.to_dict() for c in self.top],
-            "history": self.history,
-        }
-        write_atomic(path, json.dumps(state))
-
-    def _load(self, path: Path) -> None:
-        state = json.loads(path.read_text())
-        self.generation = state["generation"]
-        self.rng.setstate(_tuples(state["rng"]))
-        self.accuracy = {tuple(tuple(part) for part in key): acc for key, acc in state["accuracy"]}
-        self.candidates = [Subnet.from_dict(c) for c in state["candidates"]]
-        self.top = [Subnet.from_dict(c) for c in state["top"]]
-        self.history = state["history"]
+    def from_json(self, value: dict) -> Subnet:
+        return Subnet.from_dict(value)
 
 
-def _jsonable(value):
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+class Evolution(search.Evolution):
+    """NOAH's evolutionary search (the shared one over NOAH's subnets)."""
 
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+    def __init__(self, settings: SearchSettings, depth: int, width: int, score, seed: int, state: Path | None = None):
+        super().__init__(settings, NoahProblem(settings, depth, width), score, seed, state)
 
 
 class _SupernetMethod(Method):
@@ -228,36 +157,18 @@ class _SupernetMethod(Method):
         return self.supernet.parameters()
 
 
-def search_folder(output: Path, task: str, backbone: str, seed: int, settings: SearchSettings, pretrained: str) -> Path:
-    identity = json.dumps([task, backbone, seed, pretrained, dataclasses.asdict(settings)], sort_keys=True, default=str)
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
-    return output / "noah-search" / f"{paths.safe_name(task)}__{paths.safe_name(backbone)}__s{seed}__{digest}"
-
-
 def train_supernet(prepared, supernet, recipe, folder: Path, task: str, backbone: str, seed: int, settings, device,
                    progress=None) -> None:  # fmt: skip
-    """Train the supernet (a random subnet of the search space every step, NOAH's sampler reseeded every
-    epoch) and write its weights and log into ``folder``."""
-    model, depth, sampler = prepared.model, len(prepared.model.info.block_paths), random.Random()
+    """Train the supernet: a random subnet of the search space every step, NOAH's sampler reseeded every epoch."""
+    depth, sampler = len(prepared.model.info.block_paths), random.Random()
 
     def sample(epoch: int, step: int) -> None:
         if step == 0:  # NOAH reseeds its sampler every epoch
             sampler.seed(seed * 100_003 + epoch)
         supernet.select(random_subnet(sampler, settings.space, depth))
 
-    bar = progress.add_task("NOAH supernet", total=recipe.epochs) if progress else None
-    result = fit(
-        model, prepared.train, None, prepared.normalizer, recipe, device=device, seed=seed, before_step=sample,
-        on_epoch=(lambda e: progress.update(bar, advance=1, description=f"NOAH supernet: loss {e.loss:.3f}")) if progress else None,
-        resume=folder / "supernet_resume.pt",
-    )  # fmt: skip
-    save_trainable(model, folder / "supernet.safetensors")
-    (folder / "supernet_resume.pt").unlink(missing_ok=True)
-    write_atomic(folder / "supernet.json", json.dumps({
-        "task": task, "backbone": backbone, "seed": seed, "recipe": dataclasses.asdict(recipe),
-        "epochs": [dataclasses.asdict(e) for e in result.epochs], "train_seconds": result.train_seconds,
-        "finished_at": records.now(),
-    }, indent=1))  # fmt: skip
+    about = {"task": task, "backbone": backbone, "seed": seed}
+    search.train_supernet(prepared, recipe, folder, about, device, label="NOAH", before_step=sample, progress=progress)
 
 
 def run_search(
@@ -274,7 +185,7 @@ def run_search(
     progress=None,
 ) -> Path:
     """Supernet training and evolutionary search; returns the winning subnet's JSON file."""
-    folder = search_folder(output, task.name, backbone, seed, settings, pretrained)
+    folder = search.search_folder(output, "noah", task.name, backbone, seed, settings, pretrained)
     subnet_file = folder / "subnet.json"
     if subnet_file.is_file():
         log.info("NOAH search already finished: %s", subnet_file)

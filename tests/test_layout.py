@@ -42,8 +42,8 @@ LAYERS = [
     {"augment", "ledger", "datasets", "install", "task"},
     {"backbones", "clip", "model", "checkpoints", "demo_backbone", "engine", "training_state", "methods", "tasks"},
     {"opcount", "export", "planning", "report"},
-    {"runner", "costs", "tuning"},
-    {"executors", "noah_search"},
+    {"runner", "costs", "tuning", "search"},
+    {"executors", "noah_search", "glora_search"},
     {"output", "cli", "cli_data", "cli_sweep", "cli_noah", "__init__"},
 ]
 LAYER = {name: rank for rank, names in enumerate(LAYERS) for name in names}

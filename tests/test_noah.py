@@ -204,7 +204,7 @@ def test_evolution_respects_the_budget_is_deterministic_and_resumes(tmp_path):
 
 def test_an_impossible_budget_is_a_clear_error():
     settings = SearchSettings(budget_m=0.0001, population=4, select=2, mutation=1, crossover=1, generations=1)
-    with pytest.raises(UserError, match="no subnet of the search space fits the budget"):
+    with pytest.raises(UserError, match="no NOAH candidate of the search space fits the budget"):
         Evolution(settings, 12, 768, _synthetic_score, seed=0).run()
 
 
