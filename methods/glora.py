@@ -153,6 +153,9 @@ class GLoRA(Method):
     Config = GLoRAConfig
     reads_frozen_weights = True  # W' = W + W * A + B reads the frozen weight outside F.linear's cast
     merges = True
+    # The official lr is 1e-4: a searched path with a vector or constant B adds the same step to a whole row
+    # (or every weight) of W, which the shared grid's 1e-2 (and often 1e-3) wrecks.
+    recipe_grid = {"lr": (1e-4, 1e-3), "weight_decay": (1e-4, 1e-3)}
 
     def layer_paths(self, config, layers: int) -> list[dict[str, str]] | None:
         if not config.paths:
@@ -197,6 +200,7 @@ class GLoRAFixed(GLoRA):
     published_as = ()
     trains = "per encoder Linear, A, B (rank r), C (rank r) and the D, E vectors: 2r(o+i) + r(i+1) + 2o"
     Config = GLoRAFixedConfig
+    recipe_grid = None  # LoRA and vectors only: the shared grid
 
     def layer_paths(self, config, layers):
         return [dict(FIXED) for _ in range(layers)]

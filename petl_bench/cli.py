@@ -19,6 +19,7 @@ from rich.console import Console
 
 from . import atomic, records, registry
 from .cli_data import data_app
+from .cli_glora import glora_app
 from .cli_noah import noah_app
 from .cli_sweep import (
     PluginOption,
@@ -215,6 +216,7 @@ app.command("tune")(tune_command)
 app.add_typer(data_app, name="data")
 
 app.add_typer(noah_app, name="noah")
+app.add_typer(glora_app, name="glora")
 
 
 def _exception_types(name: str) -> tuple[type, ...]:

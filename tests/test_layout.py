@@ -44,7 +44,7 @@ LAYERS = [
     {"opcount", "export", "planning", "report"},
     {"runner", "costs", "tuning", "search"},
     {"executors", "noah_search", "glora_search"},
-    {"output", "cli", "cli_data", "cli_sweep", "cli_noah", "__init__"},
+    {"output", "cli", "cli_data", "cli_sweep", "cli_noah", "cli_glora", "__init__"},
 ]
 LAYER = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 SOURCES = {"petl_bench": ROOT / "petl_bench", "methods": ROOT / "methods", "tasks": ROOT / "tasks"}
