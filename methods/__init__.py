@@ -5,4 +5,4 @@ Import order is the order of the Convpass paper's table, then the later methods,
 
 from . import baselines, vpt, adapter, adaptformer, lora, noah, convpass  # noqa: F401  isort: skip
 from . import ssf, fact, repadapter, difffit, sequential_adapters, binary, peft_tuners  # noqa: F401  isort: skip
-from . import adapter_plus, dtl, sct, glora, vqt, e2vpt, dyt, arc  # noqa: F401  isort: skip
+from . import adapter_plus, dtl, sct, glora, vqt, e2vpt, dyt, arc, mona  # noqa: F401  isort: skip

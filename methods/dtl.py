@@ -102,10 +102,12 @@ class DTL(Method):
         if config.kernel and config.kernel < 2:
             raise UserError(f"{self.name}.kernel must be 0 (no conv) or at least 2, not {config.kernel}")
 
+    def check_pair(self, info, config):
+        if config.injections > len(info.block_paths):
+            raise UserError(f"{self.name}.injections ({config.injections}) exceeds the {len(info.block_paths)} blocks")
+
     def attach(self, model, info, config):
         blocks = model.get_submodule(info.blocks_path)
-        if config.injections > len(blocks):
-            raise UserError(f"{self.name}.injections ({config.injections}) exceeds the {len(blocks)} blocks")
         side = DTLBlocks(blocks, info.widths[0], config, info.grids[0], info.num_prefix_tokens)
         model.set_submodule(info.blocks_path, side)
         # DTL's head: the mean of the patch tokens, then the final LayerNorm (timm: pool "avg", norm after it)

@@ -157,10 +157,12 @@ class GLoRA(Method):
     # (or every weight) of W, which the shared grid's 1e-2 (and often 1e-3) wrecks.
     recipe_grid = {"lr": (1e-4, 1e-3), "weight_decay": (1e-4, 1e-3)}
 
-    def layer_paths(self, config, layers: int) -> list[dict[str, str]] | None:
+    def check_config(self, config):
         if not config.paths:
             raise UserError("glora needs its searched paths: --set glora.paths=FILE (petl-bench glora search), "
                             "or run glora_fixed")  # fmt: skip
+
+    def layer_paths(self, config, layers: int) -> list[dict[str, str]] | None:
         return read_paths(config.paths, layers)
 
     def config_identity(self, config):
@@ -201,6 +203,9 @@ class GLoRAFixed(GLoRA):
     trains = "per encoder Linear, A, B (rank r), C (rank r) and the D, E vectors: 2r(o+i) + r(i+1) + 2o"
     Config = GLoRAFixedConfig
     recipe_grid = None  # LoRA and vectors only: the shared grid
+
+    def check_config(self, config):
+        pass  # no paths to read
 
     def layer_paths(self, config, layers):
         return [dict(FIXED) for _ in range(layers)]

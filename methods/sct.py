@@ -119,11 +119,13 @@ class SCT(Method):
         if config.channels < 1:
             raise UserError(f"{self.name}.channels must be at least 1, not {config.channels}")
 
+    def check_pair(self, info, config):
+        if config.channels > min(info.widths):
+            raise UserError(f"{self.name}.channels ({config.channels}) exceeds the width {min(info.widths)}")
+
     def attach(self, model, info, config):
         params = []
         for index, path in enumerate(info.block_paths):
-            if config.channels > info.widths[index]:
-                raise UserError(f"{self.name}.channels ({config.channels}) exceeds the width {info.widths[index]}")
             wrapped = SCTBlock(model.get_submodule(path), info.widths[index], config.channels)
             model.set_submodule(path, wrapped)
             params += list(wrapped.sct_attn.parameters())

@@ -130,6 +130,10 @@ class Method:
     def set_train_mode(self, model: "PetlModel", mode: bool) -> None:
         """Called after ``model.train(mode)`` (and the frozen-encoder rule); for modules of the method's own."""
 
+    def check_pair(self, info: BackboneInfo, config: Any) -> None:
+        """A UserError when ``config`` cannot run on this backbone (a size beyond its width, more blocks than
+        it has); checked with the other checks before anything trains, so a sweep can leave the pair out."""
+
     def check_backbone(self, info: BackboneInfo) -> None:
         if info.kind not in self.kinds:
             raise UserError(
@@ -261,6 +265,7 @@ def attach_method(
     method.check_backbone(info)
     method.check_values(config)  # bounds and the method's own checks, whoever built the config
     method.check_config(config)
+    method.check_pair(info, config)
     backbone.requires_grad_(False)
     for parameter in method.attach(backbone, info, config):
         parameter.requires_grad_(True)

@@ -384,6 +384,7 @@ def check_job(job: Job, info, data: TaskData) -> None:
     method = job.method_object
     method.check_backbone(info)
     method.check_config(job.method_config)
+    method.check_pair(info, job.method_config)
     if job.recipe.head_init == "text" and (info.kind != CLIP or not data.class_names):
         raise UserError(
             f"recipe.head_init=text needs a CLIP backbone and a task with class names "

@@ -457,3 +457,43 @@ def test_glora_paths_follow_the_official_layer_count_as_get_param_and_fold_exact
             x_in = torch.randn(2, 17, layer.in_features)
             torch.testing.assert_close(layer(x_in), _official_glora(layer, path, 4)(x_in), rtol=0, atol=1e-6)
             torch.testing.assert_close(layer.folded()(x_in), layer(x_in), rtol=0, atol=1e-5)
+
+
+def _official_mona(module, x, hw):
+    """The official ``Mona.forward`` / ``MonaOp.forward`` (swin_transformer_mona.py) on (B, N, C) tokens."""
+    from torch.nn import functional as F
+
+    h = module.project1(module.norm(x) * module.gamma + x * module.gammax)
+    b, n, c = h.shape
+    image = h.reshape(b, *hw, c).permute(0, 3, 1, 2)
+    op = module.adapter_conv
+    image = (op.conv1(image) + op.conv2(image) + op.conv3(image)) / 3.0 + image
+    image = image + op.projector(image)
+    h = image.permute(0, 2, 3, 1).reshape(b, n, c)
+    return x + module.project2(module.dropout(F.gelu(h)))
+
+
+def test_mona_counts_official_module_on_swin_and_the_declared_vit_port():
+    from conftest import TINY_SWIN
+
+    assert vit_b_count("mona") == 2_684_928  # 24 modules of 111,872
+    reference, model = with_method("mona", tiny_backbone(TINY_SWIN))
+    randomize_trainable(model)
+    model.eval()
+    block = model.backbone.get_submodule(model.info.block_paths[0])
+    frozen = reference.get_submodule(model.info.block_paths[0])
+    x = torch.randn(2, 14, 14, 16)
+    with torch.no_grad():  # the official Swin block: Mona after the attention add and after the MLP add
+        y = x + frozen._attn(frozen.norm1(x))
+        y = _official_mona(block.my_module_1, y.reshape(2, 196, 16), (14, 14))
+        y = _official_mona(block.my_module_2, y + frozen.mlp(frozen.norm2(y)), (14, 14)).reshape(2, 14, 14, 16)
+        torch.testing.assert_close(block(x), y, rtol=0, atol=1e-5)
+    _, vit = with_method("mona", tiny_backbone(TINY_VIT))
+    randomize_trainable(vit)
+    module, tokens = vit.backbone.blocks[0].my_module_1.eval(), torch.randn(2, 17, 32)
+    with torch.no_grad():  # the convs see the patch grid; the cls token goes around them (the declared choice)
+        ours, cls = module(tokens), tokens[:, :1]
+        torch.testing.assert_close(ours[:, 1:], _official_mona(module, tokens[:, 1:], (4, 4)), rtol=0, atol=1e-5)
+        projected = module.project1(module.norm(cls) * module.gamma + cls * module.gammax)
+        expected = cls + module.project2(torch.nn.functional.gelu(projected))
+        torch.testing.assert_close(ours[:, :1], expected, rtol=0, atol=1e-6)

@@ -42,6 +42,7 @@ BUDGET = {
     "linear": -21,
     "ln_tune": 2,
     "lora": 20,
+    "mona": 149,  # two modules per block, each three depthwise convs and a 1x1, a LayerNorm and two Linears
     "noah": 66,
     "pfeiffer_adapter": 23,
     "repadapter": 60,

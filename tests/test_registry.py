@@ -91,7 +91,7 @@ def test_params_without_methods_counts_every_method_that_runs_on_the_backbone(mo
         "difffit": 140_544, "houlsby_adapter": 313_536, "pfeiffer_adapter": 156_768, "bi_adaptformer": 589_824,
         "bi_lora": 1_179_648, "adapter_plus": 165_984, "arc": 96_432, "arc_attn": 48_216,
         "dtl": 36_864, "dtl_plus": 43_776, "sct": 111_744, "dyt": 313_548, "vqt": 9_216, "e2vpt": 138_240,
-        "glora_fixed": 1_603_776,
+        "glora_fixed": 1_603_776, "mona": 2_684_928,
     }  # fmt: skip
     assert "not counted: zero_shot" in stderr and "not counted: noah" in stderr
 
