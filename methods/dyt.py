@@ -91,6 +91,7 @@ class DyTBlock(nn.Module):
         self.block = block
         self.adaptmlp = Adapter(width, config.bottleneck, config.dropout, config.scale)
         self.mlp_token_select = TokenSelect(width, prefix, config.tau)
+        self.gather = False  # True: evaluate with the gather implementation (the official speed test's)
 
     def run(self, x: torch.Tensor, complete: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the block's output, its mask); ``complete``: every token through the MLP (the teacher, no mask;
@@ -102,7 +103,21 @@ class DyTBlock(nn.Module):
         h = mlp.drop_path(mlp.branch(mlp.norm(x)))
         return x + (h if mask is None else mask * h) + adapted, mask
 
+    def run_gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference as the official speed test (``model_speed_test.py``, ``batch_forward``): the MLP runs only
+        on the tokens the dispatcher keeps, gathered over the whole batch and scattered back (a host read of
+        how many: not for training)."""
+        attn, mlp = residuals(self.block, VIT, {})
+        x = x + attn.drop_path(attn.branch(attn.norm(x)))
+        mask, adapted = self.mlp_token_select(x), self.adaptmlp(x)
+        flat = x.reshape(-1, x.shape[-1])
+        kept = mask.reshape(-1).nonzero().squeeze(1)
+        out = torch.zeros_like(flat).index_copy(0, kept, mlp.branch(mlp.norm(flat[kept])).to(flat.dtype))
+        return x + out.view_as(x) + adapted
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gather and not self.training:
+            return self.run_gathered(x)
         return self.run(x)[0]
 
 

@@ -307,6 +307,9 @@ def test_dyt_counts_block_equation_and_forward():
         assert 0 < official_mask.mean() < 1, "the randomised dispatcher keeps some tokens and skips others"
         logits, masks = dyt_forward(model, x, complete=False)
         assert torch.equal(logits, model(x)) and masks.shape == (3, 2, 16, 1)
+        for block in model.backbone.blocks:  # the official speed test's gather implementation: the same logits
+            block.gather = True
+        torch.testing.assert_close(model(x), logits, rtol=0, atol=1e-6)
     head = pb.create_model("dyt", "vit_tiny_patch16_224", num_classes=3, pretrained="none").head
     assert head.bias.abs().max() == 0 and 0.005 < head.weight.std() < 0.015, "MoCo v3's trunc_normal(0.01) head"
 
