@@ -12,7 +12,8 @@ does not. Query tokens ``L d T`` (ViT-B/16: T = 1, 9,216), plus a classifier of 
 (T = 1, C = 100: 998,500, against the usual 76,900) that ``params`` counts with the head.
 
 Per-task T from the official demo script (``vqt.tasks.json``). Not applied: the T = 1 tasks' compression
-(a group-lasso term on the classifier, keeping 0.7 of the features, retraining: its keep rule is not read).
+(head2toe_sparsity_train.py: train with a group-lasso term ``1e-4 sum_f ||W_head[:, f]||``, keep the 70% of
+the features whose classifier columns have the largest L2 norm, retrain the classifier on them).
 Official recipe differences (not applied: every method runs the shared recipe): the VPT protocol (Adam with
 L2 weight decay, batch 128, a grid on val200, five seeds), an ImageNet-1k supervised ViT-B in the demo.
 """

@@ -115,19 +115,24 @@ def params_command(
     ),
     task: Optional[str] = typer.Option(None, help="Apply the methods' per-task defaults for this task."),
     fmt: str = typer.Option("table", "--format", help="table, csv or md."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", help="METHOD.KEY=VALUE, e.g. glora.paths=FILE, lora.rank=16."
+    ),
     plugin: Optional[list[Path]] = PluginOption,
 ) -> None:
     """Trainable parameters of each method, without and with the classifier, and checkpoint bytes."""
     from .backbones import build_backbone
     from .checkpoints import checkpoint_bytes
     from .model import attach_method, count_trainable, get_method
+    from .planning import parse_settings
 
     load_plugins(plugin)
     if num_classes is None:
         num_classes = registry.TASKS.get(task).num_classes if task and task in registry.TASKS else 100
     names = [registry.METHODS.resolve(name) for name in split_names(methods)] or registry.METHODS.names()
     method_objs = [get_method(name) for name in names]
-    configs = [method_obj.make_config(task) for method_obj in method_objs]
+    settings = parse_settings(set_ or [])
+    configs = [method_obj.make_config(task, **settings.get(method_obj.name, {})) for method_obj in method_objs]
     base, info = build_backbone(backbone, "none", num_classes=num_classes)
     rows, skipped = [], []
     for method_obj, config in zip(method_objs, configs):

@@ -500,3 +500,25 @@ def test_mona_counts_official_module_on_swin_and_the_declared_vit_port():
         projected = module.project1(module.norm(cls) * module.gamma + cls * module.gammax)
         expected = cls + module.project2(torch.nn.functional.gelu(projected))
         torch.testing.assert_close(ours[:, :1], expected, rtol=0, atol=1e-6)
+
+
+def test_params_prints_the_specs_vit_b16_counts_for_the_third_batch(monkeypatch, capsys, tmp_path):
+    import json as _json
+
+    from conftest import run_cli
+
+    vector = dict.fromkeys("ABCDE", "vector")
+    paths = tmp_path / "all_vector.json"
+    paths.write_text(_json.dumps([vector] * 48))  # the spec's all-vector GLoRA: 396,288
+    methods = "adapter_plus,dtl,dtl_plus,sct,arc,arc_attn,glora,glora_fixed,dyt,vqt,e2vpt,mona"
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "params", "--methods", methods, "--format", "csv",
+                                   "--set", f"glora.paths={paths}")  # fmt: skip
+    assert code == 0, stderr
+    counts = {line.split(",")[0]: int(line.split(",")[2]) for line in stdout.splitlines()[1:] if line}
+    assert counts == {
+        "adapter_plus": 165_984, "dtl": 36_864, "dtl_plus": 43_776, "sct": 111_744, "arc": 96_432,
+        "arc_attn": 48_216, "glora": 396_288, "glora_fixed": 1_603_776, "dyt": 313_548, "vqt": 9_216,
+        "e2vpt": 138_240, "mona": 2_684_928,
+    }  # fmt: skip
+    code, _, stderr = run_cli(monkeypatch, capsys, "params", "--methods", "glora")
+    assert code == 2 and "glora needs its searched paths" in stderr
