@@ -82,6 +82,37 @@ class QLinear(nn.Linear):
         return self.weight.numel() * self.bits // 8 + 8  # packed codes, then fp32 mean and std
 
 
+def stacked_effective_weights(layers: list[QLinear]) -> list[torch.Tensor]:
+    """Every layer's ``effective_weight()`` (same bits and size) from one pass over the stacked latent weights:
+    one quantiser's kernels for all of them instead of one set per matrix (the same values)."""
+    stacked = torch.stack([layer.weight.reshape(-1) for layer in layers])
+    mean, std = stacked.mean(-1, keepdim=True), stacked.std(-1, keepdim=True)
+    z = (stacked - mean) / (std + 1e-5)
+    quantized = layers[0].quantize(z).detach() + z - z.detach()
+    rows = (quantized * std + mean).unbind(0)
+    return [row.view_as(layer.weight) for row, layer in zip(rows, layers)]
+
+
+class StackedQVLoRA(QVLoRA):
+    """Bi-LoRA's q and v branches with their four quantised matrices de-quantised together
+    (:func:`stacked_effective_weights`); names, parameters and values are :class:`QVLoRA`'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, v = self.lora_q, self.lora_v
+        down_q, up_q, down_v, up_v = stacked_effective_weights([q.down, q.up, v.down, v.up])
+        delta_q = F.linear(q.dropout(F.linear(x, down_q)), up_q)
+        delta_v = F.linear(v.dropout(F.linear(x, down_v)), up_v)
+        return self.qkv(x) + self.scale * torch.cat([delta_q, torch.zeros_like(delta_q), delta_v], dim=-1)
+
+
+class StackedBottleneck(Bottleneck):
+    """Bi-AdaptFormer's bottleneck with its two quantised matrices de-quantised together (the same values)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = stacked_effective_weights([self.down, self.up])
+        return F.linear(self.dropout(self.act(F.linear(x, down))), up)
+
+
 def projection(bits: int):
     """``make(in, out)``: a quantised Linear, or a plain bias-free one at 32 bits."""
     if bits == 32:
@@ -155,7 +186,8 @@ class BiAdaptFormer(BinaryMethod):
     def attach(self, model, info, config):
 
         def adapter(width: int) -> Bottleneck:
-            module = Bottleneck(width, config.dim, nn.ReLU(), config.dropout, linear=projection(config.bits))
+            kind = Bottleneck if config.bits == 32 else StackedBottleneck
+            module = kind(width, config.dim, nn.ReLU(), config.dropout, linear=projection(config.bits))
             init_up(module.up, config.bits)
             return module
 
@@ -193,7 +225,8 @@ class BiLoRA(BinaryMethod):
             attention = model.get_submodule(path).attn
             width = attention.qkv.in_features
             branch = functools.partial(quantized_low_rank, width, config.dim, config.dropout, config.bits)
-            wrapped = QVLoRA(attention.qkv, config.dim, config.dropout, config.scale, branch=branch)
+            kind = QVLoRA if config.bits == 32 else StackedQVLoRA
+            wrapped = kind(attention.qkv, config.dim, config.dropout, config.scale, branch=branch)
             attention.qkv = wrapped
             params += wrapped.delta_parameters()
         return params

@@ -496,3 +496,30 @@ def test_per_channel_scales_act_in_the_activation_dtype(method):
         hook.remove()
     assert pairs and all(inner == out for inner, out in pairs), pairs
     assert any(inner == torch.bfloat16 for inner, _ in pairs)
+
+
+def test_stacked_quantisers_give_the_per_matrix_values_and_gradients():
+    """Bi-LoRA's four and Bi-AdaptFormer's two quantised matrices per block are de-quantised in one stacked
+    pass: outputs and every gradient equal (bitwise) the per-matrix QLinear path."""
+    import functools
+
+    from petl_bench.methods.binary import StackedBottleneck, StackedQVLoRA, projection, quantized_low_rank
+    from petl_bench.methods.building_blocks import Bottleneck
+    from petl_bench.methods.lora import QVLoRA
+
+    torch.manual_seed(0)
+    lora = StackedQVLoRA(
+        torch.nn.Linear(64, 192), 8, 0.0, 0.5, branch=functools.partial(quantized_low_rank, 64, 8, 0.0, 1)
+    )
+    adapter = StackedBottleneck(64, 8, torch.nn.ReLU(), 0.0, linear=projection(2))
+    for stacked, plain in ((lora, QVLoRA.forward), (adapter, Bottleneck.forward)):
+        params = [p for p in stacked.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p in params:
+                p.normal_()
+        x, weights = torch.randn(3, 5, 64, requires_grad=True), torch.randn(3, 5, 64 if stacked is adapter else 192)
+        results = []
+        for y in (stacked(x), plain(stacked, x)):
+            results.append((y, *torch.autograd.grad((y * weights).sum(), [x, *params])))
+        for ours, theirs in zip(*results):
+            assert torch.equal(ours, theirs)
