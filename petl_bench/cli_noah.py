@@ -1,12 +1,13 @@
 """``petl-bench noah search``: NOAH's supernet training, evolutionary search on val and retraining of
-the winner, from the command line (the search itself is :mod:`petl_bench.noah_search`)."""
+the winner, from the command line (the search itself is :mod:`petl_bench.noah_search`). :class:`SearchTarget`
+holds what every supernet search command shares (GLoRA's too): the task, backbone, seed, retraining."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -19,7 +20,57 @@ noah_app = typer.Typer(help="NOAH: supernet training, evolutionary search and re
 
 
 @dataclass
-class SearchOptions:
+class SearchTarget:
+    """The options every supernet search shares: what it runs on, and whether its result is retrained."""
+
+    task: Optional[str] = typer.Option(None, help="A registered task (e.g. a VTAB-1K task or demo_digits).")
+    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Or a folder with train/val/test lists.")
+    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the task's suite's).")
+    pretrained: str = typer.Option("hub", help="hub, none, or a weights file.")
+    data_root: Optional[Path] = O_DATA_ROOT
+    seed: int = typer.Option(0, help="Seed of the supernet, the search and the retrain.")
+    epochs: Optional[int] = typer.Option(None, help="Retrain epochs (default: the suite's recipe).")
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the suite's recipe).")
+    image_size: Optional[int] = typer.Option(None, help="Input size (default: the suite's or the backbone's).")
+    retrain: bool = typer.Option(True, help="Retrain the search's result on train+val and test it.")
+    output: Path = typer.Option(Path("results/runs"), help="Run folders; searches go to OUTPUT/<method>-search/.")
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N].")
+    plugin: Optional[list[Path]] = PluginOption
+
+    def run(self, search, settings_of, describe: Callable[[dict, Path], str], method: str,
+            method_settings: Callable[[Path], dict]) -> None:  # fmt: skip
+        """Run ``search`` (its settings from the task's recipe), print what it found, then retrain it as a
+        normal ``method`` run with ``method_settings(result file)``."""
+        from . import planning, registry, runner
+        from .paths import data_root_from
+
+        for path in self.plugin or []:
+            registry.load_plugin(path)
+        if (self.task is None) == (self.task_dir is None):
+            raise UserError("give exactly one of --task or --task-dir")
+        overrides = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size}
+        chosen, backbone, recipe = planning.one_task(self.task, self.task_dir, self.backbone, overrides)
+        target, root = runner.pick_device(self.device), data_root_from(self.data_root)
+        with progress_bars() as progress:
+            found = search(
+                chosen, backbone=backbone, pretrained=self.pretrained, data_root=root, output=self.output,
+                seed=self.seed, settings=settings_of(recipe), device=target, image_size=recipe.image_size,
+                progress=progress,
+            )  # fmt: skip
+        console.print(describe(json.loads(found.read_text()), found))
+        if not self.retrain:
+            return
+        jobs = planning.plan(
+            [method], [chosen], [backbone], [self.seed], protocol="final", pretrained=self.pretrained, recipe=recipe,
+            settings={method: method_settings(found)}, data_root=root,
+        )  # fmt: skip
+        with progress_bars() as progress:
+            runner.run_sweep(jobs, self.output, device=target, progress=progress)
+        print_tables([r for r in records.load_records(self.output) if r.run_id == jobs[0].run_id])
+
+
+@dataclass
+class SearchOptions(SearchTarget):
     """NOAH's search settings (its defaults; ``generations`` as in its VTAB script)."""
 
     budget: float = typer.Option(0.64, help="Parameter limit in millions (NOAH's --param-limits).")
@@ -50,53 +101,18 @@ class SearchOptions:
         )  # fmt: skip
 
 
-@noah_app.command("search")
-@with_options(SearchOptions)
-def noah_search_command(
-    task: Optional[str] = typer.Option(None, help="A registered task (e.g. a VTAB-1K task or demo_digits)."),
-    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Or a folder with train/val/test lists."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the task's suite's)."),
-    pretrained: str = typer.Option("hub", help="hub, none, or a weights file."),
-    data_root: Optional[Path] = O_DATA_ROOT,
-    seed: int = typer.Option(0, help="Seed of the supernet, the search and the retrain."),
-    epochs: Optional[int] = typer.Option(None, help="Retrain epochs (default: the suite's recipe)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the suite's recipe)."),
-    image_size: Optional[int] = typer.Option(None, help="Input size (default: the suite's or the backbone's)."),
-    retrain: bool = typer.Option(True, help="Retrain the winner on train+val and test it."),
-    output: Path = typer.Option(Path("results/runs"), help="Run folders; the search goes to OUTPUT/noah-search/."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    plugin: Optional[list[Path]] = PluginOption,
-    *, options: SearchOptions,
-) -> None:  # fmt: skip
-    """Train a NOAH supernet on train, search a subnet on val under a budget, retrain it on train+val."""
-    from . import planning, registry, runner
-    from .noah_search import run_search
-    from .paths import data_root_from
-
-    for path in plugin or []:
-        registry.load_plugin(path)
-    if (task is None) == (task_dir is None):
-        raise UserError("give exactly one of --task or --task-dir")
-    overrides = {"epochs": epochs, "batch_size": batch_size, "image_size": image_size}
-    chosen, backbone, recipe = planning.one_task(task, task_dir, backbone, overrides)
-    target, root = runner.pick_device(device), data_root_from(data_root)
-    with progress_bars() as progress:
-        subnet_file = run_search(
-            chosen, backbone=backbone, pretrained=pretrained, data_root=root, output=output, seed=seed,
-            settings=options.settings(recipe), device=target, image_size=recipe.image_size, progress=progress,
-        )  # fmt: skip
-    found = json.loads(subnet_file.read_text())
-    console.print(
+def _subnet_line(found: dict, path: Path) -> str:
+    return (
         f"subnet: prompt {found['prompt']}, lora {found['lora']}, adapter {found['adapter']}; "
         f"val top-1 {found['val_top1']:.2f}, {found['effective_params']:,} effective parameters "
-        f"({found['noah_counted_params']:,} by NOAH's counter); written to {subnet_file}"
+        f"({found['noah_counted_params']:,} by NOAH's counter); written to {path}"
     )
-    if not retrain:
-        return
-    jobs = planning.plan(
-        ["noah"], [chosen], [backbone], [seed], protocol="final", pretrained=pretrained, recipe=recipe,
-        settings={"noah": {"subnet": str(subnet_file)}}, data_root=root,
-    )  # fmt: skip
-    with progress_bars() as progress:
-        runner.run_sweep(jobs, output, device=target, progress=progress)
-    print_tables([r for r in records.load_records(output) if r.run_id == jobs[0].run_id])
+
+
+@noah_app.command("search")
+@with_options(SearchOptions)
+def noah_search_command(*, options: SearchOptions) -> None:
+    """Train a NOAH supernet on train, search a subnet on val under a budget, retrain it on train+val."""
+    from .noah_search import run_search
+
+    options.run(run_search, options.settings, _subnet_line, "noah", lambda path: {"subnet": str(path)})

@@ -80,3 +80,18 @@ def test_search_scores_val_only_is_deterministic_reused_and_retrained(monkeypatc
     (record,) = records.load_records(tmp_path / "runs")
     assert record.cost.trainable_params == found[1]["params"]
     assert record.hparams.method["paths"] == found[1], "the paths' content identifies the run, not the file name"
+
+
+def test_the_glora_search_command_prints_what_it_found(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task = make_task_folder(tmp_path / "colours")
+    code, stdout, stderr = run_cli(
+        monkeypatch, capsys, "glora", "search", "--plugin", str(tiny_plugin), "--task-dir", str(task),
+        "--backbone", "tiny_test_vit", "--pretrained", "none", "--batch-size", "8", "--image-size", "16",
+        "--supernet-epochs", "1", "--population", "3", "--select", "2", "--mutation", "1", "--crossover", "1",
+        "--generations", "1", "--budget", "0.01", "--no-retrain", "--output", str(tmp_path / "runs"),
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "paths of 8 layers: val top-1" in " ".join(stdout.split())
+    assert list((tmp_path / "runs" / "glora-search").glob("*/paths.json")) and not records.load_records(
+        tmp_path / "runs"
+    ), "--no-retrain: the search only"
