@@ -242,6 +242,14 @@ class PromptedBlocks(nn.Module):
         return self._splice(x, current, None) if current else x
 
 
+def train_prompt_dropouts(model: nn.Module, mode: bool) -> None:
+    """The prompt dropout of every :class:`PromptedBlocks` follows ``mode`` while the frozen encoder around it
+    stays in eval mode (VPT's and E2VPT's training)."""
+    for module in model.modules():
+        if isinstance(module, PromptedBlocks):
+            module.dropout.train(mode)
+
+
 INIT_CHOICES = ("official", "module")
 
 

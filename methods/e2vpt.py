@@ -29,7 +29,7 @@ from petl_bench.errors import UserError
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-from .building_blocks import PromptedBlocks, prompt_init_bound, task_table
+from .building_blocks import PromptedBlocks, prompt_init_bound, task_table, train_prompt_dropouts
 
 
 class KeyValuePromptAttention(nn.Module):
@@ -100,6 +100,4 @@ class E2VPT(Method):
 
     def set_train_mode(self, model, mode):
         """The encoder is in eval mode while training; the visual prompts' dropout is not."""
-        for module in model.modules():
-            if isinstance(module, PromptedBlocks):
-                module.dropout.train(mode)
+        train_prompt_dropouts(model, mode)

@@ -56,7 +56,7 @@ class GLoRALinear(nn.Linear):
         self.register_parameter("bias", linear.bias)
         self.path, self.chosen, self.rng = path, None, random.Random()
         out, inp = self.out_features, self.in_features
-        need = path or {"A": "lora", "B": "lora", "C": "lora", "D": "vector", "E": "vector"}
+        need = path or FIXED  # the supernet allocates every tensor: the largest forms
         for name in ("A", "B", "C"):
             rows, cols = (inp, 1) if name == "C" else (out, inp)
             form = need[name]

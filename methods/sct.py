@@ -38,7 +38,7 @@ class ChannelMap(nn.Module):
     ``channels`` (S) holds the first K channels until a selection stage sets it; ``recording`` switches the
     map off (the stream passes unchanged) while the selection stage reads the frozen model's stream."""
 
-    def __init__(self, width: int, channels: int):
+    def __init__(self, channels: int):
         super().__init__()
         self.adapt_linear = nn.Linear(channels, channels)
         trunc_normal_(self.adapt_linear.weight, std=0.02)
@@ -56,10 +56,10 @@ class ChannelMap(nn.Module):
 class SCTBlock(nn.Module):
     """A timm ViT block with the channel map between its attention and MLP sub-blocks."""
 
-    def __init__(self, block: nn.Module, width: int, channels: int):
+    def __init__(self, block: nn.Module, channels: int):
         super().__init__()
         self.block = block
-        self.sct_attn = ChannelMap(width, channels)
+        self.sct_attn = ChannelMap(channels)
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         attn, mlp = residuals(self.block, VIT, kwargs)
@@ -125,8 +125,8 @@ class SCT(Method):
 
     def attach(self, model, info, config):
         params = []
-        for index, path in enumerate(info.block_paths):
-            wrapped = SCTBlock(model.get_submodule(path), info.widths[index], config.channels)
+        for path in info.block_paths:
+            wrapped = SCTBlock(model.get_submodule(path), config.channels)
             model.set_submodule(path, wrapped)
             params += list(wrapped.sct_attn.parameters())
         return params

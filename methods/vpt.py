@@ -20,7 +20,7 @@ from torch import nn
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-from .building_blocks import PromptedBlocks, prompt_init_bound, task_table
+from .building_blocks import PromptedBlocks, prompt_init_bound, task_table, train_prompt_dropouts
 
 CITATION = "Jia et al., Visual Prompt Tuning, ECCV 2022"
 
@@ -63,9 +63,7 @@ class VPTShallow(Method):
 
     def set_train_mode(self, model, mode):
         """The encoder is in eval mode while training (no drop-path or dropout); the prompt dropout is not."""
-        for module in model.modules():
-            if isinstance(module, PromptedBlocks):
-                module.dropout.train(mode)
+        train_prompt_dropouts(model, mode)
 
 
 @register_method

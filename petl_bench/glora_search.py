@@ -36,17 +36,11 @@ PARTS = tuple(CHOICES)  # A, B, C, D, E
 
 
 @dataclass
-class GLoRASearchSettings:
+class GLoRASearchSettings(search.EvolutionSettings):
     """The official defaults (``--rank 4``, ``--param-limits 1.00``, evolution.py's search settings)."""
 
     rank: int = 4
-    budget_m: float = 1.0
     min_budget_m: float = 0.0
-    population: int = 50
-    select: int = 10
-    mutation: int = 25
-    crossover: int = 25
-    m_prob: float = 0.2
     generations: int = 20
     supernet_recipe: Recipe = field(default_factory=lambda: Recipe(epochs=500, lr=1e-4))
 

@@ -46,18 +46,12 @@ class SearchSpace:
 
 
 @dataclass
-class SearchSettings:
+class SearchSettings(search.EvolutionSettings):
     """Budget and evolution settings (NOAH's defaults; ``generations`` as in its VTAB script)."""
 
     budget_m: float = 0.64  # parameter limit in millions
     counter: str = "noah"  # "noah": NOAH's own counter (dead prompt parameters included); "effective"
-    population: int = 50
-    select: int = 10
-    mutation: int = 25
-    crossover: int = 25
-    m_prob: float = 0.2
     s_prob: float = 0.4
-    generations: int = 15
     supernet_recipe: Recipe = field(default_factory=lambda: Recipe(epochs=500, lr=5e-4))
     space: SearchSpace = field(default_factory=SearchSpace)
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Hashable, Protocol
 from . import paths, records
 from .atomic import write_atomic
 from .checkpoints import save_trainable
+from .config import Recipe
 from .engine import fit
 from .errors import UserError
 
@@ -40,13 +41,18 @@ class Problem(Protocol):
 
 @dataclasses.dataclass
 class EvolutionSettings:
+    """What every supernet search sets (AutoFormer's searcher, as NOAH and GLoRA configure it); a search's
+    own settings extend these. A lower parameter limit (GLoRA's ``min_budget_m``) is optional, so NOAH's
+    settings, and the digests of its search folders, stay as they were."""
+
+    budget_m: float = 1.0  # the most parameters a candidate may have, in millions
     population: int = 50
     select: int = 10
     mutation: int = 25
     crossover: int = 25
+    m_prob: float = 0.2  # the mutation probability (each problem says of what)
     generations: int = 15
-    budget_m: float = 1.0  # the most parameters a candidate may have, in millions
-    min_budget_m: float = 0.0  # the fewest (GLoRA's --min-param-limits)
+    supernet_recipe: Recipe = dataclasses.field(default_factory=lambda: Recipe(epochs=500))
 
 
 class Evolution:
