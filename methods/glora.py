@@ -116,15 +116,16 @@ def encoder_linears(model: nn.Module, head_path: str) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.startswith(head_path)]
 
 
-def read_paths(source: str, layers: int) -> list[dict[str, str]]:
-    """A searched configuration: a JSON list of one path per encoder Linear (``{"A": "lora", ...}``)."""
+def read_paths(source: str, layers: int | None = None) -> list[dict[str, str]]:
+    """A searched configuration: a JSON list of one path per encoder Linear (``{"A": "lora", ...}``); with
+    ``layers``, exactly that many."""
     path = Path(source)
     if not path.is_file():
         raise UserError(f"GLoRA paths file not found: {source} (petl-bench glora search writes one)")
     try:
         paths = json.loads(path.read_text())
         paths = paths["paths"] if isinstance(paths, dict) else paths
-        if len(paths) != layers:
+        if layers is not None and len(paths) != layers:
             raise ValueError(f"{len(paths)} paths for {layers} layers")
         for item in paths:
             if set(item) != set(CHOICES) or any(item[k] not in CHOICES[k] for k in CHOICES):
@@ -161,6 +162,7 @@ class GLoRA(Method):
         if not config.paths:
             raise UserError("glora needs its searched paths: --set glora.paths=FILE (petl-bench glora search), "
                             "or run glora_fixed")  # fmt: skip
+        read_paths(config.paths)  # a missing or malformed file: an error before anything trains
 
     def layer_paths(self, config, layers: int) -> list[dict[str, str]] | None:
         return read_paths(config.paths, layers)

@@ -95,3 +95,15 @@ def test_the_glora_search_command_prints_what_it_found(monkeypatch, capsys, tmp_
     assert list((tmp_path / "runs" / "glora-search").glob("*/paths.json")) and not records.load_records(
         tmp_path / "runs"
     ), "--no-retrain: the search only"
+
+
+def test_a_malformed_paths_file_is_one_error_before_anything_trains(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task, bad = make_task_folder(tmp_path / "colours"), tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "linear,glora",
+        "--set", f"glora.paths={bad}", "--backbone", "tiny_test_vit", "--pretrained", "none", "--batch-size", "8",
+        "--set", "recipe.image_size=16", "--epochs", "1", "--output", str(tmp_path / "runs"),
+    )  # fmt: skip
+    assert code == 2 and "is not a GLoRA configuration" in stderr
+    assert not (tmp_path / "runs").exists(), "nothing trained, nothing written"
