@@ -9,16 +9,24 @@ their projections (not through them); the queries are unchanged, so the sequence
 encoder stays in eval mode while training. ``9,216 (p + m)`` parameters on ViT-B/16; per-task (p, m) from
 the official commands (``e2vpt.tasks.json``: a 19-task mean of 137,755).
 
-Not implemented: the pruning and rewinding stages (token and piece masks by the gradient importance, a
-retraining per pruning level; which level the paper's table reports is not stated): this is the unpruned
-model of the official "origin" runs, whose published rows print beside it as what they are.
+Pruning and rewinding (official ``tune_vtab_PruningRewind_CVK.py``, ``Trainer.calculate_importance``,
+``MASK_CLS_TOKEN``): a token mask (p) and a piece mask (p x 16) multiply every block's visual prompts; piece
+``k`` of a prompt is the channels ``c`` with ``c mod 16 == k`` (the official ``mask.repeat((1, d / 16))``:
+interleaved, not 16 contiguous runs). ``petl-bench e2vpt prune`` trains the model with both masks trained
+(as officially, their names contain "prompt"), writes the masks' mean training-set gradients (the
+``importance`` file), then retrains from scratch ("rewinds") with the ``prune_tokens`` lowest-importance
+tokens and, in every token, the ``prune_pieces`` lowest pieces set to zero (:mod:`petl_bench.e2vpt_prune`).
+A masked token stays in the sequence as a zero vector, as in the official code. Without an importance file
+(and with ``prune_tokens = prune_pieces = 0``) this is the unpruned model of the official "origin" runs.
 Official recipe differences (not applied: every method runs the shared recipe): the VPT protocol (SGD, a
 grid on val200, five seeds, batch 64).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,6 +38,76 @@ from petl_bench.model import Method
 from petl_bench.registry import register_method
 
 from .building_blocks import PromptedBlocks, prompt_init_bound, task_table, train_prompt_dropouts
+
+PIECES = 16  # official CLS_TOKEN_P_PIECES_NUM
+MIN_TOKENS, MIN_PIECES = 1, 4  # official MIN_NUMBER_CLS_TOKEN, MIN_NUMBER_CLS_TOKEN_PIECE
+PERCENTS = (10, 20, 30, 40, 50, 60, 70, 80, 90)  # official CLS_TOKEN_MASK_PERCENT, CLS_TOKEN_PIECE_MASK_PERCENT
+IMPORTANCE_KIND = "e2vpt-importance"
+
+
+def mask_levels(total: int, minimum: int, percents=PERCENTS) -> list[int]:
+    """How many of ``total`` tokens (or pieces) each pruning level masks: the official
+    ``determine_mask_sequence`` (``int(total * percent / 100)``, at most ``total - minimum``; it stops at the
+    first level capped) as the distinct counts its rewind runs use (``mask_tokens/<count>_...json``)."""
+    counts = []
+    for percent in percents:
+        count = int(total * percent / 100)
+        if minimum > 0 and count > total - minimum:
+            counts.append(total - minimum)
+            break
+        counts.append(count)
+    return sorted(set(counts))
+
+
+def lowest(scores: list[float], count: int) -> list[int]:
+    """The ``count`` indices of the lowest (signed) scores, ties to the lower index (the official stable
+    ``sorted`` by score, ascending: ``MASK_RESERVE False``)."""
+    return sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:count])
+
+
+def read_importance(source: str) -> dict:
+    """An importance file of ``petl-bench e2vpt prune`` (checked: a UserError names what is wrong)."""
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"E2VPT importance file not found: {source} (petl-bench e2vpt prune writes one)")
+    try:
+        found = json.loads(path.read_text())
+        tokens, pieces = found["token_importance"], found["piece_importance"]
+        if found.get("kind") != IMPORTANCE_KIND or len(pieces) != len(tokens) or len({len(p) for p in pieces}) != 1:
+            raise ValueError("not an importance file of petl-bench e2vpt prune")
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"E2VPT importance file {source} is malformed: {error}") from None
+    return found
+
+
+class PromptMasks(nn.Module):
+    """The official token mask (p) and piece mask (p x pieces) on the visual prompts: fixed 0/1 buffers in a
+    pruned run, trained parameters (starting at 1) in the stage that measures their importance."""
+
+    def __init__(self, token: torch.Tensor, piece: torch.Tensor, trained: bool = False):
+        super().__init__()
+        if trained:
+            self.token, self.piece = nn.Parameter(token), nn.Parameter(piece)
+        else:
+            self.register_buffer("token", token, persistent=False)
+            self.register_buffer("piece", piece, persistent=False)
+
+    def forward(self, prompt: torch.Tensor) -> torch.Tensor:
+        """``prompt`` (1, p, d) times the piece mask repeated along the channels and the token mask."""
+        repeats = prompt.shape[-1] // self.piece.shape[1]
+        return prompt * (self.piece.repeat(1, repeats) * self.token[:, None]).to(prompt.dtype)
+
+
+class MaskedPromptedBlocks(PromptedBlocks):
+    """VPT-deep prompts, each block's multiplied by the same masks (the official shallow and deep prompts)."""
+
+    def __init__(self, blocks, prompts, insert_at, dropout, masks: PromptMasks):
+        super().__init__(blocks, prompts, insert_at, dropout)
+        self.masks = masks
+
+    def prompt(self, index: int) -> torch.Tensor | None:
+        prompt = super().prompt(index)
+        return None if prompt is None else self.masks(prompt)
 
 
 class KeyValuePromptAttention(nn.Module):
@@ -63,11 +141,15 @@ class E2VPTConfig:
     tokens: int = 10  # p, visual prompts per block
     kv_tokens: int = 5  # m, key-value prompts per block
     dropout: float = 0.1  # on the visual prompts
+    importance: str = ""  # the masks' importance (petl-bench e2vpt prune); with the two counts below
+    prune_tokens: int = 0  # visual prompt tokens masked (the lowest importance)
+    prune_pieces: int = 0  # pieces masked in every token (the lowest importance per token)
 
 
 @register_method
 class E2VPT(Method):
-    """E2VPT (unpruned): VPT-deep visual prompts and per-block key-value prompts in every head."""
+    """E2VPT: VPT-deep visual prompts and per-block key-value prompts in every head; pruned (token and piece
+    masks on the visual prompts) when given the masks' importance and the counts to mask."""
 
     name = "e2vpt"
     identity_at_init = False
@@ -78,9 +160,50 @@ class E2VPT(Method):
     Config = E2VPTConfig
     task_defaults = task_table("e2vpt")
     search_space = {"tokens": (1, 5, 10, 50), "kv_tokens": (1, 5, 10)}
-    bounds = {"kv_tokens": (1, 1000, False)}
+    bounds = {"kv_tokens": (1, 1000, False), "prune_tokens": (0, None, False), "prune_pieces": (0, None, False)}
     frozen_encoder_eval = True
     merge_note = "its prompts are extra tokens, keys and values"
+
+    def check_config(self, config):
+        if not config.importance:
+            if config.prune_tokens or config.prune_pieces:
+                raise UserError("e2vpt.prune_tokens and e2vpt.prune_pieces need the masks' importance: "
+                                "--set e2vpt.importance=FILE (petl-bench e2vpt prune writes one)")  # fmt: skip
+            return
+        found = read_importance(config.importance)
+        tokens, pieces = len(found["token_importance"]), len(found["piece_importance"][0])
+        if tokens != config.tokens:
+            raise UserError(f"the E2VPT importance in {config.importance} is of {tokens} visual prompt tokens; "
+                            f"this run has e2vpt.tokens={config.tokens}")  # fmt: skip
+        if config.prune_tokens >= tokens or config.prune_pieces >= pieces:
+            raise UserError(f"E2VPT can mask at most {tokens - 1} of its {tokens} tokens and {pieces - 1} of its "
+                            f"{pieces} pieces per token; got prune_tokens={config.prune_tokens}, "
+                            f"prune_pieces={config.prune_pieces}")  # fmt: skip
+
+    def check_pair(self, info, config):
+        if config.importance:
+            pieces = len(read_importance(config.importance)["piece_importance"][0])
+            if any(width % pieces for width in info.widths):
+                raise UserError(f"E2VPT's {pieces} pieces per prompt need a width divisible by {pieces}")
+
+    def config_identity(self, config):
+        identity = super().config_identity(config)
+        if config.importance and Path(config.importance).is_file():  # the file's content, not its name
+            identity["importance"] = json.loads(Path(config.importance).read_text())
+        return identity
+
+    def masks(self, config) -> PromptMasks | None:
+        """The pruned run's fixed masks (None without an importance file): the ``prune_tokens`` tokens of
+        lowest importance, and in every token the ``prune_pieces`` pieces of lowest importance, set to 0."""
+        if not config.importance:
+            return None
+        found = read_importance(config.importance)
+        token = torch.ones(config.tokens)
+        token[lowest(found["token_importance"], config.prune_tokens)] = 0.0
+        piece = torch.ones(config.tokens, len(found["piece_importance"][0]))
+        for row, scores in enumerate(found["piece_importance"]):
+            piece[row, lowest(scores, config.prune_pieces)] = 0.0
+        return PromptMasks(token, piece)
 
     def attach(self, model, info, config):
         bound = prompt_init_bound(info)
@@ -93,10 +216,13 @@ class E2VPT(Method):
         for block in blocks:
             block.attn = KeyValuePromptAttention(block.attn, config.kv_tokens)
             kv.append(block.attn.kv_prompt)
-        model.set_submodule(
-            info.blocks_path, PromptedBlocks(blocks, prompts, insert_at=info.num_prefix_tokens, dropout=config.dropout)
-        )
-        return [*prompts.values(), *kv]
+        masks = self.masks(config)
+        if masks is None:
+            wrapped = PromptedBlocks(blocks, prompts, insert_at=info.num_prefix_tokens, dropout=config.dropout)
+        else:
+            wrapped = MaskedPromptedBlocks(blocks, prompts, info.num_prefix_tokens, config.dropout, masks)
+        model.set_submodule(info.blocks_path, wrapped)
+        return [*prompts.values(), *kv, *(masks.parameters() if masks is not None else ())]
 
     def set_train_mode(self, model, mode):
         """The encoder is in eval mode while training; the visual prompts' dropout is not."""

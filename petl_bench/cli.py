@@ -19,6 +19,7 @@ from rich.console import Console
 
 from . import atomic, records, registry
 from .cli_data import data_app
+from .cli_e2vpt import e2vpt_app
 from .cli_glora import glora_app
 from .cli_noah import noah_app
 from .cli_sweep import (
@@ -222,6 +223,7 @@ app.add_typer(data_app, name="data")
 
 app.add_typer(noah_app, name="noah")
 app.add_typer(glora_app, name="glora")
+app.add_typer(e2vpt_app, name="e2vpt")
 
 
 def _exception_types(name: str) -> tuple[type, ...]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -37,10 +37,8 @@ class SearchTarget:
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N].")
     plugin: Optional[list[Path]] = PluginOption
 
-    def run(self, search, settings_of, describe: Callable[[dict, Path], str], method: str,
-            method_settings: Callable[[Path], dict]) -> None:  # fmt: skip
-        """Run ``search`` (its settings from the task's recipe), print what it found, then retrain it as a
-        normal ``method`` run with ``method_settings(result file)``."""
+    def searched(self, search, settings_of) -> "Searched":
+        """Run ``search`` (its settings from the task's recipe) on the chosen task; what it found, and where."""
         from . import planning, registry, runner
         from .paths import data_root_from
 
@@ -57,16 +55,37 @@ class SearchTarget:
                 seed=self.seed, settings=settings_of(recipe), device=target, image_size=recipe.image_size,
                 progress=progress,
             )  # fmt: skip
-        console.print(describe(json.loads(found.read_text()), found))
+        return Searched(found, chosen, backbone, recipe, target, root)
+
+    def run(self, search, settings_of, describe: Callable[[dict, Path], str], method: str,
+            method_settings: Callable[[Path], dict]) -> None:  # fmt: skip
+        """Run ``search``, print what it found, then retrain it as a normal ``method`` run with
+        ``method_settings(result file)``."""
+        from . import planning, runner
+
+        searched = self.searched(search, settings_of)
+        console.print(describe(json.loads(searched.file.read_text()), searched.file))
         if not self.retrain:
             return
         jobs = planning.plan(
-            [method], [chosen], [backbone], [self.seed], protocol="final", pretrained=self.pretrained, recipe=recipe,
-            settings={method: method_settings(found)}, data_root=root,
+            [method], [searched.task], [searched.backbone], [self.seed], protocol="final", pretrained=self.pretrained,
+            recipe=searched.recipe, settings={method: method_settings(searched.file)}, data_root=searched.data_root,
         )  # fmt: skip
         with progress_bars() as progress:
-            runner.run_sweep(jobs, self.output, device=target, progress=progress)
+            runner.run_sweep(jobs, self.output, device=searched.device, progress=progress)
         print_tables([r for r in records.load_records(self.output) if r.run_id == jobs[0].run_id])
+
+
+@dataclass
+class Searched:
+    """What a search command's search found (its result file), on what, and where it ran."""
+
+    file: Path
+    task: Any
+    backbone: str
+    recipe: Any
+    device: Any
+    data_root: Optional[Path]
 
 
 @dataclass

@@ -273,16 +273,22 @@ def tune_command(
 ) -> None:  # fmt: skip
     """The fair protocol: search every method on train800 -> val200 over its grid (stage 1, first seed),
     retrain each winner on train800val200 and test it once, with every seed (stage 2, protocol 'tuned')."""
-    from .tuning import STAGE_TWO, TuneSpec, run_tuned
+    from .tuning import TuneSpec
 
     grid = list(grid or []) + ([f"recipe.lr={lr}"] if lr is not None else [])
     spec = options.spec(TuneSpec, {}, grid=grid, search=search, output=str(options.output))
     run = options.execution_options()
     if options.dry_run:
         render(spec.grid_rows(), f"Tuning grids ({spec.search} search)", "table")
+    run_tune(spec, run, dry_run=options.dry_run, search_only=search_only)
+
+
+def run_tune(spec, run, *, dry_run: bool = False, search_only: bool = False) -> None:
+    """Run the tuned protocol of ``spec`` stage by stage, printing each stage, the choices and stage 2's tables."""
+    from .tuning import STAGE_TWO, run_tuned
 
     def stage(stage_spec, title: str):
-        outcome = execute(stage_spec, run, dry_run=options.dry_run, title=title)
+        outcome = execute(stage_spec, run, dry_run=dry_run, title=title)
         if outcome is not None and outcome.summary is not None and title != STAGE_TWO:
             if outcome.summary.failed:
                 report_sweep(outcome, run)
@@ -293,7 +299,7 @@ def tune_command(
     def chosen(tuned_spec) -> None:
         render(tuned_spec.choice_rows(), "Chosen on val200", "table")
 
-    tuned = run_tuned(spec, stage, dry_run=options.dry_run, search_only=search_only, on_chosen=chosen)
+    tuned = run_tuned(spec, stage, dry_run=dry_run, search_only=search_only, on_chosen=chosen)
     print_tuned(tuned, spec, run)
 
 

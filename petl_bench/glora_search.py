@@ -126,7 +126,7 @@ def run_glora_search(task, *, backbone: str, pretrained: str, data_root: Path | 
                     layer.rng.seed(seed * 100_003 + epoch * 1_009 + index)
 
         about = {"task": task.name, "backbone": backbone, "seed": seed}
-        search.train_supernet(prepared, recipe, folder, about, device, label="GLoRA", before_step=reseed,
+        search.train_supernet(prepared, recipe, folder, about, device, label="GLoRA supernet", before_step=reseed,
                               progress=progress)  # fmt: skip
 
     def score(candidate: tuple) -> float:

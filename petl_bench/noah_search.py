@@ -162,7 +162,9 @@ def train_supernet(prepared, supernet, recipe, folder: Path, task: str, backbone
         supernet.select(random_subnet(sampler, settings.space, depth))
 
     about = {"task": task, "backbone": backbone, "seed": seed}
-    search.train_supernet(prepared, recipe, folder, about, device, label="NOAH", before_step=sample, progress=progress)
+    search.train_supernet(
+        prepared, recipe, folder, about, device, label="NOAH supernet", before_step=sample, progress=progress
+    )
 
 
 def run_search(

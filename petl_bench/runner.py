@@ -204,11 +204,15 @@ def run_selection(prepared: Prepared, data: TaskData, recipe: Recipe, device: to
     cached ones, or decoded here when training augments them. Seconds (counted with the features')."""
     if not prepared.model.method.selects:
         return 0.0
-    images = prepared.train
-    if not isinstance(images, TensorDataset):
-        info = prepared.model.info
-        images = TensorDataset.from_split(data.train, info.preprocessing.image_size, info.preprocessing.interpolation)
-    return select_stage(prepared.model, images, prepared.normalizer, device)
+    return select_stage(prepared.model, plain_training_images(prepared, data), prepared.normalizer, device)
+
+
+def plain_training_images(prepared: Prepared, data: TaskData) -> TensorDataset:
+    """The training images without augmentation: the cached ones, or decoded here when training augments."""
+    if isinstance(prepared.train, TensorDataset):
+        return prepared.train
+    info = prepared.model.info
+    return TensorDataset.from_split(data.train, info.preprocessing.image_size, info.preprocessing.interpolation)
 
 
 def what_trains(prepared: Prepared, recipe: Recipe, device: torch.device, progress=None):

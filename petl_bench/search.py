@@ -174,20 +174,21 @@ def search_folder(output: Path, kind: str, task: str, backbone: str, seed: int, 
 
 
 def train_supernet(prepared, recipe, folder: Path, about: dict, device, *, label: str, before_step=None,
-                   progress=None) -> None:  # fmt: skip
+                   progress=None, stem: str = "supernet") -> None:  # fmt: skip
     """Train a supernet (``before_step(epoch, step)`` picks the candidate of each step, if the supernet does
-    not draw its own) and write its weights and log into ``folder``; its state is saved as it goes."""
+    not draw its own), or any model a search starts from, and write its weights and log into ``folder``
+    (``<stem>.safetensors``, ``<stem>.json``); its state is saved as it goes (``<stem>_resume.pt``)."""
     model = prepared.model
-    bar = progress.add_task(f"{label} supernet", total=recipe.epochs) if progress else None
+    bar = progress.add_task(label, total=recipe.epochs) if progress else None
     result = fit(
         model, prepared.train, None, prepared.normalizer, recipe, device=device, seed=about["seed"],
-        before_step=before_step, resume=folder / "supernet_resume.pt",
-        on_epoch=(lambda e: progress.update(bar, advance=1, description=f"{label} supernet: loss {e.loss:.3f}"))
+        before_step=before_step, resume=folder / f"{stem}_resume.pt",
+        on_epoch=(lambda e: progress.update(bar, advance=1, description=f"{label}: loss {e.loss:.3f}"))
         if progress else None,
     )  # fmt: skip
-    save_trainable(model, folder / "supernet.safetensors")
-    (folder / "supernet_resume.pt").unlink(missing_ok=True)
-    write_atomic(folder / "supernet.json", json.dumps({
+    save_trainable(model, folder / f"{stem}.safetensors")
+    (folder / f"{stem}_resume.pt").unlink(missing_ok=True)
+    write_atomic(folder / f"{stem}.json", json.dumps({
         **about, "recipe": dataclasses.asdict(recipe), "epochs": [dataclasses.asdict(e) for e in result.epochs],
         "train_seconds": result.train_seconds, "finished_at": records.now(),
     }, indent=1))  # fmt: skip
