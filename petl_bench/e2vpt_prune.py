@@ -110,13 +110,13 @@ def run_importance(task, *, backbone: str, pretrained: str, data_root: Path | No
     if importance_file.is_file():
         log.info("E2VPT importance already measured: %s", importance_file)
         return importance_file
-    folder.mkdir(parents=True, exist_ok=True)
     recipe = dataclasses.replace(settings.recipe, image_size=image_size or settings.recipe.image_size)
     data = task.splits(data_root, "tune")
     config = E2VPTConfig(tokens=settings.tokens, kv_tokens=settings.kv_tokens)
     prepared = prepare(
         _MaskedE2VPT(settings.pieces), config, backbone, pretrained, recipe, data, seed, device, progress
     )
+    folder.mkdir(parents=True, exist_ok=True)  # after every check: a refused command writes nothing
     about = {"task": task.name, "backbone": backbone, "seed": seed}
     if (folder / "before_pruning.safetensors").is_file():
         load_trainable(prepared.model, folder / "before_pruning.safetensors")

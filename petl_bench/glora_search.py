@@ -110,11 +110,11 @@ def run_glora_search(task, *, backbone: str, pretrained: str, data_root: Path | 
     if paths_file.is_file():
         log.info("GLoRA search already finished: %s", paths_file)
         return paths_file
-    folder.mkdir(parents=True, exist_ok=True)
     recipe = dataclasses.replace(settings.supernet_recipe, image_size=image_size or settings.supernet_recipe.image_size)
     method = _SupernetMethod()
     prepared = prepare(method, GLoRAFixedConfig(rank=settings.rank), backbone, pretrained, recipe,
                        task.splits(data_root, "tune"), seed, device, progress)  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)  # after every check: a refused command writes nothing
     layers = method.layers
     if (folder / "supernet.safetensors").is_file():
         load_trainable(prepared.model, folder / "supernet.safetensors")

@@ -186,11 +186,11 @@ def run_search(
     if subnet_file.is_file():
         log.info("NOAH search already finished: %s", subnet_file)
         return subnet_file
-    folder.mkdir(parents=True, exist_ok=True)
     data = task.splits(data_root, "tune")
     recipe = dataclasses.replace(settings.supernet_recipe, image_size=image_size or settings.supernet_recipe.image_size)
     method = _SupernetMethod()
     prepared = prepare(method, NoahConfig(), backbone, pretrained, recipe, data, seed, device, progress)
+    folder.mkdir(parents=True, exist_ok=True)  # after every check: a refused command writes nothing
     model, info, supernet = prepared.model, prepared.model.info, method.supernet
     val, normalizer = prepared.evaluation, prepared.normalizer
 

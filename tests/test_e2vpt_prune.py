@@ -218,3 +218,12 @@ def test_the_prune_command_measures_rewinds_on_val_and_retrains_the_choice(monke
     code, stdout, _ = run_cli(monkeypatch, capsys, *args, "--no-retrain")
     assert code == 0 and "petl-bench tune --methods e2vpt" in stdout and "e2vpt.prune_tokens=2,1" in stdout
     assert len(records.load_records(runs)) == len(run_records), "the importance reused, nothing retrained"
+
+
+def test_a_refused_prune_is_one_error_and_writes_nothing(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task, runs = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    for bad, message in ((["--pieces", "7"], "need a width divisible by 7"), (["--percents", "0,50"], "--percents")):
+        code, _, stderr = run_cli(monkeypatch, capsys, "e2vpt", "prune", "--plugin", str(tiny_plugin), "--task-dir",
+                                  str(task), *TINY, "--epochs", "1", "--output", str(runs), *bad)  # fmt: skip
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+        assert not runs.exists()
