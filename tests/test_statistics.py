@@ -4,6 +4,7 @@ critical-difference diagram, the best-epoch inflation, and `petl-bench compare` 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -125,3 +126,34 @@ def test_report_has_intervals_ranks_comparisons_a_cd_diagram_and_the_inflation(t
     assert "| c | +4.00 | +4.00 | 2 |" in report  # paper 80.0 - final 76.0 on each of two tasks (seed 0)
     csv = (tmp_path / "accuracy.csv").read_text().splitlines()
     assert csv[0].endswith("lower,upper,t_lower,t_upper")
+
+
+def test_the_joint_image_bootstrap_keeps_rows_paired_and_agrees_with_scipy_for_one_row():
+    rng = np.random.default_rng(2)
+    a = rng.random(500) < 0.7
+    b = a.copy()
+    b[:3] = ~b[:3]  # b differs from a on three images only
+    joint = st.joint_accuracy_replicates(np.stack([a, a, b], axis=-1).astype(float), st.rng(3), resamples=1000)
+    assert joint.shape == (1000, 3) and np.array_equal(joint[:, 0], joint[:, 1]), "the same images for every row"
+    assert np.abs(joint[:, 0] - joint[:, 2]).max() <= 100 * 3 * 10 / 500, "b moves with a, never far"
+    reference = scipy_stats.bootstrap(
+        (a.astype(float),), lambda x, axis=-1: 100 * x.mean(axis=axis), n_resamples=4000, method="percentile",
+        random_state=np.random.default_rng(0),
+    ).confidence_interval  # fmt: skip
+    low, high = st.percentile_interval(joint[:, 0])
+    assert abs(low - reference.low) < 0.6 and abs(high - reference.high) < 0.6
+
+
+def test_rank_intervals_resample_the_same_images_for_every_row(tmp_path):
+    """a beats b by two images of 1000 on every task: on any resample of the same images a stays ahead or ties,
+    so its rank never exceeds b's (resampling each row on its own would often put b ahead)."""
+    runs = [with_outcomes("a", t, 0, bits(702)) for t in TASKS[:6]]
+    runs += [with_outcomes("b", t, 0, bits(700)) for t in TASKS[:6]]
+    runs += [with_outcomes("c", t, 0, bits(600, offset=100)) for t in TASKS[:6]]
+    write_report(runs, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ") and "[" in line}
+    a_low, a_high = (float(x) for x in re.search(r"\[([\d.]+), ([\d.]+)", rows["a"]).groups())
+    b_low, b_high = (float(x) for x in re.search(r"\[([\d.]+), ([\d.]+)", rows["b"]).groups())
+    assert a_high <= 1.5 <= b_low and (a_low, b_high) == (1.0, 2.0)
+    assert "the same images for every row" in report

@@ -241,15 +241,15 @@ INTERVAL_NOTE = (
 )
 
 
-def task_replicates(runs: pd.DataFrame, rng) -> dict[str, np.ndarray]:
-    """Per task of one row: bootstrap replicates of its accuracy (the mean over its seeds), where every seed
-    stored per-image outcomes on the same evaluation list."""
+def task_outcomes(runs: pd.DataFrame) -> dict[str, tuple[str, list[np.ndarray]]]:
+    """Per task of one row: (its evaluation list, every seed's per-image outcomes), where every seed stored
+    per-image outcomes on the same evaluation list."""
     found = {}
     for task, group in runs.sort_values("seed").groupby("task", sort=True):
         outcomes = list(group["outcomes"])
         if any(o is None for o in outcomes) or len({(o[0], len(o[1])) for o in outcomes}) != 1:
             continue
-        found[task] = accuracy_replicates([o[1] for o in outcomes], rng)
+        found[task] = (outcomes[0][0], [o[1] for o in outcomes])
     return found
 
 
@@ -260,10 +260,12 @@ def attach_intervals(rows: list[Row], runs: pd.DataFrame, layout: Layout) -> dic
     for row in rows:
         if row.source != "ours":
             continue
-        per_task = task_replicates(runs[runs["row"] == row.label], generator)
+        outcomes = task_outcomes(runs[runs["row"] == row.label])
+        per_task = {task: accuracy_replicates(seeds, generator) for task, (_, seeds) in outcomes.items()}
         if not per_task:
             continue
         replicates[row.label] = per_task
+        row.outcomes = outcomes
         combined = {**per_task, **aggregates(per_task, layout)}
         row.intervals = {column: percentile_interval(values) for column, values in combined.items()}
     return replicates

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import stats
 from .stats import ALPHA, Comparison, average_ranks, compare_task, decide, friedman_p, percentile_interval, rng
 from .table import Table, escape_markdown, markdown_table
 
@@ -157,12 +158,18 @@ def ranking(table: Table) -> tuple[pd.DataFrame, list[str], list[str]] | None:
 
 
 def rank_intervals(table: Table, tasks: list[str], rows: list[str]) -> dict[str, tuple[float, float]]:
-    """95% bootstrap intervals of each row's average rank (images resampled within every task), where
-    every row has replicates for every task."""
-    if not all(all(t in table.replicates.get(r, {}) for t in tasks) for r in rows):
+    """95% bootstrap intervals of each row's average rank: within every task the same images resampled for
+    every row (the rows are ranked on one resample of the test set, so their outcomes' correlation stays),
+    where every row stored per-image outcomes for every task on the same evaluation list."""
+    outcomes = {row.label: row.outcomes for row in table.rows if row.label in rows and row.source == "ours"}
+    if not all(t in outcomes.get(r, {}) for r in rows for t in tasks):
         return {}
-    cube = np.stack([np.stack([table.replicates[r][t] for r in rows], axis=-1) for t in tasks])  # tasks, B, rows
-    ranks = average_ranks(cube)  # replicates x rows
+    if any(len({(outcomes[r][t][0], len(outcomes[r][t][1][0])) for r in rows}) != 1 for t in tasks):
+        return {}
+    generator = rng()
+    shares = {t: np.stack([np.mean(outcomes[r][t][1], axis=0) for r in rows], axis=-1) for t in tasks}  # images x rows
+    cube = np.stack([stats.joint_accuracy_replicates(shares[t], generator) for t in tasks])
+    ranks = average_ranks(cube)  # tasks x replicates x rows -> replicates x rows
     return {row: percentile_interval(ranks[:, i]) for i, row in enumerate(rows)}
 
 
@@ -188,8 +195,8 @@ def ranking_markdown(table: Table, out: Path) -> tuple[str, Path | None]:
     friedman = f"Friedman's test p = {p:.3g}" if p is not None else "Friedman's test needs 3 or more rows"
     text = (
         f"#### Ranks: {escape_markdown(table.title)}\n\nAverage rank over the {len(tasks)} tasks every row has (1 is "
-        f"best); the interval resamples test images within every task, each row's on their own, which is conservative for "
-        f"close rows ({'n/a: a row lacks per-image outcomes' if not intervals else 'seeded bootstrap'}); "
+        f"best); the interval resamples the test images of every task, the same images for every row ("
+        f"{'n/a: a row lacks per-image outcomes on the same images' if not intervals else 'seeded bootstrap'}); "
         f"{friedman}.\n\n" + markdown_table(header, [[r[c] for c in header] for r in lines])
     )
     plot = critical_difference(matrix, ranks, table, out) if p is not None else None

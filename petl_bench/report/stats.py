@@ -65,6 +65,19 @@ def difference_replicates(a: list[np.ndarray], b: list[np.ndarray], rng, resampl
     return 100.0 * resampled_means(image_values(a) - image_values(b), len(a), len(a), rng, resamples)
 
 
+def joint_accuracy_replicates(values: np.ndarray, rng, resamples: int = RESAMPLES, chunk: int = 200) -> np.ndarray:
+    """Bootstrap replicates (percent, resamples x rows) of several rows' accuracies on the same images, the
+    images resampled once for all rows, as a ranking needs (``values``: images x rows, each entry the share
+    of a row's seeds right on that image): multinomial counts of the distinct rows of ``values``, which is
+    resampling the images themselves; drawn ``chunk`` replicates at a time to bound the memory."""
+    patterns, counts = np.unique(values, axis=0, return_counts=True)
+    n, parts = len(values), []
+    for start in range(0, resamples, chunk):
+        drawn = rng.multinomial(n, counts / n, size=min(chunk, resamples - start))
+        parts.append(drawn @ patterns / n)
+    return 100.0 * np.concatenate(parts)
+
+
 def percentile_interval(replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     low, high = np.quantile(replicates, [0.5 - level / 2, 0.5 + level / 2])
     return float(low), float(high)

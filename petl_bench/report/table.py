@@ -229,6 +229,8 @@ class Row:
     source: str = "ours"  # or "paper"
     method: str = ""
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # column -> 95% bootstrap interval
+    # task -> (evaluation list, each seed's per-image outcomes), where the runs stored them (the rankings)
+    outcomes: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
