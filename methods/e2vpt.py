@@ -224,6 +224,16 @@ class E2VPT(Method):
         model.set_submodule(info.blocks_path, wrapped)
         return [*prompts.values(), *kv, *(masks.parameters() if masks is not None else ())]
 
+    def pruned_entries(self, model):
+        """The prompt entries a fixed mask sets to zero in every block (the official pruned parameters)."""
+        blocks = next((m for m in model.modules() if isinstance(m, MaskedPromptedBlocks)), None)
+        if blocks is None or isinstance(blocks.masks.token, nn.Parameter):
+            return 0
+        zero = 0
+        for prompt in blocks.prompts.values():
+            zero += int((blocks.masks(torch.ones_like(prompt)) == 0).sum())
+        return zero
+
     def set_train_mode(self, model, mode):
         """The encoder is in eval mode while training; the visual prompts' dropout is not."""
         train_prompt_dropouts(model, mode)

@@ -123,6 +123,11 @@ class Method:
         safetensors checkpoint of its trainable tensors (the binary adapters pack their weights in bits)."""
         return None
 
+    def pruned_entries(self, model: "PetlModel") -> int:
+        """Entries of the trained tensors that a fixed mask keeps at no effect on the output (E2VPT's pruned
+        prompt entries): stored, but not counted as parameters."""
+        return 0
+
     def encoder_eval(self, config: Any) -> bool:
         """Whether the frozen encoder stays in eval mode while training (no drop-path or dropout)."""
         return self.frozen_encoder_eval
@@ -320,9 +325,10 @@ def head_parameter_names(model: PetlModel) -> set[str]:
 
 
 def count_trainable(model: PetlModel) -> tuple[int, int]:
-    """(trainable parameters without the classifier, with it)."""
+    """(trainable parameters without the classifier, with it); entries a method has pruned do not count."""
     params = trainable_parameters(model)
     head = head_parameter_names(model)
-    with_head = sum(p.numel() for p in params.values())
-    without = sum(p.numel() for name, p in params.items() if name not in head)
+    pruned = model.method.pruned_entries(model)
+    with_head = sum(p.numel() for p in params.values()) - pruned
+    without = sum(p.numel() for name, p in params.items() if name not in head) - pruned
     return without, with_head

@@ -122,6 +122,18 @@ def test_masked_entries_get_no_gradient_and_the_run_trains_the_unpruned_tensors(
         assert grad[zero].abs().sum() == 0 and grad[~zero].abs().sum() > 0
 
 
+def test_pruned_entries_are_not_counted_as_parameters(tmp_path):
+    _importance_file(tmp_path / "importance.json", tokens=4)
+    settings = dict(tokens=4, kv_tokens=2, importance=str(tmp_path / "importance.json"))
+    _, plain = with_method("e2vpt", tiny_backbone(TINY_VIT), tokens=4, kv_tokens=2)
+    _, pruned = with_method("e2vpt", tiny_backbone(TINY_VIT), **settings, prune_tokens=1, prune_pieces=5)
+    _, unpruned = with_method("e2vpt", tiny_backbone(TINY_VIT), **settings)
+    stored = pb.count_trainable(plain)
+    per_block = 32 * 1 + (4 - 1) * 5 * (32 // 16)  # a masked token's d entries, then 5 pieces of d / 16 in the rest
+    assert pb.count_trainable(pruned) == (stored[0] - 2 * per_block, stored[1] - 2 * per_block)
+    assert pb.count_trainable(unpruned) == stored
+
+
 def test_pruning_settings_are_checked_before_anything_trains(tmp_path):
     method = pb.METHODS.get("e2vpt")()
     with pytest.raises(UserError, match="need the masks' importance"):
@@ -215,6 +227,8 @@ def test_the_prune_command_measures_rewinds_on_val_and_retrains_the_choice(monke
     chosen = max(r.hparams.method["prune_tokens"] for r in rewinds if r.metrics.top1 == best)
     assert final.hparams.method["prune_tokens"] == chosen, "the best val top-1; a tie: more masked tokens"
     assert final.hparams.method["importance"]["token_importance"] == found["token_importance"]
+    kept = 2 * (32 * (4 - chosen) - (4 - chosen) * 4 * 2)  # blocks x (kept tokens' entries - 4 pieces of 2 each)
+    assert final.cost.trainable_params == 2 * 2 * 1 * 16 + kept, "kv prompts (blocks x heads x m x head dim) + kept"
     code, stdout, _ = run_cli(monkeypatch, capsys, *args, "--no-retrain")
     assert code == 0 and "petl-bench tune --methods e2vpt" in stdout and "e2vpt.prune_tokens=2,1" in stdout
     assert len(records.load_records(runs)) == len(run_records), "the importance reused, nothing retrained"
