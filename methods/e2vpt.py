@@ -43,6 +43,8 @@ PIECES = 16  # official CLS_TOKEN_P_PIECES_NUM
 MIN_TOKENS, MIN_PIECES = 1, 4  # official MIN_NUMBER_CLS_TOKEN, MIN_NUMBER_CLS_TOKEN_PIECE
 PERCENTS = (10, 20, 30, 40, 50, 60, 70, 80, 90)  # official CLS_TOKEN_MASK_PERCENT, CLS_TOKEN_PIECE_MASK_PERCENT
 IMPORTANCE_KIND = "e2vpt-importance"
+# What an importance file was asked for (the rest is what it found on its task): a report row's key.
+IMPORTANCE_REQUEST = ("kind", "backbone", "pretrained", "seed", "settings", "recipe")
 
 
 def mask_levels(total: int, minimum: int, percents=PERCENTS) -> list[int]:
@@ -223,6 +225,13 @@ class E2VPT(Method):
             wrapped = MaskedPromptedBlocks(blocks, prompts, info.num_prefix_tokens, config.dropout, masks)
         model.set_submodule(info.blocks_path, wrapped)
         return [*prompts.values(), *kv, *(masks.parameters() if masks is not None else ())]
+
+    def row_settings(self, identity):
+        """A row per importance request (backbone, weights, seed, recipe, pruning settings), not per task."""
+        importance = identity.get("importance")
+        if isinstance(importance, dict):
+            identity = {**identity, "importance": {k: importance.get(k) for k in IMPORTANCE_REQUEST}}
+        return identity
 
     def pruned_entries(self, model):
         """The prompt entries a fixed mask sets to zero in every block (the official pruned parameters)."""

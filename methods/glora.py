@@ -135,6 +135,10 @@ def read_paths(source: str, layers: int | None = None) -> list[dict[str, str]]:
     return paths
 
 
+# What a searched paths file was asked for (the rest is what the search found on its task): a report row's key.
+PATHS_REQUEST = ("budget_m", "rank", "search", "backbone", "seed")
+
+
 @dataclass
 class GLoRAConfig:
     paths: str = ""  # a JSON file of every layer's path (petl-bench glora search)
@@ -171,6 +175,13 @@ class GLoRA(Method):
         identity = super().config_identity(config)
         if config.paths and Path(config.paths).is_file():  # the file's content, not its name
             identity["paths"] = json.loads(Path(config.paths).read_text())
+        return identity
+
+    def row_settings(self, identity):
+        """A row per search request (budget, rank, search settings, backbone, seed), not per task's paths."""
+        found = identity.get("paths")
+        if isinstance(found, dict):
+            identity = {**identity, "paths": {k: found[k] for k in PATHS_REQUEST if k in found}}
         return identity
 
     def attach(self, model, info, config):

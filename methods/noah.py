@@ -40,6 +40,8 @@ from .lora import FusedQKVLoRA
 CITATION = "Zhang et al., Neural Prompt Search (NOAH), arXiv:2206.04673"
 SUPER_DIM = 100
 PUBLISHED_PREFIX = "vtab:"
+# What a searched subnet file was asked for (the rest is what the search found on its task): a report row's key.
+SEARCH_REQUEST = ("budget_m", "counter", "search", "backbone", "seed")
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,19 @@ class Noah(Method):
         supernet.select(subnet)
         supernet.shrink()
         return supernet.parameters()
+
+    def row_settings(self, identity):
+        """A row per subnet request: the published subnet of each task, or one search's settings, not the
+        sizes each task's subnet has (they follow from it)."""
+        identity = {k: v for k, v in identity.items() if k != "subnet_sizes"}
+        subnet = identity.get("subnet")
+        if isinstance(subnet, str) and not subnet.startswith(PUBLISHED_PREFIX) and Path(subnet).is_file():
+            try:
+                found = json.loads(Path(subnet).read_text())
+                identity["subnet"] = {k: found[k] for k in SEARCH_REQUEST if k in found} or subnet
+            except (ValueError, TypeError):
+                pass  # not a search's file: the path keys the row
+        return identity
 
     def config_identity(self, config: NoahConfig) -> dict:
         identity = dataclasses.asdict(config)

@@ -63,6 +63,11 @@ class PruneSettings:
     percents: tuple[int, ...] = PERCENTS
     recipe: Recipe = field(default_factory=Recipe)
 
+    def request(self) -> dict:
+        """The pruning settings that do not depend on the task (the sizes and the recipe are recorded apart)."""
+        return {"pieces": self.pieces, "min_tokens": self.min_tokens, "min_pieces": self.min_pieces,
+                "percents": list(self.percents)}  # fmt: skip
+
     def levels(self) -> tuple[list[int], list[int]]:
         """The token counts and the piece counts the rewind grid crosses."""
         return (mask_levels(self.tokens, self.min_tokens, self.percents),
@@ -131,7 +136,8 @@ def run_importance(task, *, backbone: str, pretrained: str, data_root: Path | No
     token, piece = mask_importance(prepared.model, batches)
     token_levels, piece_levels = settings.levels()
     result = {
-        "kind": IMPORTANCE_KIND, **about, "pretrained": pretrained, "tokens": settings.tokens,
+        "kind": IMPORTANCE_KIND, **about, "pretrained": pretrained, "settings": settings.request(),
+        "tokens": settings.tokens,
         "kv_tokens": settings.kv_tokens, "token_importance": token, "piece_importance": piece,
         "token_levels": token_levels, "piece_levels": piece_levels, "train_images": len(images),
         "recipe": dataclasses.asdict(recipe), "finished_at": records.now(),

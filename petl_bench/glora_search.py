@@ -141,7 +141,8 @@ def run_glora_search(task, *, backbone: str, pretrained: str, data_root: Path | 
     best = evolution.run(progress)
     result = {
         "paths": problem.to_json(best), "val_top1": evolution._acc(best), "params": problem.params(best),
-        "budget_m": settings.budget_m, "rank": settings.rank, "task": task.name, "backbone": backbone, "seed": seed,
+        "budget_m": settings.budget_m, "rank": settings.rank, "search": dataclasses.asdict(settings), "task": task.name,
+        "backbone": backbone, "seed": seed,
         "history": evolution.history, "finished_at": records.now(),
     }  # fmt: skip
     write_atomic(paths_file, json.dumps(result, indent=1))

@@ -213,6 +213,7 @@ def run_search(
         "noah_counted_params": best.noah_counted_params(info.widths[0], SUPER_DIM),
         "budget_m": settings.budget_m,
         "counter": settings.counter,
+        "search": dataclasses.asdict(settings),
         "task": task.name,
         "backbone": backbone,
         "seed": seed,

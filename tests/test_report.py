@@ -200,3 +200,39 @@ def test_a_partial_vtab_run_draws_no_empty_plot_and_names_what_a_plot_leaves_out
     mixed = full_sweep("convpass", 0, 0.0) + partial
     write_report(mixed, tmp_path / "mixed")
     assert (tmp_path / "mixed" / "groups__vtab__vit_base_patch16_224.orig_in21k__final.png").is_file()
+
+
+def test_a_per_task_search_result_is_one_row_per_request(tmp_path):
+    """NOAH's published subnets, GLoRA's searched paths and E2VPT's importance differ from task to task while
+    every task made the same request: one row per request, another row for another request."""
+    import json
+
+    searched = []
+    for task, budget in (("cifar", 0.64), ("dtd", 0.64), ("cifar", 0.32)):
+        path = tmp_path / f"{task}-{budget}.json"
+        path.write_text(json.dumps({"prompt": [1], "lora": [2], "adapter": [3], "budget_m": budget, "task": task,
+                                    "counter": "noah", "seed": 0, "val_top1": 50.0}))  # fmt: skip
+        searched.append(path)
+    runs = []
+    for index, task in enumerate(("cifar", "dtd")):
+        published = record("noah", task, 0, 60.0)
+        published.hparams.method = {"subnet": f"vtab:{task}", "subnet_sizes": {"prompt": [index]}, "init": "official"}
+        published.hparams.task_defaults = {"subnet": f"vtab:{task}"}
+        own = record("noah", task, 0, 61.0)
+        own.run_id += "-own"
+        own.hparams.method = {"subnet": str(searched[index]), "subnet_sizes": {"prompt": [index]}, "init": "official"}
+        glora = record("glora", task, 0, 62.0)
+        glora.hparams.method = {"rank": 4, "paths": {"paths": [{"A": "lora"}] * (index + 1), "task": task, "rank": 4,
+                                                     "budget_m": 1.0, "seed": 0, "val_top1": 40.0 + index}}  # fmt: skip
+        e2vpt = record("e2vpt", task, 0, 63.0)
+        e2vpt.hparams.method = {"tokens": 10, "importance": {"kind": "e2vpt-importance", "task": task, "seed": 0,
+                                                             "token_importance": [index] * 10}}  # fmt: skip
+        runs += [published, own, glora, e2vpt]
+    other = record("noah", "cifar", 0, 59.0)
+    other.run_id += "-other"
+    other.hparams.method = {"subnet": str(searched[2]), "subnet_sizes": {"prompt": [0]}, "init": "official"}
+    frame = runs_frame([*runs, other])
+    rows = frame.groupby("row")["task"].apply(sorted).to_dict()
+    assert rows["glora"] == ["cifar", "dtd"] and rows["e2vpt"] == ["cifar", "dtd"]
+    noah = {label: tasks for label, tasks in rows.items() if label.startswith("noah")}
+    assert sorted(map(len, noah.values())) == [1, 2, 2], "published, searched at 0.64M (both tasks), at 0.32M"
