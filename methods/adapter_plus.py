@@ -139,6 +139,13 @@ class AdapterPlus(Method):
                 config = replace(config, dim=table[task_key(task)])
         return config
 
+    def row_settings(self, identity, task):
+        """With per-task ranks, the rank each task's table gave is the same request on every task."""
+        table = rank_tables().get(identity.get("ranks"), {})
+        if task_key(task) in table and identity.get("dim") == table[task_key(task)]:
+            identity = {k: v for k, v in identity.items() if k != "dim"}
+        return identity
+
     def check_config(self, config):
         for name, allowed in (("position", POSITIONS), ("scaling", SCALINGS), ("init", INITS), ("ranks", RANKS)):
             if getattr(config, name) not in allowed:

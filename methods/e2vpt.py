@@ -226,7 +226,7 @@ class E2VPT(Method):
         model.set_submodule(info.blocks_path, wrapped)
         return [*prompts.values(), *kv, *(masks.parameters() if masks is not None else ())]
 
-    def row_settings(self, identity):
+    def row_settings(self, identity, task):
         """A row per importance request (backbone, weights, seed, recipe, pruning settings), not per task."""
         importance = identity.get("importance")
         if isinstance(importance, dict):

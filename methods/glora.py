@@ -177,7 +177,7 @@ class GLoRA(Method):
             identity["paths"] = json.loads(Path(config.paths).read_text())
         return identity
 
-    def row_settings(self, identity):
+    def row_settings(self, identity, task):
         """A row per search request (budget, rank, search settings, backbone, seed), not per task's paths."""
         found = identity.get("paths")
         if isinstance(found, dict):

@@ -254,7 +254,7 @@ class Noah(Method):
         supernet.shrink()
         return supernet.parameters()
 
-    def row_settings(self, identity):
+    def row_settings(self, identity, task):
         """A row per subnet request: the published subnet of each task, or one search's settings, not the
         sizes each task's subnet has (they follow from it)."""
         identity = {k: v for k, v in identity.items() if k != "subnet_sizes"}

@@ -123,11 +123,12 @@ class Method:
         safetensors checkpoint of its trainable tensors (the binary adapters pack their weights in bits)."""
         return None
 
-    def row_settings(self, identity: dict[str, Any]) -> dict[str, Any]:
-        """The settings a report row is keyed by, from a run's recorded ``config_identity``. A setting that
-        holds a per-task search's result (its file's content) differs from task to task although every task
-        made the same request: such a method keeps what the search was asked for and leaves out what it
-        found, so one row holds every task of one request (as per-task defaults and tuned choices)."""
+    def row_settings(self, identity: dict[str, Any], task: str) -> dict[str, Any]:
+        """The settings a report row is keyed by, from a run's recorded ``config_identity`` on ``task``. A
+        setting that holds a per-task search's result (its file's content), or a value a per-task table gave,
+        differs from task to task although every task made the same request: such a method keeps what was
+        asked for and leaves out what it found, so one row holds every task of one request (as per-task
+        defaults and tuned choices)."""
         return identity
 
     def pruned_entries(self, model: "PetlModel") -> int:

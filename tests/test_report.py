@@ -203,10 +203,13 @@ def test_a_partial_vtab_run_draws_no_empty_plot_and_names_what_a_plot_leaves_out
 
 
 def test_a_per_task_search_result_is_one_row_per_request(tmp_path):
-    """NOAH's published subnets, GLoRA's searched paths and E2VPT's importance differ from task to task while
-    every task made the same request: one row per request, another row for another request."""
+    """NOAH's published subnets, GLoRA's searched paths, E2VPT's importance and Adapter+'s per-task ranks differ
+    from task to task while every task made the same request: one row per request, another for another."""
     import json
 
+    from petl_bench.methods.adapter_plus import rank_tables
+
+    assert rank_tables()["dim1-8"]["cifar"] != 3
     searched = []
     for task, budget in (("cifar", 0.64), ("dtd", 0.64), ("cifar", 0.32)):
         path = tmp_path / f"{task}-{budget}.json"
@@ -227,12 +230,20 @@ def test_a_per_task_search_result_is_one_row_per_request(tmp_path):
         e2vpt = record("e2vpt", task, 0, 63.0)
         e2vpt.hparams.method = {"tokens": 10, "importance": {"kind": "e2vpt-importance", "task": task, "seed": 0,
                                                              "token_importance": [index] * 10}}  # fmt: skip
-        runs += [published, own, glora, e2vpt]
+        plus = record("adapter_plus", task, 0, 64.0)
+        plus.hparams.method = {"dim": rank_tables()["dim1-8"][task], "ranks": "dim1-8", "position": "post"}
+        runs += [published, own, glora, e2vpt, plus]
+    explicit = record("adapter_plus", "cifar", 0, 64.0)
+    explicit.run_id += "-explicit"
+    explicit.hparams.method = {"dim": 3, "ranks": "dim1-8", "position": "post"}  # an explicit dim (not cifar's)
+    runs.append(explicit)
     other = record("noah", "cifar", 0, 59.0)
     other.run_id += "-other"
     other.hparams.method = {"subnet": str(searched[2]), "subnet_sizes": {"prompt": [0]}, "init": "official"}
     frame = runs_frame([*runs, other])
     rows = frame.groupby("row")["task"].apply(sorted).to_dict()
     assert rows["glora"] == ["cifar", "dtd"] and rows["e2vpt"] == ["cifar", "dtd"]
+    plus = {label: tasks for label, tasks in rows.items() if label.startswith("adapter_plus")}
+    assert sorted(map(len, plus.values())) == [1, 2], "the ranks' table on both tasks; an explicit dim apart"
     noah = {label: tasks for label, tasks in rows.items() if label.startswith("noah")}
     assert sorted(map(len, noah.values())) == [1, 2, 2], "published, searched at 0.64M (both tasks), at 0.32M"

@@ -93,7 +93,7 @@ def run_settings(record: RunRecord) -> dict:
     defaults = settings.task_defaults or {}
     method = {k: v for k, v in (settings.method or {}).items() if k not in chosen and defaults.get(k, object()) != v}
     if record.method in METHODS:
-        method = METHODS.get(record.method)().row_settings(method)
+        method = METHODS.get(record.method)().row_settings(method, record.task)
     skipped = {*Recipe.EXECUTION, *chosen, "image_size", "compile"}  # compile: the execution setting before 0.x
     recipe = {k: v for k, v in (settings.recipe or {}).items() if k not in skipped}
     out: dict = {}
