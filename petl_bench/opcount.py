@@ -4,7 +4,10 @@ On a GPU a step of a small-batch PETL method takes about max(GPU time, host time
 the host launches each kernel, so a method that dispatches three times the floor's kernels runs up to
 three times slower however little each kernel computes. Counting what the dispatcher sees in one step
 (forward, loss, backward, optimizer), with fake tensors so that nothing is computed, is the proxy this
-module gives: it runs in seconds on a CPU and counts the same ops a CUDA step would dispatch.
+module gives: it runs in seconds on a CPU and counts the ops a CUDA step would dispatch. One op differs
+between the two devices: ``F.dropout`` is one fused ``native_dropout`` kernel on CUDA and four on a CPU
+(``empty_like``, ``bernoulli_``, ``div_``, ``mul``), so the count routes it to ``native_dropout`` as CUDA
+does (``as_on_cuda``); drop-path draws its own mask with ``bernoulli_`` on both.
 """
 
 from __future__ import annotations
@@ -54,6 +57,24 @@ class _Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def as_on_cuda():
+    """``F.dropout`` in training as CUDA runs it: one ``native_dropout`` (the same masks' distribution and
+    scaling; fake tensors compute nothing), so the CPU count is CUDA's."""
+    original = nn.functional.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if training and 0.0 < p < 1.0 and input.numel():
+            return torch.native_dropout(input, p, True)[0]
+        return original(input, p, training, inplace)
+
+    nn.functional.dropout = dropout
+    try:
+        yield
+    finally:
+        nn.functional.dropout = original
+
+
 def count_step(
     model: nn.Module,
     batch: int,
@@ -78,7 +99,7 @@ def count_step(
     kinds = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
     count = OpCount()
     held = frozen_weights_in(model, dtype if frozen_in_dtype else None)  # real weights, before faking
-    with held, FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    with held, as_on_cuda(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake_params = {p: nn.Parameter(mode.from_tensor(p.detach()), requires_grad=True) for p in params}
         with _swap_parameters(model, fake_params):
             step_optimizer = torch.optim.AdamW(list(fake_params.values()), lr=1e-3, **kinds[optimizer])

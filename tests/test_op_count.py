@@ -11,7 +11,8 @@ import petl_bench as pb
 from petl_bench.opcount import count_step
 
 DEPTH = TINY_VIT["depth"]
-# Kernels a method may add per block over the floor (forward + backward + fused AdamW, bf16 autocast): what it
+# Kernels a method may add per block over the floor (forward + backward + fused AdamW, bf16 autocast, dropout
+# counted as CUDA's one fused kernel): at most what it
 # dispatches on the tiny ViT below (2026-11-30) plus 5, a regression guard. The target of the GPU work is at
 # most 30 for every side-branch method; convpass, fact_tt/tk, the binary adapters, noah, repadapter, ssf and
 # houlsby_adapter are above it today (benchmarks/README.md). SSF's scale and shift are cast to the activation
@@ -158,3 +159,18 @@ def test_holding_frozen_weights_in_bf16_removes_the_per_step_casts():
     held = count_step(_model("convpass").train(), 4, (32, 32), 10)
     cast_each_time = count_step(_model("convpass").train(), 4, (32, 32), 10, frozen_in_dtype=False)
     assert held.by_op["_to_copy"] < cast_each_time.by_op["_to_copy"] and held.kernels < cast_each_time.kernels
+
+
+def test_dropout_is_counted_as_cudas_one_fused_kernel_and_restored_after():
+    from petl_bench.opcount import as_on_cuda
+
+    original = torch.nn.functional.dropout
+    x = torch.randn(4, 8)
+    with as_on_cuda():
+        torch.manual_seed(0)
+        y = torch.nn.Dropout(0.5).train()(x)
+        assert torch.equal(torch.nn.Dropout(0.5).eval()(x), x), "no dropout outside training"
+    assert torch.nn.functional.dropout is original
+    kept = y != 0
+    torch.testing.assert_close(y[kept], 2 * x[kept])  # the inverted-dropout scaling of F.dropout
+    assert 0 < int(kept.sum()) < 32
