@@ -159,6 +159,11 @@ class Execution:
             raise UserError(
                 f"--gpus and --runs-per-gpu take positive integers, got {self.gpus} and {self.runs_per_gpu}"
             )
+        if self.executor == "local" and not self.in_process and torch.cuda.device_count() < self.gpus:
+            raise UserError(
+                f"--gpus {self.gpus} with --runs-per-gpu {self.runs_per_gpu} start worker processes on CUDA devices, "
+                f"but torch sees {torch.cuda.device_count()}; on a CPU, runs go one at a time (leave both at 1)"
+            )
         if self.executor == "slurm":
             try:
                 import submitit  # noqa: F401
