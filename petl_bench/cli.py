@@ -29,6 +29,7 @@ from .cli_sweep import (
     split_names,
     tune_command,
 )
+from .cli_vqt import vqt_app
 from .config import PAPER_BACKBONE
 from .errors import UserError
 from .output import console, render
@@ -224,6 +225,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(noah_app, name="noah")
 app.add_typer(glora_app, name="glora")
 app.add_typer(e2vpt_app, name="e2vpt")
+app.add_typer(vqt_app, name="vqt")
 
 
 def _exception_types(name: str) -> tuple[type, ...]:

@@ -4,6 +4,7 @@ holds what every supernet search command shares (GLoRA's too): the task, backbon
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,25 +21,24 @@ noah_app = typer.Typer(help="NOAH: supernet training, evolutionary search and re
 
 
 @dataclass
-class SearchTarget:
-    """The options every supernet search shares: what it runs on, and whether its result is retrained."""
+class TaskTarget:
+    """The options of a command that trains on one task: what it runs on, where, and where results go."""
 
     task: Optional[str] = typer.Option(None, help="A registered task (e.g. a VTAB-1K task or demo_digits).")
     task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Or a folder with train/val/test lists.")
     backbone: Optional[str] = typer.Option(None, help="Backbone (default: the task's suite's).")
     pretrained: str = typer.Option("hub", help="hub, none, or a weights file.")
     data_root: Optional[Path] = O_DATA_ROOT
-    seed: int = typer.Option(0, help="Seed of the supernet, the search and the retrain.")
+    seed: int = typer.Option(0, help="Seed of what this command trains (a search and its retrain).")
     epochs: Optional[int] = typer.Option(None, help="Retrain epochs (default: the suite's recipe).")
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the suite's recipe).")
     image_size: Optional[int] = typer.Option(None, help="Input size (default: the suite's or the backbone's).")
-    retrain: bool = typer.Option(True, help="Retrain the search's result on train+val and test it.")
     output: Path = typer.Option(Path("results/runs"), help="Run folders; searches go to OUTPUT/<method>-search/.")
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N].")
     plugin: Optional[list[Path]] = PluginOption
 
-    def searched(self, search, settings_of) -> "Searched":
-        """Run ``search`` (its settings from the task's recipe) on the chosen task; what it found, and where."""
+    def target(self) -> "Searched":
+        """The task, its backbone and recipe, the device and the data root (plugins loaded, options checked)."""
         from . import planning, registry, runner
         from .paths import data_root_from
 
@@ -48,14 +48,25 @@ class SearchTarget:
             raise UserError("give exactly one of --task or --task-dir")
         overrides = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size}
         chosen, backbone, recipe = planning.one_task(self.task, self.task_dir, self.backbone, overrides)
-        target, root = runner.pick_device(self.device), data_root_from(self.data_root)
+        return Searched(None, chosen, backbone, recipe, runner.pick_device(self.device), data_root_from(self.data_root))
+
+
+@dataclass
+class SearchTarget(TaskTarget):
+    """The options every supernet search shares: the task target, and whether its result is retrained."""
+
+    retrain: bool = typer.Option(True, help="Retrain the search's result on train+val and test it.")
+
+    def searched(self, search, settings_of) -> "Searched":
+        """Run ``search`` (its settings from the task's recipe) on the chosen task; what it found, and where."""
+        found = self.target()
         with progress_bars() as progress:
-            found = search(
-                chosen, backbone=backbone, pretrained=self.pretrained, data_root=root, output=self.output,
-                seed=self.seed, settings=settings_of(recipe), device=target, image_size=recipe.image_size,
-                progress=progress,
+            file = search(
+                found.task, backbone=found.backbone, pretrained=self.pretrained, data_root=found.data_root,
+                output=self.output, seed=self.seed, settings=settings_of(found.recipe), device=found.device,
+                image_size=found.recipe.image_size, progress=progress,
             )  # fmt: skip
-        return Searched(found, chosen, backbone, recipe, target, root)
+        return dataclasses.replace(found, file=file)
 
     def run(self, search, settings_of, describe: Callable[[dict, Path], str], method: str,
             method_settings: Callable[[Path], dict]) -> None:  # fmt: skip
@@ -78,9 +89,9 @@ class SearchTarget:
 
 @dataclass
 class Searched:
-    """What a search command's search found (its result file), on what, and where it ran."""
+    """What a search command's search found (its result file, None before it ran), on what, and where."""
 
-    file: Path
+    file: Optional[Path]
     task: Any
     backbone: str
     recipe: Any

@@ -43,8 +43,8 @@ LAYERS = [
     {"backbones", "clip", "model", "checkpoints", "demo_backbone", "engine", "training_state", "methods", "tasks"},
     {"opcount", "export", "planning", "report"},
     {"runner", "costs", "tuning", "search"},
-    {"executors", "noah_search", "glora_search", "e2vpt_prune"},
-    {"output", "cli", "cli_data", "cli_sweep", "cli_noah", "cli_glora", "cli_e2vpt", "__init__"},
+    {"executors", "noah_search", "glora_search", "e2vpt_prune", "vqt_compress"},
+    {"output", "cli", "cli_data", "cli_sweep", "cli_noah", "cli_glora", "cli_e2vpt", "cli_vqt", "__init__"},
 ]
 LAYER = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 SOURCES = {"petl_bench": ROOT / "petl_bench", "methods": ROOT / "methods", "tasks": ROOT / "tasks"}
