@@ -29,8 +29,8 @@ class TaskTarget:
     backbone: Optional[str] = typer.Option(None, help="Backbone (default: the task's suite's).")
     pretrained: str = typer.Option("hub", help="hub, none, or a weights file.")
     data_root: Optional[Path] = O_DATA_ROOT
-    seed: int = typer.Option(0, help="Seed of what this command trains (a search and its retrain).")
-    epochs: Optional[int] = typer.Option(None, help="Retrain epochs (default: the suite's recipe).")
+    seed: int = typer.Option(0, help="Seed of what this command trains (a search, its runs).")
+    epochs: Optional[int] = typer.Option(None, help="Epochs of the runs (default: the suite's recipe).")
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the suite's recipe).")
     image_size: Optional[int] = typer.Option(None, help="Input size (default: the suite's or the backbone's).")
     output: Path = typer.Option(Path("results/runs"), help="Run folders; searches go to OUTPUT/<method>-search/.")

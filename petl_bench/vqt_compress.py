@@ -34,6 +34,12 @@ class CompressSettings:
     keep: float = 0.7
     lr_factor: float = 0.5
 
+    def __post_init__(self) -> None:  # checked before the first of the runs trains
+        if not 0.0 < self.keep < 1.0:
+            raise UserError(f"--keep takes a share of the features in (0, 1), got {self.keep}")
+        if not self.group_lasso >= 0.0 or not 0.0 < self.lr_factor:
+            raise UserError(f"--group-lasso takes a weight >= 0, got {self.group_lasso}")
+
 
 def run_compression(task, *, backbone: str, pretrained: str, recipe: Recipe, seeds: list[int], data_root,
                     output: Path, device, settings: CompressSettings, progress=None) -> list[list[Job]]:  # fmt: skip

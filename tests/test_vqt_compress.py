@@ -99,3 +99,11 @@ def test_the_compress_command_runs_three_chained_runs_per_seed(monkeypatch, caps
         assert kept.hparams.method["select"]["checkpoint_sha256"] == second and kept.hparams.method["keep"] == 0.7
     table = " ".join(stdout.split())
     assert table.count("vqt (") == 3, "three rows, each over both seeds"
+
+
+def test_a_refused_compression_trains_nothing(monkeypatch, capsys, tmp_path, tiny_plugin):
+    task, runs = make_task_folder(tmp_path / "colours"), tmp_path / "runs"
+    for bad in (["--keep", "1.0"], ["--group-lasso", "-1"]):
+        code, _, stderr = run_cli(monkeypatch, capsys, "vqt", "compress", "--plugin", str(tiny_plugin), "--task-dir",
+                                  str(task), "--backbone", "tiny_test_vit", "--output", str(runs), *bad)  # fmt: skip
+        assert code == 2 and bad[0] in stderr and not runs.exists()
