@@ -168,6 +168,13 @@ class GLoRA(Method):
                             "or run glora_fixed")  # fmt: skip
         read_paths(config.paths)  # a missing or malformed file: an error before anything trains
 
+    def check_pair(self, info, config):
+        """Paths searched on another backbone (a search's file says which) do not fit this one."""
+        found = json.loads(Path(config.paths).read_text()) if getattr(config, "paths", "") else None
+        if isinstance(found, dict) and found.get("backbone", info.name) != info.name:
+            raise UserError(f"the GLoRA paths in {config.paths} were searched on {found['backbone']}; "
+                            f"this run's backbone is {info.name}")  # fmt: skip
+
     def layer_paths(self, config, layers: int) -> list[dict[str, str]] | None:
         return read_paths(config.paths, layers)
 

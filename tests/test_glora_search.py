@@ -107,3 +107,18 @@ def test_a_malformed_paths_file_is_one_error_before_anything_trains(monkeypatch,
     )  # fmt: skip
     assert code == 2 and "is not a GLoRA configuration" in stderr
     assert not (tmp_path / "runs").exists(), "nothing trained, nothing written"
+
+
+def test_paths_searched_on_another_backbone_are_one_error_before_anything_trains(
+    monkeypatch, capsys, tmp_path, tiny_plugin
+):
+    task, paths = make_task_folder(tmp_path / "colours"), tmp_path / "paths.json"
+    layer = {"A": "lora", "B": "vector", "C": "none", "D": "constant", "E": "none"}
+    paths.write_text(json.dumps({"paths": [layer] * 8, "backbone": "vit_base_patch16_224.orig_in21k"}))
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task), "--methods", "linear,glora",
+        "--set", f"glora.paths={paths}", "--backbone", "tiny_test_vit", "--pretrained", "none", "--batch-size", "8",
+        "--set", "recipe.image_size=16", "--epochs", "1", "--output", str(tmp_path / "runs"),
+    )  # fmt: skip
+    assert code == 2 and "searched on vit_base_patch16_224.orig_in21k" in stderr and "tiny_test_vit" in stderr
+    assert not (tmp_path / "runs").exists(), "nothing trained, nothing written"
