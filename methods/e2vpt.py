@@ -67,6 +67,12 @@ def lowest(scores: list[float], count: int) -> list[int]:
     return sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:count])
 
 
+def check_pieces(info, pieces: int) -> None:
+    """A prompt of width d is cut into ``pieces`` interleaved pieces: d must divide."""
+    if any(width % pieces for width in info.widths):
+        raise UserError(f"E2VPT's {pieces} pieces per prompt need a width divisible by {pieces}")
+
+
 def read_importance(source: str) -> dict:
     """An importance file of ``petl-bench e2vpt prune`` (checked: a UserError names what is wrong)."""
     path = Path(source)
@@ -184,9 +190,7 @@ class E2VPT(Method):
 
     def check_pair(self, info, config):
         if config.importance:
-            pieces = len(read_importance(config.importance)["piece_importance"][0])
-            if any(width % pieces for width in info.widths):
-                raise UserError(f"E2VPT's {pieces} pieces per prompt need a width divisible by {pieces}")
+            check_pieces(info, len(read_importance(config.importance)["piece_importance"][0]))
 
     def config_identity(self, config):
         identity = super().config_identity(config)

@@ -37,6 +37,7 @@ from petl_bench.checkpoints import read_safetensors
 from petl_bench.data import file_digest
 from petl_bench.errors import UserError
 from petl_bench.model import Method
+from petl_bench.records import CHECKPOINT
 from petl_bench.registry import register_method
 
 from .building_blocks import task_table
@@ -94,20 +95,21 @@ class QueryHead(nn.Linear):
         return super().forward(features if self.kept is None else features[:, self.kept])
 
 
+def run_checkpoint(folder: str) -> Path:
+    """A finished run's checkpoint: in its folder, or the file itself."""
+    return Path(folder) / CHECKPOINT if Path(folder).is_dir() else Path(folder)
+
+
 def run_tensors(folder: str, what: str) -> dict[str, torch.Tensor]:
     """The trained tensors of a finished run (its folder, or its checkpoint file)."""
-    from petl_bench.records import CHECKPOINT
-
-    path = Path(folder) / CHECKPOINT if Path(folder).is_dir() else Path(folder)
+    path = run_checkpoint(folder)
     if not path.is_file():
         raise UserError(f"vqt.{what}: no finished run's checkpoint at {folder}")
     return read_safetensors(path)
 
 
 def run_digest(folder: str) -> str | None:
-    from petl_bench.records import CHECKPOINT
-
-    path = Path(folder) / CHECKPOINT if Path(folder).is_dir() else Path(folder)
+    path = run_checkpoint(folder)
     return file_digest(path) if path.is_file() else None
 
 

@@ -32,7 +32,6 @@ from . import records, search
 from .atomic import write_atomic
 from .checkpoints import load_trainable
 from .config import Recipe
-from .errors import UserError
 from .methods.e2vpt import (
     E2VPT,
     IMPORTANCE_KIND,
@@ -43,6 +42,7 @@ from .methods.e2vpt import (
     E2VPTConfig,
     MaskedPromptedBlocks,
     PromptMasks,
+    check_pieces,
     mask_levels,
 )  # fmt: skip
 from .runner import plain_training_images, prepare
@@ -86,8 +86,7 @@ class _MaskedE2VPT(E2VPT):
         pass  # its masks are its own, not read from a file
 
     def check_pair(self, info, config):
-        if any(width % self.pieces for width in info.widths):
-            raise UserError(f"E2VPT's {self.pieces} pieces per prompt need a width divisible by {self.pieces}")
+        check_pieces(info, self.pieces)
 
     def masks(self, config):
         return PromptMasks(torch.ones(config.tokens), torch.ones(config.tokens, self.pieces), trained=True)
