@@ -1,4 +1,5 @@
-"""Kernels a training step dispatches, counted without running them (fake tensors, any machine).
+"""Kernels a training step dispatches and the memory it holds, found without running it (fake tensors, any
+machine).
 
 On a GPU a step of a small-batch PETL method takes about max(GPU time, host time per kernel x kernels):
 the host launches each kernel, so a method that dispatches three times the floor's kernels runs up to
@@ -14,11 +15,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Ops that launch no kernel: views and metadata (they alias their input).
 _FREE = {"detach", "alias", "lift_fresh", "_to_copy_noop"}
@@ -57,6 +62,35 @@ class _Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _Tracker(TorchDispatchMode):
+    """Bytes of the storages alive, and their most at once: every op's outputs are added when made and
+    subtracted when freed (a weak reference to each storage); views share their base's storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+
+    def hold(self, tensors) -> None:
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key not in self._alive:
+                size = storage.nbytes()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                self._alive[key] = weakref.ref(storage, functools.partial(self._freed, key, size))
+
+    def _freed(self, key: int, size: int, _reference) -> None:
+        self.live -= size
+        self._alive.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.hold(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
 @contextlib.contextmanager
 def as_on_cuda():
     """``F.dropout`` in training as CUDA runs it: one ``native_dropout`` (the same masks' distribution and
@@ -91,13 +125,62 @@ def count_step(
     ``for-loop``) and ``zero_grad``; with ``frozen_in_dtype`` the frozen weights are held in ``dtype`` as
     training holds them (``engine.frozen_weights_in``). The second step is counted (the optimizer's state
     exists then)."""
+    count = OpCount()
+    counter = _Counter(count)
+    _fake_steps(model, batch, image_size, num_classes, dtype, input_grad, optimizer, frozen_in_dtype,
+                watch=lambda index: counter if index == 1 else contextlib.nullcontext())  # fmt: skip
+    return count
+
+
+def step_memory(
+    model: nn.Module, batch: int, image_size: tuple[int, int], num_classes: int, *,
+    dtype: torch.dtype | None = torch.bfloat16, optimizer: str = "fused", input_grad: bool = False,
+) -> int:  # fmt: skip
+    """The most bytes two training steps of ``model`` hold at once, as the engine trains it (frozen weights
+    in ``dtype`` beside their fp32 originals, the trained tensors, their gradients and AdamW's state, the
+    batch, the activations kept for backward and each op's temporaries), from fake tensors: nothing is
+    computed or allocated, any machine can estimate a GPU's need. Not counted: the device's own context,
+    library workspaces and the allocator's rounding and fragmentation."""
+    tracker = _Tracker()
+    tracker.hold(t for t in itertools.chain(model.parameters(), model.buffers()) if not t.requires_grad)
+    _fake_steps(model, batch, image_size, num_classes, dtype, input_grad, optimizer, True,
+                watch=lambda index: tracker, hold=tracker.hold)  # fmt: skip
+    return tracker.peak
+
+
+def forward_memory(model: nn.Module, batch: int, image_size: tuple[int, int], *,
+                   dtype: torch.dtype | None = torch.bfloat16) -> int:  # fmt: skip
+    """The most bytes an evaluation forward pass (eval mode, no gradients, ``dtype`` autocast, frozen weights
+    held in ``dtype``) holds at once beyond the model's own tensors (the batch, activations, temporaries),
+    from fake tensors as :func:`step_memory`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .engine import frozen_weights_in
+
+    tracker = _Tracker()
+    was_training = model.training
+    model.eval()
+    try:
+        with frozen_weights_in(model, dtype), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            images = torch.randn(batch, 3, *image_size)
+            tracker.hold([images])
+            with tracker, torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+                model(images)
+    finally:
+        model.train(was_training)
+    return tracker.peak
+
+
+def _fake_steps(model, batch, image_size, num_classes, dtype, input_grad, optimizer, frozen_in_dtype, *, watch,
+                hold=None) -> None:  # fmt: skip
+    """Two training steps on fake tensors (the trained parameters faked, the frozen ones real), each under
+    ``watch(index)``; ``hold``, if given, is shown every tensor that exists before the first op."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .engine import frozen_weights_in
 
     params = [p for p in model.parameters() if p.requires_grad]
     kinds = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
-    count = OpCount()
     held = frozen_weights_in(model, dtype if frozen_in_dtype else None)  # real weights, before faking
     with held, as_on_cuda(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake_params = {p: nn.Parameter(mode.from_tensor(p.detach()), requires_grad=True) for p in params}
@@ -105,15 +188,15 @@ def count_step(
             step_optimizer = torch.optim.AdamW(list(fake_params.values()), lr=1e-3, **kinds[optimizer])
             images = torch.randn(batch, 3, *image_size)
             labels = torch.randint(0, num_classes, (batch,))
+            if hold:
+                hold([*model.parameters(), *model.buffers(), images, labels])
             for index in range(2):
-                counting = _Counter(count) if index == 1 else contextlib.nullcontext()
-                with counting:
+                with watch(index):
                     x = images.requires_grad_(input_grad)
                     loss = _loss(model, x, labels, dtype)
                     step_optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     step_optimizer.step()
-    return count
 
 
 def _loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""How many runs of a sweep train at once on one GPU when ``--runs-per-gpu`` is not given: as many as the
+GPU's free memory holds, each run's need estimated from fake tensors (:mod:`petl_bench.opcount`, no GPU
+memory used), and no more than the host's cores, the runs left to do and :data:`MOST_RUNS_PER_GPU`.
+
+A small-batch PETL run leaves a large GPU idle between the kernels its host dispatches; several runs on
+one GPU fill those gaps. A run's need is its training step's peak (frozen weights in bf16 beside their fp32
+originals, trained tensors, gradients, AdamW's state, activations), plus an evaluation batch's forward
+pass (compiled steps replay CUDA graphs from a pool of their own, so the two do not share memory), plus its
+cached images on the device, times :data:`ALLOCATOR_MARGIN`, plus :data:`PROCESS_BYTES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .backbones import build_backbone, preserved_rng
+from .costs import architecture
+from .engine import precision_of
+from .model import attach_method
+from .opcount import forward_memory, step_memory
+from .planning import Checked, Job
+
+log = logging.getLogger(__name__)
+
+ALLOCATOR_MARGIN = 1.25  # the caching allocator's rounding and fragmentation over the bytes tensors hold
+PROCESS_BYTES = 1 << 30  # per worker: the CUDA context, cuBLAS/cuDNN workspaces, a merged copy for timing
+FREE_SHARE = 0.9  # of the free memory: the rest stays for other processes' growth
+MOST_RUNS_PER_GPU = 4  # an upper bound until measured on a GPU: a few runs cover one run's launch gaps
+EVAL_BATCH = 1024  # the evaluation batch the engine starts from on CUDA (recipe.eval_batch_size 0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Runs per GPU and how they were chosen (printed before the sweep starts)."""
+
+    runs_per_gpu: int
+    note: str
+
+
+def run_bytes(job: Job, checked: Checked) -> int:
+    """The GPU memory one run of ``job`` needs (see the module's docstring), estimated on this machine."""
+    data, recipe = checked.data[job.data_key], job.recipe
+    with preserved_rng():
+        network, info = build_backbone(job.backbone, "none", num_classes=data.num_classes,
+                                       drop_path_rate=recipe.drop_path, image_size=recipe.image_size)  # fmt: skip
+        model = attach_method(network, info, job.method_object, job.method_config, recipe.head_init).train()
+        size = info.preprocessing.image_size
+        dtype = torch.bfloat16 if precision_of(torch.device("cuda"), recipe.precision) == "bf16" else None
+        step = step_memory(model, recipe.batch_size, size, data.num_classes, dtype=dtype)
+        evaluation = forward_memory(model, recipe.eval_batch_size or EVAL_BATCH, size, dtype=dtype)
+    cached = (len(data.train) if recipe.augment == "none" else 0) + len(data.eval)
+    return int((step + evaluation + cached * 3 * size[0] * size[1]) * ALLOCATOR_MARGIN) + PROCESS_BYTES
+
+
+def runs_that_fit(need: int, free: int, cores: int, pending: int) -> int:
+    """Runs per GPU: as many as ``FREE_SHARE`` of ``free`` bytes hold at ``need`` each, at most ``cores``,
+    ``pending`` and :data:`MOST_RUNS_PER_GPU`, at least one."""
+    return max(1, min(int(FREE_SHARE * free // need), cores, pending, MOST_RUNS_PER_GPU))
+
+
+def placement(checked: Checked, pending: list[Job], gpus: int) -> Placement:
+    """Runs per GPU for the ``pending`` jobs of ``checked`` on GPUs cuda:0 .. cuda:gpus-1: the largest need
+    over the sweep's architectures against the least free memory of those GPUs."""
+    if not pending:
+        return Placement(1, "runs per GPU: 1 (nothing to train)")
+    needs: dict[str, tuple[int, Job]] = {}
+    for job in pending:
+        key = f"{architecture(job, checked.info(job))}, batch {job.recipe.batch_size}, {job.recipe.precision}"
+        if key not in needs:
+            try:
+                needs[key] = (run_bytes(job, checked), job)
+            except Exception as error:  # an estimate, not a check: the run itself reports what is wrong
+                log.warning("could not estimate the memory of %s: %s", key, error)
+                return Placement(1, f"runs per GPU: 1 (the memory of {job.method} could not be estimated)")
+    need, job = max(needs.values(), key=lambda pair: pair[0])
+    free = min(torch.cuda.mem_get_info(index)[0] for index in range(gpus))
+    cores = max(1, (os.cpu_count() or 1) // gpus)
+    runs = runs_that_fit(need, free, cores, math.ceil(len(pending) / gpus))
+    return Placement(runs, (
+        f"runs per GPU: {runs} (chosen from memory: {free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB "
+        f"per run of {job.method} on {job.backbone} at batch {job.recipe.batch_size}; at most "
+        f"{MOST_RUNS_PER_GPU}, {cores} core(s) per GPU and the {len(pending)} run(s) to train; "
+        f"--runs-per-gpu N sets it)"
+    ))  # fmt: skip
