@@ -11,7 +11,9 @@ adapting block 0 must pay. Target: every method but VPT within 1.10x of the floo
 
 Each step is the training loop's own (``engine.train_step``: autocast, fused AdamW, frozen weights held in
 the compute dtype, compiled or eager). The floor line also gives images/s and the share of the GPU's dense
-bf16 peak (``--peak-tflops``; a training step counted as three forward passes).
+bf16 peak (``--peak-tflops``; a training step counted as three forward passes). On CUDA each method's line
+ends with the most memory its eager steps allocated at once (``op_count.py --memory`` estimates the same on
+a CPU; ``--runs-per-gpu`` is chosen from that estimate).
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ def build(method: str, args) -> pb.PetlModel:
 
 
 def step_seconds(model: torch.nn.Module, args, device: torch.device, input_grad: bool, execution: str) -> float:
-    """Median seconds of the training loop's step (after ``args.warmup`` steps: compilation included there)."""
+    """Median seconds of the training loop's step (after ``args.warmup`` steps: compilation included there).
+    On CUDA the most bytes allocated at once over the steps go to ``PEAKS`` (to set beside the fake-tensor
+    estimate, ``op_count.py --memory``)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = model.to(device).train()
     recipe = Recipe(batch_size=args.batch_size, execution=execution)
     optimizer = adamw(parameter_groups(model, "all"), recipe, device)
@@ -69,7 +76,12 @@ def step_seconds(model: torch.nn.Module, args, device: torch.device, input_grad:
                 torch.cuda.synchronize(device)
             if index >= args.warmup:
                 times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        PEAKS.append(torch.cuda.max_memory_allocated(device))
     return statistics.median(times)
+
+
+PEAKS: list[int] = []  # CUDA: the peak bytes of each step_seconds call, in order
 
 
 def peak_share(model, args, device, seconds: float) -> str:
@@ -111,7 +123,7 @@ def main() -> None:
     for execution, seconds in floors.items():
         print(f"floor ({execution}): {seconds:.4f} s, {peak_share(floor_model, args, device, seconds)}")
     del floor_model
-    rows = [["floor", *[v for e in executions for v in (floors[e], 1.0)]]]
+    rows = [["floor", *[v for e in executions for v in (floors[e], 1.0)], None]]
     print(f"{'method':16} " + " ".join(f"{e + ' s':>12} {'x floor':>8}" for e in executions) + "  note")
     started = {e: time.monotonic() for e in executions}
     for method in methods:
@@ -120,17 +132,20 @@ def main() -> None:
         except pb.UserError as error:  # a method that needs settings (GLoRA's searched paths)
             print(f"{method:16} not timed: {error}")
             continue
-        cells = []
+        cells, peak = [], None
         for execution in executions:
             over = args.budget_seconds and time.monotonic() - started[execution] > args.budget_seconds
             seconds = None if over else step_seconds(build(method, args), args, device, False, execution)
             cells += [seconds, seconds / floors[execution] if seconds else None]
-        rows.append([method, *cells])
+            peak = PEAKS[-1] / 2**30 if seconds and execution == "eager" and PEAKS else peak
+        rows.append([method, *cells, peak])
         shown = " ".join(
             "   not timed (budget)" if s is None else f"{s:12.4f} {r:8.3f}" for s, r in zip(cells[::2], cells[1::2])
         )
-        print(f"{method:16} {shown}  {note(method, args, tokens)}")
-    write_csv(args.csv, ["method", *[f"{e}_{k}" for e in executions for k in ("step_seconds", "ratio_to_floor")]], rows)
+        memory = f"  eager peak {peak:.2f} GiB" if peak is not None else ""
+        print(f"{method:16} {shown}  {note(method, args, tokens)}{memory}")
+    header = [f"{e}_{k}" for e in executions for k in ("step_seconds", "ratio_to_floor")]
+    write_csv(args.csv, ["method", *header, "eager_peak_gib"], rows)
 
 
 def note(method: str, args, tokens: int | None) -> str:

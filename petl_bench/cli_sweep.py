@@ -95,9 +95,11 @@ class SweepOptions:
         "local", metavar="local|slurm", help="local (this process, or worker processes on the GPUs) or slurm."
     )
     gpus: int = typer.Option(1, help="local: GPUs to use, cuda:0 .. cuda:N-1.")
-    runs_per_gpu: int = typer.Option(
-        1, "--runs-per-gpu", help="local: runs trained at once on each GPU (small runs fill a large GPU)."
-    )
+    runs_per_gpu: Optional[int] = typer.Option(
+        None, "--runs-per-gpu", show_default=False,
+        help="local: runs trained at once on each GPU (small runs fill a large GPU); default: as many as the free "
+        "memory holds (estimated per run, at most 4), one on a CPU.",
+    )  # fmt: skip
     slurm_cluster: str = typer.Option("slurm", help="submitit cluster: slurm, or local/debug to try it without one.")
     partition: Optional[str] = typer.Option(None, help="SLURM partition.")
     time_minutes: int = typer.Option(240, help="SLURM time limit per run (minutes).")
@@ -203,6 +205,9 @@ def execute(spec, run, *, dry_run: bool = False, title: str = ""):
     if dry_run:
         render(planning.plan_rows(checked, run.output), f"Runs of {title or 'this sweep'} (nothing trained)", "table")
         return None
+    run, placement = run.placed(checked)
+    if placement:
+        stderr_console().print(placement)
     with progress_bars() as progress:
         outcome = executors.run_checked(
             spec, checked, run, progress=progress,
@@ -228,7 +233,7 @@ def report_sweep(outcome, run) -> None:
     finished = [r for r in records.load_records(run.output) if r.run_id in ids]
     if finished:
         print_tables(finished)
-    if run.in_process:
+    if outcome.in_process:
         console.print(counts_line(summary, run.output))
     else:
         console.print(f"{len(finished)} of {len(outcome.jobs)} run(s) have records in {run.output}")
@@ -292,7 +297,7 @@ def run_tune(spec, run, *, dry_run: bool = False, search_only: bool = False) -> 
         if outcome is not None and outcome.summary is not None and title != STAGE_TWO:
             if outcome.summary.failed:
                 report_sweep(outcome, run)
-            if run.in_process:
+            if outcome.in_process:
                 console.print(f"{title}: {counts_line(outcome.summary, run.output)}")
         return outcome
 

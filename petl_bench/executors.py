@@ -1,5 +1,5 @@
 """Where a sweep's runs execute: this process, worker processes on the local GPUs (``runs_per_gpu`` of
-them on each), or SLURM via submitit. :class:`Execution` is how (the options ``run`` and ``tune`` share);
+them on each; by default as many as the free memory holds, :mod:`petl_bench.capacity`), or SLURM via submitit. :class:`Execution` is how (the options ``run`` and ``tune`` share);
 :func:`check` validates a sweep before anything trains and :func:`run_checked` runs it.
 
 Workers never receive Job objects: they get the :class:`~petl_bench.runner.SweepSpec` (plain
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import atomic
+from . import atomic, capacity
 from .errors import UserError
 from .planning import Checked, Job, SweepSpec, validate
 from .runner import SweepSummary, pick_device, run_sweep
@@ -81,13 +81,14 @@ class RunOne:
 
 @dataclass
 class Outcome:
-    """What running a sweep did: its jobs and, where this process saw them run (``Execution.in_process``), the
+    """What running a sweep did: its jobs and, where this process saw them run (``in_process``), the
     summary (a sweep of worker processes or SLURM tasks reports through the run folders instead: every job
     counts as skipped)."""
 
     jobs: list[Job]
     summary: SweepSummary | None  # None: submitted to SLURM without waiting
     submitted: int = 0  # SLURM array tasks submitted
+    in_process: bool = False  # the runs trained in this process (the summary counts them)
 
 
 @dataclass
@@ -149,20 +150,22 @@ class Execution:
     checkpoint_seconds: float = 60.0
     executor: str = "local"
     gpus: int = 1
-    runs_per_gpu: int = 1
+    runs_per_gpu: int | None = None  # None: chosen from the free GPU memory (one on a CPU)
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
     def __post_init__(self) -> None:
         if self.executor not in ("local", "slurm"):
             raise UserError(f"unknown executor '{self.executor}'; choose from: local, slurm")
-        if self.gpus < 1 or self.runs_per_gpu < 1:
+        if self.gpus < 1 or (self.runs_per_gpu is not None and self.runs_per_gpu < 1):
             raise UserError(
                 f"--gpus and --runs-per-gpu take positive integers, got {self.gpus} and {self.runs_per_gpu}"
             )
         if self.executor == "local" and not self.in_process and torch.cuda.device_count() < self.gpus:
+            given = [f"--gpus {self.gpus}"] if self.gpus > 1 else []
+            given += [f"--runs-per-gpu {self.runs_per_gpu}"] if (self.runs_per_gpu or 1) > 1 else []
             raise UserError(
-                f"--gpus {self.gpus} with --runs-per-gpu {self.runs_per_gpu} start worker processes on CUDA devices, "
-                f"but torch sees {torch.cuda.device_count()}; on a CPU, runs go one at a time (leave both at 1)"
+                f"{' with '.join(given)}: worker processes on CUDA devices, but torch sees "
+                f"{torch.cuda.device_count()}; on a CPU, runs go one at a time (leave both at 1)"
             )
         if self.executor == "slurm":
             try:
@@ -173,8 +176,20 @@ class Execution:
 
     @property
     def in_process(self) -> bool:
-        """The runs execute in this process (one local device, one run at a time)."""
-        return self.executor == "local" and self.gpus == 1 and self.runs_per_gpu == 1
+        """The runs execute in this process (one local device, one run at a time; runs per GPU not yet
+        chosen count as one)."""
+        return self.executor == "local" and self.gpus == 1 and (self.runs_per_gpu or 1) == 1
+
+    def placed(self, checked: Checked) -> tuple[Execution, str | None]:
+        """This execution with its runs per GPU chosen (from the free memory on the local GPUs, when not
+        given and the runs go to CUDA devices) and a line saying how, if it was chosen here."""
+        if self.runs_per_gpu is not None:
+            return self, None
+        if self.executor != "local" or self.device not in ("auto", "cuda") or not torch.cuda.is_available():
+            return replace(self, runs_per_gpu=1), None
+        pending = [job for job in checked.jobs if self.force or not checked.finished(job, self.output)]
+        chosen = capacity.placement(checked, pending, self.gpus)
+        return replace(self, runs_per_gpu=chosen.runs_per_gpu), chosen.note
 
 
 def check(spec: SweepSpec, run: Execution) -> Checked:
@@ -186,7 +201,9 @@ def run_checked(
     spec: SweepSpec, checked: Checked, run: Execution, *, progress=None,
     on_finished: Callable | None = None,
 ) -> Outcome:  # fmt: skip
-    """Run (or submit) a checked sweep's jobs where ``run`` says."""
+    """Run (or submit) a checked sweep's jobs where ``run`` says (its runs per GPU chosen first if not given:
+    :meth:`Execution.placed`)."""
+    run = run.placed(checked)[0]
     jobs = checked.jobs
     if run.executor == "slurm":
         submitted = submit(spec, run.output, run.slurm, force=run.force, checkpoint_seconds=run.checkpoint_seconds,
@@ -201,4 +218,4 @@ def run_checked(
         checked.jobs, run.output, device=pick_device(run.device), force=run.force, progress=progress,
         checkpoint_seconds=run.checkpoint_seconds, checked=checked, on_finished=on_finished,
     )  # fmt: skip
-    return Outcome(jobs, summary)
+    return Outcome(jobs, summary, in_process=True)

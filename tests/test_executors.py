@@ -27,7 +27,10 @@ def test_slurm_executor_runs_each_run_once_and_skips_them_on_resubmission(monkey
 
 def test_gpus_beyond_the_visible_ones_are_refused(monkeypatch, capsys, tmp_path, tiny_plugin):
     task = make_task_folder(tmp_path / "colours")
-    for option, message in (("--gpus", "--gpus 2 with --runs-per-gpu 1"), ("--runs-per-gpu", "--runs-per-gpu 2")):
+    for option, message in (
+        ("--gpus", "--gpus 2: worker processes"),
+        ("--runs-per-gpu", "--runs-per-gpu 2: worker processes"),
+    ):
         code, _, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
                                   "--methods", "linear", option, "2", "--output", str(tmp_path / "r"), *TINY_RUN)  # fmt: skip
         assert code == 2 and message in stderr and "torch sees 0" in stderr and len(stderr.strip().splitlines()) == 1

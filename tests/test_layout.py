@@ -42,7 +42,7 @@ LAYERS = [
     {"augment", "ledger", "datasets", "install", "task"},
     {"backbones", "clip", "model", "checkpoints", "demo_backbone", "engine", "training_state", "methods", "tasks"},
     {"opcount", "export", "planning", "report"},
-    {"runner", "costs", "tuning", "search"},
+    {"runner", "costs", "capacity", "tuning", "search"},
     {"executors", "noah_search", "glora_search", "e2vpt_prune", "vqt_compress"},
     {"output", "cli", "cli_data", "cli_sweep", "cli_noah", "cli_glora", "cli_e2vpt", "cli_vqt", "__init__"},
 ]
