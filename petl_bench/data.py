@@ -8,6 +8,7 @@ the same numbers as decoding every epoch, without the decoding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -364,6 +365,49 @@ class TensorDataset:
                 self.images[image_order[start : start + batch_size]],
                 self.labels[label_order[start : start + batch_size]],
             )
+
+
+_KEPT: dict[str, tuple[tuple[str, str], TensorDataset]] = {}  # role -> (cache key and device, the split there)
+
+
+def on_device(
+    role: str, split: Split, size: tuple[int, int], interpolation: str, device: torch.device, progress=None,
+    fits: Callable[[TensorDataset], bool] = lambda data: True,
+) -> TensorDataset:  # fmt: skip
+    """``split``'s decoded images and labels on ``device`` (if ``fits`` says they fit there), kept there for
+    the next call with the same ``role`` and images inside :func:`kept_on_devices`: a sweep runs a task's seeds
+    one after another, and they upload its images once. One split per role (train, eval); the one kept before
+    is dropped before another is loaded. On the CPU: the memory-mapped cache, as :meth:`TensorDataset.from_split`."""
+    if device.type == "cpu":
+        return TensorDataset.from_split(split, size, interpolation, progress=progress)
+    key = (cache_key(split, size, interpolation), str(device))
+    kept = _KEPT.pop(role, None)
+    if kept is not None and kept[0] == key:
+        _KEPT[role] = kept
+        return kept[1]
+    del kept  # frees the previous split's device memory before the next is moved there
+    data = TensorDataset.from_split(split, size, interpolation, progress=progress)
+    if not fits(data):
+        return data
+    data = data.to(device)
+    if _KEEPING:
+        _KEPT[role] = (key, data)
+    return data
+
+
+_KEEPING: list[bool] = []
+
+
+@contextlib.contextmanager
+def kept_on_devices():
+    """Inside, :func:`on_device` keeps each role's last split on its device; leaving drops them."""
+    _KEEPING.append(True)
+    try:
+        yield
+    finally:
+        _KEEPING.pop()
+        if not _KEEPING:
+            _KEPT.clear()
 
 
 class Normalizer(torch.nn.Module):

@@ -31,7 +31,7 @@ from .backbones import (
 from .checkpoints import save_trainable
 from .clip import init_classifier_from_text
 from .costs import inference_key, inference_speeds, method_flops
-from .data import Normalizer, TensorDataset
+from .data import Normalizer, TensorDataset, kept_on_devices, on_device
 from .datasets import data_identity
 from .engine import (
     EpochLog,
@@ -75,21 +75,16 @@ def trains_head_on_features(model, recipe: Recipe) -> bool:
     )
 
 
-def on_device_if_it_fits(data: TensorDataset, device: torch.device) -> TensorDataset:
-    """The decoded evaluation images on the GPU when they take under 40% of its free memory."""
-    if device.type != "cuda":
-        return data
-    free, _ = torch.cuda.mem_get_info(device)
-    return data.to(device) if data.images.numel() < 0.4 * free else data
+def fits_on_gpu(data: TensorDataset, device: torch.device) -> bool:
+    """Decoded evaluation images go to the GPU when they take under 40% of its free memory."""
+    return device.type != "cuda" or data.images.numel() < 0.4 * torch.cuda.mem_get_info(device)[0]
 
 
 def training_data(recipe: Recipe, data: TaskData, info, mean, std, device: torch.device, progress=None):
     """Cached decoded images (no augmentation, the VTAB recipe), or a stream augmented every epoch."""
     size = info.preprocessing.image_size
     if recipe.augment == "none":
-        return TensorDataset.from_split(data.train, size, info.preprocessing.interpolation, progress=progress).to(
-            device
-        )
+        return on_device("train", data.train, size, info.preprocessing.interpolation, device, progress)
     return AugmentedStream(
         data.train, size, recipe.augment, mean, std, data.num_classes, rand_augment=recipe.rand_augment,
         random_erasing=recipe.random_erasing, mixup=recipe.mixup, cutmix=recipe.cutmix,
@@ -138,9 +133,8 @@ def prepare(
     start = time.perf_counter()
     size, interpolation = info.preprocessing.image_size, info.preprocessing.interpolation
     train = training_data(recipe, data, info, mean, std, device, progress)
-    evaluation = on_device_if_it_fits(
-        TensorDataset.from_split(data.eval, size, interpolation, progress=progress), device
-    )
+    evaluation = on_device("eval", data.eval, size, interpolation, device, progress,
+                           fits=lambda images: fits_on_gpu(images, device))  # fmt: skip
     targets = {
         name: TensorDataset.from_split(target.split, size, interpolation, progress=progress)
         for name, target in data.targets.items()
@@ -365,32 +359,34 @@ def run_sweep(
 ) -> SweepSummary:
     """Run every job that has no record yet (all of them with ``force``); see :func:`validate` for
     ``skip_unsupported``. ``checked``: the result of :func:`validate` when the caller ran it already.
-    The overall bar counts epochs, so its time estimate follows the training actually left."""
+    The overall bar counts epochs, so its time estimate follows the training actually left. A task's decoded
+    images stay on the GPU from one run to the next that reads them (``data.on_device``)."""
     checked = checked or validate(jobs, strict, skip_unsupported)
     summary = SweepSummary(left_out=checked.left_out)
     todo = [job for job in checked.jobs if force or not checked.finished(job, output)]
     total = sum(job.recipe.epochs for job in todo)
     overall = progress.add_task(f"runs 0/{len(todo)}", total=total) if progress and todo else None
-    done = 0
-    for job in checked.jobs:
-        run_dir = ledger.run_folder(output, job.run_id)
-        if checked.finished(job, output) and not force:
-            summary.skipped.append(job.run_id)
-            continue
-        ledger.set_aside_other_data(run_dir, checked.fingerprint(job))
-        with ledger.run_lock(run_dir) as acquired:
-            if not acquired:
-                summary.busy.append(job.run_id)
-            elif checked.finished(job, output) and not force:
+    with kept_on_devices():  # a task's images stay on the GPU for its next seed
+        done = 0
+        for job in checked.jobs:
+            run_dir = ledger.run_folder(output, job.run_id)
+            if checked.finished(job, output) and not force:
                 summary.skipped.append(job.run_id)
-            else:
-                record = _run_one(job, run_dir, checked.data[job.data_key], device, progress, checkpoint_seconds,
-                                  summary, overall)  # fmt: skip
-                if record is not None and on_finished:
-                    on_finished(record)
-        done += 1
-        if overall is not None:
-            progress.update(overall, description=f"runs {done}/{len(todo)}")
+                continue
+            ledger.set_aside_other_data(run_dir, checked.fingerprint(job))
+            with ledger.run_lock(run_dir) as acquired:
+                if not acquired:
+                    summary.busy.append(job.run_id)
+                elif checked.finished(job, output) and not force:
+                    summary.skipped.append(job.run_id)
+                else:
+                    record = _run_one(job, run_dir, checked.data[job.data_key], device, progress, checkpoint_seconds,
+                                      summary, overall)  # fmt: skip
+                    if record is not None and on_finished:
+                        on_finished(record)
+            done += 1
+            if overall is not None:
+                progress.update(overall, description=f"runs {done}/{len(todo)}")
     return summary
 
 

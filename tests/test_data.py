@@ -8,7 +8,7 @@ from conftest import OFFLINE_DATA, make_task_folder
 from PIL import Image
 
 import petl_bench as pb
-from petl_bench.data import Normalizer, TensorDataset, decoded_images, read_split
+from petl_bench.data import Normalizer, TensorDataset, decoded_images, kept_on_devices, on_device, read_split
 from petl_bench.errors import UserError
 from petl_bench.task import folder_task
 
@@ -43,6 +43,29 @@ def test_cache_key_changes_with_size_and_content(tmp_path, monkeypatch):
     changed = decoded_images(split, (8, 8), "bicubic")
     assert len(list((pb.data.cache_dir() / "decoded").glob("*.npy"))) == 3
     assert changed[0, 0].float().mean() > 250
+
+
+def test_a_split_stays_on_its_device_for_the_next_run_that_reads_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PETL_BENCH_CACHE", str(tmp_path / "cache"))
+    folder = make_task_folder(tmp_path / "task", train=8, test=4)
+    train = read_split("train", folder / "train800val200.txt", folder, 4)
+    test = read_split("test", folder / "test.txt", folder, 4)
+    device = torch.device("meta")  # a device that is not the CPU; nothing is allocated
+
+    def load(role, split, size=(8, 8), **kwargs):
+        return on_device(role, split, size, "bicubic", device, **kwargs)
+
+    first = load("train", train)
+    assert first.images.device == device and load("train", train) is not first, "kept only inside a sweep"
+    with kept_on_devices():
+        first = load("train", train)
+        assert load("train", train) is first and load("eval", test) is load("eval", test), "a seed after another"
+        assert load("train", train, (12, 12)) is not first, "other images (another size) replace the kept ones"
+        assert load("train", train, (12, 12)).images.shape[-1] == 12
+        assert load("eval", train, fits=lambda data: False).images.device.type == "cpu", "not moved when too big"
+    assert load("train", train, (12, 12)) is not load("train", train, (12, 12)), "dropped after the sweep"
+    on_cpu = on_device("train", train, (8, 8), "bicubic", torch.device("cpu"))
+    assert torch.equal(on_cpu.images, decoded_images(train, (8, 8), "bicubic"))
 
 
 def test_batches_drop_last_and_seeded_shuffle():
