@@ -57,6 +57,16 @@ def run_bytes(job: Job, checked: Checked) -> int:
     return int((step + evaluation + cached * 3 * size[0] * size[1]) * ALLOCATOR_MARGIN) + PROCESS_BYTES
 
 
+def local_gpus() -> bool:
+    """This process sees CUDA devices (one place to ask, which tests replace to try the GPU path)."""
+    return torch.cuda.is_available()
+
+
+def free_bytes(gpus: int) -> int:
+    """The least free memory over cuda:0 .. cuda:gpus-1."""
+    return min(torch.cuda.mem_get_info(index)[0] for index in range(gpus))
+
+
 def runs_that_fit(need: int, free: int, cores: int, pending: int) -> int:
     """Runs per GPU: as many as ``FREE_SHARE`` of ``free`` bytes hold at ``need`` each, at most ``cores``,
     ``pending`` and :data:`MOST_RUNS_PER_GPU`, at least one."""
@@ -78,7 +88,7 @@ def placement(checked: Checked, pending: list[Job], gpus: int) -> Placement:
                 log.warning("could not estimate the memory of %s: %s", key, error)
                 return Placement(1, f"runs per GPU: 1 (the memory of {job.method} could not be estimated)")
     need, job = max(needs.values(), key=lambda pair: pair[0])
-    free = min(torch.cuda.mem_get_info(index)[0] for index in range(gpus))
+    free = free_bytes(gpus)
     cores = max(1, (os.cpu_count() or 1) // gpus)
     runs = runs_that_fit(need, free, cores, math.ceil(len(pending) / gpus))
     return Placement(runs, (

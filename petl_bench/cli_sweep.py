@@ -233,7 +233,7 @@ def report_sweep(outcome, run) -> None:
     finished = [r for r in records.load_records(run.output) if r.run_id in ids]
     if finished:
         print_tables(finished)
-    if outcome.in_process:
+    if outcome.counted:
         console.print(counts_line(summary, run.output))
     else:
         console.print(f"{len(finished)} of {len(outcome.jobs)} run(s) have records in {run.output}")
@@ -297,7 +297,7 @@ def run_tune(spec, run, *, dry_run: bool = False, search_only: bool = False) -> 
         if outcome is not None and outcome.summary is not None and title != STAGE_TWO:
             if outcome.summary.failed:
                 report_sweep(outcome, run)
-            if outcome.in_process:
+            if outcome.counted:
                 console.print(f"{title}: {counts_line(outcome.summary, run.output)}")
         return outcome
 

@@ -10,15 +10,17 @@ preempted SLURM job simply does what is left.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import atomic, capacity
+from . import atomic, capacity, ledger, records
 from .errors import UserError
 from .planning import Checked, Job, SweepSpec, validate
 from .runner import SweepSummary, pick_device, run_sweep
@@ -38,10 +40,12 @@ def _worker(spec: SweepSpec, output: str, device: str, force: bool, checkpoint_s
 
 
 def run_on_gpus(
-    spec: SweepSpec, output: Path, gpus: int, *, force: bool, checkpoint_seconds: float, runs_per_gpu: int = 1
-) -> None:
+    spec: SweepSpec, output: Path, gpus: int, *, force: bool, checkpoint_seconds: float, runs_per_gpu: int = 1,
+    watch: Callable[[], None] | None = None,
+) -> None:  # fmt: skip
     """``runs_per_gpu`` worker processes on each GPU (cuda:0 .. cuda:gpus-1), all walking the same job list
-    (the ledger's locks keep two workers off one run): several small runs fill a large GPU."""
+    (the ledger's locks keep two workers off one run): several small runs fill a large GPU. ``watch`` is
+    called every few seconds while they run, and once at the end."""
     available = torch.cuda.device_count()
     if gpus > available:
         raise UserError(f"--gpus {gpus} asked for, but torch sees {available} CUDA device(s)")
@@ -52,11 +56,79 @@ def run_on_gpus(
     ]
     for worker in workers:
         worker.start()
+    while alive := [worker.sentinel for worker in workers if worker.is_alive()]:
+        multiprocessing.connection.wait(alive, timeout=POLL_SECONDS)
+        if watch:
+            watch()
     for worker in workers:
         worker.join()
+    if watch:
+        watch()
     failed = [index for index, worker in enumerate(workers) if worker.exitcode != 0]
     if failed:
         raise RuntimeError(f"GPU worker(s) {failed} exited with an error; see their logs above")
+
+
+POLL_SECONDS = 5.0  # how often the run folders are read while worker processes train
+
+
+class LedgerWatch:
+    """What worker processes did, read from the run folders (the ledger) while they run: each run they finish
+    goes to ``on_finished`` and the progress bar as it lands, and :attr:`summary` counts the sweep as a run
+    in this process would (trained, finished before, failed, left to another process)."""
+
+    def __init__(self, checked: Checked, output: Path, force: bool, progress=None, on_finished=None):
+        self.output, self.progress, self.on_finished = output, progress, on_finished
+        pending = {job.run_id for job in checked.jobs if force or not checked.finished(job, output)}
+        self.summary = SweepSummary(skipped=[job.run_id for job in checked.jobs if job.run_id not in pending],
+                                    left_out=checked.left_out)  # fmt: skip
+        self.before = {run_id: self._state(run_id) for run_id in pending}
+        self.bar = progress.add_task(f"runs 0/{len(pending)}", total=len(pending)) if progress and pending else None
+
+    def _state(self, run_id: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """Which record file and failure note the run folder holds now (each written by an atomic rename:
+        a new one is a new inode)."""
+        folder = ledger.run_folder(self.output, run_id)
+
+        def stamp(path: Path) -> tuple[int, int] | None:
+            try:
+                stat = path.stat()
+            except OSError:
+                return None
+            return stat.st_ino, stat.st_mtime_ns
+
+        return stamp(folder / records.RECORD), stamp(folder / records.FAILURE)
+
+    def __call__(self) -> None:
+        for run_id, before in list(self.before.items()):
+            now = self._state(run_id)
+            folder = ledger.run_folder(self.output, run_id)
+            record = ledger.finished_record(folder, repair=False) if now[0] not in (None, before[0]) else None
+            if record is not None:
+                self.summary.finished.append(record)
+                if self.on_finished:
+                    self.on_finished(record)
+            elif now[1] not in (None, before[1]):
+                self.summary.failed.append((run_id, _failure_text(folder / records.FAILURE)))
+            else:
+                continue
+            del self.before[run_id]
+            if self.bar is not None:
+                done = len(self.summary.finished) + len(self.summary.failed)
+                self.progress.update(self.bar, advance=1, description=f"runs {done}/{done + len(self.before)}")
+
+    def finish(self) -> SweepSummary:
+        """The summary once the workers have exited: runs neither finished nor failed were left to another
+        process (their lock was held)."""
+        self.summary.busy = list(self.before)
+        return self.summary
+
+
+def _failure_text(path: Path) -> str:
+    try:
+        return json.loads(path.read_text()).get("error", "")
+    except (OSError, ValueError, AttributeError):
+        return "(unreadable failure note)"
 
 
 class RunOne:
@@ -81,14 +153,14 @@ class RunOne:
 
 @dataclass
 class Outcome:
-    """What running a sweep did: its jobs and, where this process saw them run (``in_process``), the
-    summary (a sweep of worker processes or SLURM tasks reports through the run folders instead: every job
-    counts as skipped)."""
+    """What running a sweep did: its jobs and its summary, which counts what ran (``counted``) when this process
+    ran the jobs or watched its worker processes run them; SLURM tasks report through the run folders only
+    (every job counts as skipped)."""
 
     jobs: list[Job]
     summary: SweepSummary | None  # None: submitted to SLURM without waiting
     submitted: int = 0  # SLURM array tasks submitted
-    in_process: bool = False  # the runs trained in this process (the summary counts them)
+    counted: bool = False  # the summary says what was trained, skipped and failed
 
 
 @dataclass
@@ -185,7 +257,7 @@ class Execution:
         given and the runs go to CUDA devices) and a line saying how, if it was chosen here."""
         if self.runs_per_gpu is not None:
             return self, None
-        if self.executor != "local" or self.device not in ("auto", "cuda") or not torch.cuda.is_available():
+        if self.executor != "local" or self.device not in ("auto", "cuda") or not capacity.local_gpus():
             return replace(self, runs_per_gpu=1), None
         pending = [job for job in checked.jobs if self.force or not checked.finished(job, self.output)]
         chosen = capacity.placement(checked, pending, self.gpus)
@@ -211,11 +283,12 @@ def run_checked(
         summary = SweepSummary(skipped=[j.run_id for j in jobs]) if run.slurm.wait else None
         return Outcome(jobs, summary, submitted=len(submitted))
     if not run.in_process:
+        watch = LedgerWatch(checked, run.output, run.force, progress, on_finished)
         run_on_gpus(spec, run.output, run.gpus, force=run.force, checkpoint_seconds=run.checkpoint_seconds,
-                    runs_per_gpu=run.runs_per_gpu)  # fmt: skip
-        return Outcome(jobs, SweepSummary(skipped=[j.run_id for j in jobs]))
+                    runs_per_gpu=run.runs_per_gpu, watch=watch)  # fmt: skip
+        return Outcome(jobs, watch.finish(), counted=True)
     summary = run_sweep(
         checked.jobs, run.output, device=pick_device(run.device), force=run.force, progress=progress,
         checkpoint_seconds=run.checkpoint_seconds, checked=checked, on_finished=on_finished,
     )  # fmt: skip
-    return Outcome(jobs, summary, in_process=True)
+    return Outcome(jobs, summary, counted=True)

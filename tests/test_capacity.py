@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import petl_bench as pb
-from petl_bench import capacity, executors
+from petl_bench import capacity, executors, ledger, records, runner
 from petl_bench.engine import frozen_weights_in
 from petl_bench.opcount import forward_memory, step_memory
 from petl_bench.planning import SweepSpec
@@ -93,9 +94,10 @@ def test_runs_that_fit_follow_memory_and_stop_at_cores_runs_and_the_cap():
 
 
 def _fake_cuda(monkeypatch, free: int) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    """One GPU with ``free`` bytes free, as far as choosing runs per GPU is concerned."""
+    monkeypatch.setattr(capacity, "local_gpus", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free, 2 * free))
+    monkeypatch.setattr(capacity, "free_bytes", lambda gpus: free)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
 
 
@@ -125,20 +127,49 @@ def test_runs_per_gpu_are_chosen_from_the_free_memory_of_the_gpu(monkeypatch, tm
     assert placed.runs_per_gpu == 1 and placed.in_process and note is None
 
 
-def test_run_starts_the_chosen_number_of_workers_and_says_so(monkeypatch, capsys, tmp_path, tiny_plugin):
+def test_run_starts_the_chosen_number_of_workers_and_reports_what_they_did(monkeypatch, capsys, tmp_path,
+                                                                            tiny_plugin):  # fmt: skip
     task = make_task_folder(tmp_path / "colours")
     _fake_cuda(monkeypatch, free=64 * 2**30)
     started = {}
 
-    def run_on_gpus(spec, output, gpus, **options):  # the workers would write the run folders
-        output.mkdir(parents=True)
-        started.update(gpus=gpus, **options)
+    def run_on_gpus(spec, output, gpus, *, force, checkpoint_seconds, runs_per_gpu, watch):
+        """The workers' part played by this process on the CPU: the same job list, the same run folders."""
+        started.update(gpus=gpus, runs_per_gpu=runs_per_gpu)
+        jobs = spec.jobs()
+        runner.run_sweep(jobs[:3], output, device=torch.device("cpu"))
+        watch()
+        failed = ledger.run_folder(output, jobs[3].run_id)
+        failed.mkdir()
+        (failed / records.FAILURE).write_text(json.dumps({"error": "RuntimeError('out of memory')"}))
+        watch()
 
     monkeypatch.setattr(executors, "run_on_gpus", run_on_gpus)
     code, stdout, stderr = run_cli(monkeypatch, capsys, "run", "--plugin", str(tiny_plugin), "--task-dir", str(task),
                                    "--methods", "linear,lora", "--seeds", "0,1", "--output", str(tmp_path / "r"),
                                    *TINY_RUN)  # fmt: skip
-    assert code == 0, stderr
-    assert started["runs_per_gpu"] == 4 and started["gpus"] == 1, "four runs to train, memory for more"
+    assert started == {"gpus": 1, "runs_per_gpu": 4}, "four runs to train, memory for more"
     assert "runs per GPU: 4 (chosen from memory: 64.0 GiB free" in stderr
-    assert "0 of 4 run(s) have records" in stdout, "workers report through the run folders"
+    assert code == 1, "a run failed in a worker: the sweep says so"
+    assert stderr.count("finished linear on colours") == 2 and stderr.count("finished lora on colours") == 1
+    assert "runs 4/4" in stderr, "the overall progress follows the workers' run folders"
+    assert "3 run(s) trained, 0 already finished, 0 running elsewhere, 1 failed" in stdout
+    assert "out of memory" in stdout
+
+
+def test_the_watch_of_a_forced_sweep_reports_only_records_written_after_it_started(tmp_path, tiny_plugin):
+    spec, checked = _checked(tmp_path, tiny_plugin, seeds=(0,))
+    output = tmp_path / "runs"
+    runner.run_sweep(checked.jobs, output, device=torch.device("cpu"), checked=checked)
+    reported = []
+    watch = executors.LedgerWatch(checked, output, force=True, on_finished=reported.append)
+    watch()
+    assert reported == [], "the record from before the sweep is not this sweep's"
+    runner.run_sweep(checked.jobs, output, device=torch.device("cpu"), force=True, checked=checked)
+    watch()
+    watch()
+    assert [r.run_id for r in reported] == [checked.jobs[0].run_id], "reported once"
+    summary = watch.finish()
+    assert len(summary.finished) == 1 and not summary.busy and not summary.skipped and not summary.failed
+    again = executors.LedgerWatch(checked, output, force=False)
+    assert again.finish().skipped == [checked.jobs[0].run_id], "without --force a finished run is skipped"
