@@ -39,6 +39,11 @@ def _worker(spec: SweepSpec, output: str, device: str, force: bool, checkpoint_s
     )
 
 
+def worker_devices(gpus: int, runs_per_gpu: int) -> list[str]:
+    """The device of each worker process: ``runs_per_gpu`` on each of cuda:0 .. cuda:gpus-1."""
+    return [f"cuda:{index % gpus}" for index in range(gpus * runs_per_gpu)]
+
+
 def run_on_gpus(
     spec: SweepSpec, output: Path, gpus: int, *, force: bool, checkpoint_seconds: float, runs_per_gpu: int = 1,
     watch: Callable[[], None] | None = None,
@@ -51,8 +56,8 @@ def run_on_gpus(
         raise UserError(f"--gpus {gpus} asked for, but torch sees {available} CUDA device(s)")
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker, args=(spec, str(output), f"cuda:{index % gpus}", force, checkpoint_seconds))
-        for index in range(gpus * runs_per_gpu)
+        context.Process(target=_worker, args=(spec, str(output), device, force, checkpoint_seconds))
+        for device in worker_devices(gpus, runs_per_gpu)
     ]
     for worker in workers:
         worker.start()

@@ -173,3 +173,19 @@ def test_the_watch_of_a_forced_sweep_reports_only_records_written_after_it_start
     assert len(summary.finished) == 1 and not summary.busy and not summary.skipped and not summary.failed
     again = executors.LedgerWatch(checked, output, force=False)
     assert again.finish().skipped == [checked.jobs[0].run_id], "without --force a finished run is skipped"
+
+
+def test_worker_processes_train_a_sweep_once_and_the_parent_reports_each_run(monkeypatch, tmp_path, tiny_plugin):
+    """The local worker path end to end, with two CPU workers in place of two runs on one GPU: spawned
+    processes walk the same job list, the locks keep them off each other's runs, the parent's watch sees
+    every run land once."""
+    spec, checked = _checked(tmp_path, tiny_plugin, seeds=(0, 1, 2))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(executors, "worker_devices", lambda gpus, runs_per_gpu: ["cpu"] * (gpus * runs_per_gpu))
+    monkeypatch.setattr(executors, "POLL_SECONDS", 0.5)
+    run = executors.Execution(tmp_path / "runs", runs_per_gpu=2)
+    reported = []
+    outcome = executors.run_checked(spec, checked, run, on_finished=reported.append)
+    assert outcome.counted and sorted(r.seed for r in outcome.summary.finished) == [0, 1, 2]
+    assert sorted(r.seed for r in reported) == [0, 1, 2] and not outcome.summary.failed
+    assert len(records.load_records(tmp_path / "runs")) == 3, "each run trained once"
