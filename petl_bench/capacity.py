@@ -73,21 +73,33 @@ def runs_that_fit(need: int, free: int, cores: int, pending: int) -> int:
     return max(1, min(int(FREE_SHARE * free // need), cores, pending, MOST_RUNS_PER_GPU))
 
 
-def placement(checked: Checked, pending: list[Job], gpus: int) -> Placement:
+def largest_need(checked: Checked, pending: list[Job], progress=None) -> tuple[int, Job]:
+    """The largest need over the architectures of the ``pending`` jobs (one estimate each) and its job."""
+    firsts: dict[str, Job] = {}
+    for job in pending:
+        key = f"{architecture(job, checked.info(job))}, batch {job.recipe.batch_size}, {job.recipe.precision}"
+        firsts.setdefault(key, job)
+    bar = progress.add_task(f"memory of {len(firsts)} architecture(s)", total=len(firsts)) if progress else None
+    needs = []
+    for job in firsts.values():
+        needs.append((run_bytes(job, checked), job))
+        if bar is not None:
+            progress.update(bar, advance=1)
+    if bar is not None:
+        progress.remove_task(bar)
+    return max(needs, key=lambda pair: pair[0])
+
+
+def placement(checked: Checked, pending: list[Job], gpus: int, progress=None) -> Placement:
     """Runs per GPU for the ``pending`` jobs of ``checked`` on GPUs cuda:0 .. cuda:gpus-1: the largest need
     over the sweep's architectures against the least free memory of those GPUs."""
     if not pending:
         return Placement(1, "runs per GPU: 1 (nothing to train)")
-    needs: dict[str, tuple[int, Job]] = {}
-    for job in pending:
-        key = f"{architecture(job, checked.info(job))}, batch {job.recipe.batch_size}, {job.recipe.precision}"
-        if key not in needs:
-            try:
-                needs[key] = (run_bytes(job, checked), job)
-            except Exception as error:  # an estimate, not a check: the run itself reports what is wrong
-                log.warning("could not estimate the memory of %s: %s", key, error)
-                return Placement(1, f"runs per GPU: 1 (the memory of {job.method} could not be estimated)")
-    need, job = max(needs.values(), key=lambda pair: pair[0])
+    try:
+        need, job = largest_need(checked, pending, progress)
+    except Exception as error:  # an estimate, not a check: the run itself reports what is wrong
+        log.warning("could not estimate a run's memory: %s", error)
+        return Placement(1, f"runs per GPU: 1 (a run's memory could not be estimated: {error})")
     free = free_bytes(gpus)
     cores = max(1, (os.cpu_count() or 1) // gpus)
     runs = runs_that_fit(need, free, cores, math.ceil(len(pending) / gpus))

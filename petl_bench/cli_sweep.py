@@ -205,10 +205,10 @@ def execute(spec, run, *, dry_run: bool = False, title: str = ""):
     if dry_run:
         render(planning.plan_rows(checked, run.output), f"Runs of {title or 'this sweep'} (nothing trained)", "table")
         return None
-    run, placement = run.placed(checked)
-    if placement:
-        stderr_console().print(placement)
     with progress_bars() as progress:
+        run, placement = run.placed(checked, progress)
+        if placement:
+            progress.console.print(placement, highlight=False)
         outcome = executors.run_checked(
             spec, checked, run, progress=progress,
             on_finished=lambda record: progress.console.print(finished_line(record), highlight=False),

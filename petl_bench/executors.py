@@ -257,7 +257,7 @@ class Execution:
         chosen count as one)."""
         return self.executor == "local" and self.gpus == 1 and (self.runs_per_gpu or 1) == 1
 
-    def placed(self, checked: Checked) -> tuple[Execution, str | None]:
+    def placed(self, checked: Checked, progress=None) -> tuple[Execution, str | None]:
         """This execution with its runs per GPU chosen (from the free memory on the local GPUs, when not
         given and the runs go to CUDA devices) and a line saying how, if it was chosen here."""
         if self.runs_per_gpu is not None:
@@ -265,7 +265,7 @@ class Execution:
         if self.executor != "local" or self.device not in ("auto", "cuda") or not capacity.local_gpus():
             return replace(self, runs_per_gpu=1), None
         pending = [job for job in checked.jobs if self.force or not checked.finished(job, self.output)]
-        chosen = capacity.placement(checked, pending, self.gpus)
+        chosen = capacity.placement(checked, pending, self.gpus, progress)
         return replace(self, runs_per_gpu=chosen.runs_per_gpu), chosen.note
 
 
