@@ -75,5 +75,6 @@ def run_arguments(parser) -> bool:
     parser.add_argument("--method", default="convpass")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--execution", default="auto", help="auto (compiled on CUDA), eager or compiled")
     parser.add_argument("--csv", type=Path)
     return cuda

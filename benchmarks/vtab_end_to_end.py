@@ -86,7 +86,8 @@ def main() -> None:
     )
     task = folder_task(folder)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
-                    warmup_epochs=min(10, args.epochs // 10), eval_every=args.eval_every)  # fmt: skip
+                    warmup_epochs=min(10, args.epochs // 10), eval_every=args.eval_every,
+                    execution=args.execution)  # fmt: skip
     naive = naive_pipeline(task, args, recipe, device)
     ours = petl_bench_pipeline(task, args, recipe, device, workspace / "runs")
     (record,) = records.load_records(workspace / "runs")

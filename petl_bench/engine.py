@@ -240,6 +240,37 @@ def execution_of(device: torch.device, execution: str = "auto", compiles: bool =
     return execution
 
 
+FITS_SHARING_GRAPHS = 16  # fits that reuse each other's compiled graphs before they are all dropped
+_fits_since_reset = 0
+
+
+def compiled(loss_of: Callable, device: torch.device, backend: str | None) -> Callable:
+    """``loss_of`` through torch.compile (one graph, static shapes; CUDA graphs on CUDA). The graphs of earlier
+    fits in this process are kept: a fit of the same architecture at the same shapes (the next seed of a task)
+    reuses its graph, with its own parameters as inputs, instead of tracing and compiling again. When dynamo's
+    per-function cache is full (its recompile limit; a fullgraph compile then raises instead of falling back
+    to eager) or after :data:`FITS_SHARING_GRAPHS` fits, the cache is emptied and the step compiled afresh."""
+    global _fits_since_reset
+    if _fits_since_reset >= FITS_SHARING_GRAPHS:
+        torch._dynamo.reset()
+        _fits_since_reset = 0
+    _fits_since_reset += 1
+    options = {"backend": backend} if backend else {"mode": "reduce-overhead" if device.type == "cuda" else None}
+    step = torch.compile(loss_of, fullgraph=True, dynamic=False, **options)
+    limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", torch._dynamo.exc.Unsupported)
+
+    def call(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        global _fits_since_reset
+        try:
+            return step(images, labels)
+        except limit_hit:
+            torch._dynamo.reset()
+            _fits_since_reset = 1
+            return step(images, labels)
+
+    return call
+
+
 def train_step(model, normalizer, optimizer, recipe: Recipe, device, backend: str | None = None):
     """One training step as a function of a batch: forward under autocast, the fp32 loss, backward, AdamW.
     The loss is returned on the device (no read). Compiled, the forward, loss and backward are one graph
@@ -263,12 +294,7 @@ def train_step(model, normalizer, optimizer, recipe: Recipe, device, backend: st
         return criterion(logits, labels)
 
     if execution_of(device, recipe.execution, getattr(method, "compiles", True)) == "compiled":
-        # A fresh start per fit: graphs are guarded on this model, and a sweep's runs in one process would
-        # otherwise fill dynamo's per-function cache (then fall back to eager). Inductor's on-disk caches
-        # make the later runs' compiles of the same shapes fast.
-        torch._dynamo.reset()
-        options = {"backend": backend} if backend else {"mode": "reduce-overhead" if device.type == "cuda" else None}
-        loss_of = torch.compile(loss_of, fullgraph=True, dynamic=False, **options)
+        loss_of = compiled(loss_of, device, backend)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = loss_of(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))

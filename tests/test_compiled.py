@@ -26,16 +26,16 @@ class Recording:
         return torch._dynamo.lookup_backend("aot_eager")(graph, inputs)
 
 
-def _train(method: str, execution: str, backend=None) -> tuple[torch.nn.Module, torch.Tensor]:
-    backbone, info = tiny_backbone(TINY_VIT, num_classes=4)
+def _train(method: str, execution: str, backend=None, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    backbone, info = tiny_backbone(TINY_VIT, num_classes=4, seed=seed)
     runner = pb.METHODS.get(method)()
     model = pb.attach_method(backbone, info, runner, runner.make_config(None, **SMALL.get(method, {})))
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
     data = TensorDataset(images, torch.arange(16) % 4)
     recipe = Recipe(epochs=2, batch_size=8, warmup_epochs=1, lr=1e-2, execution=execution)
-    torch.manual_seed(0)  # dropout and drop-path draw from the global stream in both executions
-    fit(model, data, None, Normalizer((0.5,) * 3, (0.5,) * 3), recipe, device=torch.device("cpu"), seed=0,
+    torch.manual_seed(seed)  # dropout and drop-path draw from the global stream in both executions
+    fit(model, data, None, Normalizer((0.5,) * 3, (0.5,) * 3), recipe, device=torch.device("cpu"), seed=seed,
         backend=backend or "aot_eager")  # fmt: skip
     model.eval()
     with torch.no_grad():
@@ -55,13 +55,43 @@ def test_compiled_training_equals_eager(method):
             assert torch.equal(a, b), f"{name}: {(a - b).abs().max()}"
 
 
-def test_every_fit_of_a_sweep_compiles_its_own_step(monkeypatch):
-    """Runs in one process each get a compiled step: dynamo's cache (guarded on the model) would otherwise
-    fill up and fall back to eager without a word."""
+def test_the_next_seed_reuses_the_compiled_step_and_trains_as_a_fresh_compile():
+    """A sweep's next run of the same architecture and shapes (another seed: other weights, data and draws)
+    runs the graph compiled for the run before, with its own parameters as inputs: no second trace, and the
+    same training as a step compiled for it alone."""
+    torch._dynamo.reset()
+    backend = Recording()
+    _train("convpass", "compiled", backend, seed=0)
+    reused, reused_logits = _train("convpass", "compiled", backend, seed=1)
+    assert backend.graphs == 1, "the second fit traced nothing"
+    torch._dynamo.reset()
+    fresh, fresh_logits = _train("convpass", "compiled", Recording(), seed=1)
+    assert torch.equal(reused_logits, fresh_logits)
+    assert all(torch.equal(a, b) for a, b in zip(reused.parameters(), fresh.parameters()))
+
+
+def test_a_full_graph_cache_is_emptied_instead_of_running_eagerly(monkeypatch):
+    """Dynamo's per-function cache holds a few graphs (its recompile limit); when another architecture finds
+    it full, the cache is emptied and the step compiled: it never falls back to eager without a word."""
+    torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 1)
     backend = Recording()
-    for _ in range(2):
-        _train("lora", "compiled", backend)
+    _train("lora", "compiled", backend)
+    _, logits = _train("convpass", "compiled", backend)
+    assert backend.graphs == 2, "convpass compiled after the cache was emptied"
+    assert torch.equal(logits, _train("convpass", "eager")[1])
+
+
+def test_graphs_are_dropped_after_a_number_of_fits(monkeypatch):
+    """Kept graphs hold memory (and on CUDA a recording per run's parameters): after FITS_SHARING_GRAPHS fits
+    they are dropped and the next fit compiles afresh."""
+    from petl_bench import engine
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(engine, "FITS_SHARING_GRAPHS", 1)
+    backend = Recording()
+    for seed in range(2):
+        _train("lora", "compiled", backend, seed=seed)
     assert backend.graphs == 2
 
 
