@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .backbones import build_backbone, preserved_rng
 from .costs import architecture
+from .data import usable_cores
 from .engine import precision_of
 from .model import attach_method
 from .opcount import forward_memory, step_memory
@@ -101,7 +101,7 @@ def placement(checked: Checked, pending: list[Job], gpus: int, progress=None) ->
         log.warning("could not estimate a run's memory: %s", error)
         return Placement(1, f"runs per GPU: 1 (a run's memory could not be estimated: {error})")
     free = free_bytes(gpus)
-    cores = max(1, (os.cpu_count() or 1) // gpus)
+    cores = max(1, usable_cores() // gpus)
     runs = runs_that_fit(need, free, cores, math.ceil(len(pending) / gpus))
     return Placement(runs, (
         f"runs per GPU: {runs} (chosen from memory: {free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB "

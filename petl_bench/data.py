@@ -206,9 +206,14 @@ def _die_with(owner: int) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-owner").start()
 
 
+def usable_core_ids() -> list[int]:
+    """The cores this process may run on (its affinity: a SLURM task's share, not the machine's)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity: a SLURM task's share, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """How many cores this process may run on."""
+    return len(usable_core_ids())
 
 
 def _decode_into(path: Path, split: Split, size: tuple[int, int], interpolation: str, workers, progress) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 
 from . import atomic, capacity, ledger, records
+from .data import usable_core_ids
 from .errors import UserError
 from .planning import Checked, Job, SweepSpec, validate
 from .runner import SweepSummary, pick_device, run_sweep
@@ -28,8 +30,10 @@ from .runner import SweepSummary, pick_device, run_sweep
 log = logging.getLogger(__name__)
 
 
-def _worker(spec: SweepSpec, output: str, device: str, force: bool, checkpoint_seconds: float) -> None:
+def _worker(spec: SweepSpec, output: str, device: str, force: bool, checkpoint_seconds: float, cores=None) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[{device}] %(levelname)s %(message)s")
+    if cores and hasattr(os, "sched_setaffinity"):  # its decoding pool and threads stay on its own cores
+        os.sched_setaffinity(0, cores)
     summary = run_sweep(
         spec.jobs(), Path(output), device=torch.device(device), force=force, checkpoint_seconds=checkpoint_seconds,
         skip_unsupported=spec.skip_unsupported,
@@ -37,6 +41,17 @@ def _worker(spec: SweepSpec, output: str, device: str, force: bool, checkpoint_s
     log.info(
         "%d trained, %d finished before, %d failed", len(summary.finished), len(summary.skipped), len(summary.failed)
     )
+
+
+def core_shares(cores: list[int], workers: int) -> list[list[int]]:
+    """Each worker's cores: ``cores`` in contiguous shares as even as can be, so that one worker decoding a task
+    on all of its cores does not take the cores the others dispatch their kernels from; every core to each
+    worker when there are fewer cores than workers."""
+    if len(cores) < workers:
+        return [list(cores)] * workers
+    size, extra = divmod(len(cores), workers)
+    bounds = [index * size + min(index, extra) for index in range(workers + 1)]
+    return [list(cores[start:end]) for start, end in zip(bounds, bounds[1:])]
 
 
 def worker_devices(gpus: int, runs_per_gpu: int) -> list[str]:
@@ -55,9 +70,10 @@ def run_on_gpus(
     if gpus > available:
         raise UserError(f"--gpus {gpus} asked for, but torch sees {available} CUDA device(s)")
     context = multiprocessing.get_context("spawn")
+    devices = worker_devices(gpus, runs_per_gpu)
     workers = [
-        context.Process(target=_worker, args=(spec, str(output), device, force, checkpoint_seconds))
-        for device in worker_devices(gpus, runs_per_gpu)
+        context.Process(target=_worker, args=(spec, str(output), device, force, checkpoint_seconds, cores))
+        for device, cores in zip(devices, core_shares(usable_core_ids(), len(devices)))
     ]
     for worker in workers:
         worker.start()

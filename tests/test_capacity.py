@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 
 import pytest
 import torch
@@ -98,7 +97,7 @@ def _fake_cuda(monkeypatch, free: int) -> None:
     monkeypatch.setattr(capacity, "local_gpus", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(capacity, "free_bytes", lambda gpus: free)
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(capacity, "usable_cores", lambda: 16)
 
 
 def _checked(tmp_path, tiny_plugin, seeds=(0, 1, 2, 3)):
@@ -189,3 +188,9 @@ def test_worker_processes_train_a_sweep_once_and_the_parent_reports_each_run(mon
     assert outcome.counted and sorted(r.seed for r in outcome.summary.finished) == [0, 1, 2]
     assert sorted(r.seed for r in reported) == [0, 1, 2] and not outcome.summary.failed
     assert len(records.load_records(tmp_path / "runs")) == 3, "each run trained once"
+
+
+def test_each_worker_gets_its_own_share_of_the_cores():
+    assert executors.core_shares(list(range(16)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert executors.core_shares([0, 2, 4, 6, 8], 2) == [[0, 2, 4], [6, 8]], "the cores this process may use"
+    assert executors.core_shares([0, 1], 4) == [[0, 1]] * 4, "fewer cores than workers: all of them to each"
