@@ -176,6 +176,9 @@ class DyT(Method):
             params += [*wrapped.adaptmlp.parameters(), *wrapped.mlp_token_select.parameters()]
         return params
 
+    def training_passes(self, config):
+        return 2 if config.distill else 1  # the teacher pass is trained too (its own cross-entropy)
+
     def training_loss(self, model, images, labels, criterion, compute):
         config = model.config
         with compute():

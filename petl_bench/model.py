@@ -95,6 +95,11 @@ class Method:
         context for the forward passes. The engine calls it inside the (compiled) training step."""
         raise NotImplementedError
 
+    def training_passes(self, config: Any) -> int:
+        """Forward passes through the network, each with its backward, that one training step makes (the
+        plan's compute estimate): one, or more for a ``training_loss`` that runs the model again."""
+        return 1
+
     def is_identity_at_init(self, config: Any) -> bool | None:
         """Whether the method with ``config`` starts as the frozen backbone (see ``identity_at_init``)."""
         return self.identity_at_init

@@ -351,21 +351,26 @@ def _status(checked: Checked, job: Job, output: Path) -> str:
 
 def plan_summary(checked: Checked, output: Path) -> str:
     """One line before a sweep starts: runs, input sizes and the estimated compute (a training step
-    costs about three forward passes; the backbone's forward FLOPs at the run's input size)."""
+    costs about three forward passes per pass the method makes; the backbone's forward FLOPs at the run's
+    input size)."""
     rows = plan_rows(checked, output)
-    todo = [(job, row) for job, row in zip(checked.jobs, rows) if row["status"] != "finished"]
-    total = 0.0
-    for job, row in todo:
-        evaluated = len(checked.data[job.data_key].eval)
-        total += backbone_flops(job.backbone, job.recipe.image_size) * (
-            3 * row["train_images"] * row["epochs"] + evaluated
-        )
+    todo = [job for job, row in zip(checked.jobs, rows) if row["status"] != "finished"]
+    total = sum(estimated_flops(checked, job) for job in todo)
     sizes = ", ".join(sorted({row["image_size"] for row in rows})) or "-"
     finished = len(rows) - len(todo)
     return (
         f"plan: {len(todo)} run(s) to train, {finished} finished; input {sizes}; "
-        f"estimated {total / 1e12:,.1f} TFLOP (3 x forward x images x epochs)"
+        f"estimated {total / 1e12:,.1f} TFLOP (3 x forward per training pass x images x epochs)"
     )
+
+
+def estimated_flops(checked: Checked, job: Job) -> float:
+    """A run's compute, roughly: three forward passes of the backbone per training image, epoch and pass the
+    method's step makes (``Method.training_passes``), and one per evaluated image."""
+    data = checked.data[job.data_key]
+    passes = job.method_object.training_passes(job.method_config)
+    images = 3 * passes * len(data.train) * job.recipe.epochs + len(data.eval)
+    return backbone_flops(job.backbone, job.recipe.image_size) * images
 
 
 def check_batch(job: Job, data: TaskData) -> None:

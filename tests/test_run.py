@@ -334,3 +334,23 @@ def test_inference_speed_is_measured_once_per_architecture_in_a_sweep(monkeypatc
         assert len(measured) == 2 and measured[0] == measured[1], "the seeds share one measurement"
         assert measured[0]["as_trained"] > 0 and method in measured[0]["measured_for"]
     assert speeds["lora"][0] != speeds["convpass"][0]
+
+
+def test_the_plans_compute_estimate_counts_every_trained_pass(tmp_path, task, tiny_plugin):
+    """DyT's step trains the teacher pass as well as the student's (its official loss): twice the training
+    compute of a one-pass method in the plan's estimate; without distillation, once."""
+    from petl_bench.planning import SweepSpec, estimated_flops, validate
+
+    def flops(method: str, *settings: str) -> float:
+        spec = SweepSpec(methods=method, task_dirs=[str(task)], backbones=["tiny_test_vit"], seeds=[0],
+                         pretrained="none", recipe_overrides={"batch_size": 8, "image_size": 16, "epochs": 5},
+                         settings=list(settings), plugins=[str(tiny_plugin)])  # fmt: skip
+        checked = validate(spec.jobs(), strict=False)
+        (job,) = checked.jobs
+        data = checked.data[job.data_key]
+        return estimated_flops(checked, job), len(data.train), len(data.eval)
+
+    lora, train, evaluated = flops("lora")
+    per_image = lora / (3 * train * 5 + evaluated)  # the backbone's forward FLOPs per image
+    assert flops("dyt")[0] == pytest.approx(per_image * (2 * 3 * train * 5 + evaluated))
+    assert flops("dyt", "dyt.distill=false")[0] == pytest.approx(lora)
