@@ -75,6 +75,36 @@ def scale_outputs_(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor |
     return module
 
 
+class CastTogether:
+    """Small trained tensors used in the compute dtype (bf16 under autocast), cast together once per forward
+    pass of ``backbone``: one ``cat`` and one cast for all of them, and one of each for their gradients, instead
+    of a cast per tensor and use (two kernels per tensor and step on a GPU whose host launches bound the step).
+    The values and gradients are bitwise those of casting each. The tensors are named by (module, attribute),
+    read at each pass (a parameter swapped in, as ``torch.func.functional_call`` does, is the one cast).
+    :meth:`cast` gives tensor ``index`` in a dtype; the cast copies live for one forward pass (cleared by the
+    backbone's hooks)."""
+
+    def __init__(self, backbone: nn.Module, owners: list[tuple[nn.Module, str]]):
+        self.owners = owners
+        self.cast_copies: tuple[torch.dtype, tuple[torch.Tensor, ...]] | None = None
+        backbone.register_forward_pre_hook(self.clear)
+        backbone.register_forward_hook(self.clear)
+
+    def cast(self, index: int, dtype: torch.dtype) -> torch.Tensor:
+        module, name = self.owners[index]
+        tensor = getattr(module, name)
+        if dtype == tensor.dtype:
+            return tensor
+        if self.cast_copies is None or self.cast_copies[0] != dtype:
+            tensors = [getattr(owner, attribute) for owner, attribute in self.owners]
+            flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+            self.cast_copies = (dtype, flat.split([t.numel() for t in tensors]))
+        return self.cast_copies[1][index].view(tensor.shape)
+
+    def clear(self, *hook_arguments) -> None:
+        self.cast_copies = None
+
+
 @dataclass(frozen=True)
 class Residual:
     """One pre-norm residual sub-block of a transformer block: ``x + drop_path(branch(norm(x)))``."""

@@ -19,7 +19,7 @@ from petl_bench.model import Method
 from petl_bench.registry import register_method
 
 from .baselines import bias_parameters, layer_norm_parameters
-from .building_blocks import scale_outputs_
+from .building_blocks import CastTogether, scale_outputs_
 
 
 class ScaledOutput(nn.Module):
@@ -29,10 +29,12 @@ class ScaledOutput(nn.Module):
         super().__init__()
         self.layer_scale = layer_scale
         self.gamma = nn.Parameter(torch.ones(width))
+        self.__dict__["together"] = None  # (CastTogether, index of gamma in it): set by DiffFit.attach
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.layer_scale(x)
-        return y * self.gamma.to(y.dtype)  # in the activation's dtype: no promotion of bf16 activations to fp32
+        y = self.layer_scale(x)  # gamma in the activation's dtype: no promotion of bf16 activations to fp32
+        together = self.__dict__["together"]
+        return y * (self.gamma.to(y.dtype) if together is None else together[0].cast(together[1], y.dtype))
 
 
 # (LayerScale attribute, the Linear whose output it scales) of each sub-block of a timm ViT block
@@ -54,12 +56,17 @@ class DiffFit(Method):
     def attach(self, model, info, config):
         params = bias_parameters(model)
         params += [p for p in layer_norm_parameters(model) if not any(p is q for q in params)]
+        scaled_outputs = []
         for path, width in zip(info.block_paths, info.widths):
             block = model.get_submodule(path)
             for attribute, _ in SUB_BLOCKS:
                 scaled = ScaledOutput(getattr(block, attribute), width)
                 setattr(block, attribute, scaled)
                 params.append(scaled.gamma)
+                scaled_outputs.append(scaled)
+        together = CastTogether(model, [(scaled, "gamma") for scaled in scaled_outputs])
+        for index, scaled in enumerate(scaled_outputs):
+            scaled.__dict__["together"] = (together, index)
         return params
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from petl_bench.backbones import VIT
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-from .building_blocks import scale_outputs_
+from .building_blocks import CastTogether, scale_outputs_
 
 
 class ScaleShift(nn.Module):
@@ -36,6 +36,15 @@ class ScaleShift(nn.Module):
         self.channel_dim = channel_dim
         self.ssf_scale = nn.Parameter(torch.empty(channels).normal_(1.0, 0.02))
         self.ssf_shift = nn.Parameter(torch.empty(channels).normal_(0.0, 0.02))
+        self.__dict__["together"] = None  # (CastTogether, index of ssf_scale in it): set by SSF.attach
+
+    def _in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) in ``dtype``: cast with every other site's at once when the method set that up."""
+        together = self.__dict__["together"]
+        if together is None:
+            return self.ssf_scale.to(dtype), self.ssf_shift.to(dtype)
+        cache, index = together
+        return cache.cast(index, dtype), cache.cast(index + 1, dtype)
 
     def _shaped(self, tensor: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if self.channel_dim == -1:
@@ -44,7 +53,8 @@ class ScaleShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.module(x)  # scale and shift in y's dtype: under bf16 autocast no promotion of y to fp32
-        return y * self._shaped(self.ssf_scale.to(y.dtype), y) + self._shaped(self.ssf_shift.to(y.dtype), y)
+        scale, shift = self._in(y.dtype)
+        return y * self._shaped(scale, y) + self._shaped(shift, y)
 
     def folded(self) -> nn.Module:
         """The wrapped conv / Linear / LayerNorm with the affine folded into its weight and bias."""
@@ -80,12 +90,17 @@ class SSF(Method):
     head_init = "trunc_normal"
 
     def attach(self, model, info, config):
-        params = []
+        params, lowered = [], []
         for path, channel_dim in ssf_sites(model, info):
             module = model.get_submodule(path)
             wrapped = ScaleShift(module, output_channels(module), channel_dim)
             model.set_submodule(path, wrapped)
             params += [wrapped.ssf_scale, wrapped.ssf_shift]
+            if isinstance(module, (nn.Linear, nn.Conv2d)):  # outputs in the compute dtype under autocast
+                lowered.append(wrapped)
+        together = CastTogether(model, [(site, name) for site in lowered for name in ("ssf_scale", "ssf_shift")])
+        for index, site in enumerate(lowered):
+            site.__dict__["together"] = (together, 2 * index)
         return params
 
     def merge(self, model):

@@ -186,6 +186,31 @@ def test_ssf_init_and_equations():
         torch.testing.assert_close(model(x), logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["ssf", "difffit"])
+def test_cast_together_is_bitwise_casting_each_tensor(method):
+    """Under bf16 autocast the small per-channel tensors are cast to bf16 in one ``cat`` per forward pass
+    (``CastTogether``): the logits and every gradient are bitwise those of casting each tensor at its use."""
+
+    def run(together: bool):
+        _, model = with_method(method, tiny_backbone(TINY_VIT))
+        randomize_trainable(model)
+        if not together:  # every site casts its own tensors, as before
+            for module in model.backbone.modules():
+                if isinstance(module.__dict__.get("together"), tuple):
+                    module.__dict__["together"] = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(images(TINY_VIT))
+        logits.float().square().sum().backward()
+        return logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    logits, grads = run(True)
+    each_logits, each_grads = run(False)
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, each_logits)
+    assert grads.keys() == each_grads.keys() and all(torch.equal(grads[n], each_grads[n]) for n in grads)
+    _, model = with_method(method, tiny_backbone(TINY_VIT))
+    assert any(isinstance(getattr(m, "together", None), tuple) for m in model.backbone.modules()), "the path is used"
+
+
 def fact_reference(method, factors, block_index, scale, attn_input, proj_input, fc1_input, fc2_input):
     """The official code's FacT deltas (row vectors multiplied from the right), for one block in eval mode."""
     u, v = factors.u.weight.t(), factors.v.weight.t()  # x @ u: d -> r; @ v: r -> d

@@ -15,8 +15,8 @@ DEPTH = TINY_VIT["depth"]
 # counted as CUDA's one fused kernel): at most what it
 # dispatches on the tiny ViT below (2026-11-30) plus 5, a regression guard. The target of the GPU work is at
 # most 30 for every side-branch method; convpass, fact_tt/tk, the binary adapters, noah, repadapter, ssf and
-# houlsby_adapter are above it today (benchmarks/README.md). SSF's scale and shift are cast to the activation
-# dtype at each use (fewer bytes moved, more launches): casting trained tensors once per step is the next step.
+# houlsby_adapter are above it today (benchmarks/README.md). SSF's and DiffFit's per-channel tensors are cast to
+# the activation dtype together, once per forward pass (methods/building_blocks.CastTogether).
 # The floor holds its frozen weights in bf16 (engine.frozen_weights_in), as training does.
 BUDGET = {
     "adapter": 27,
@@ -29,7 +29,7 @@ BUDGET = {
     "bitfit": 12,
     "convpass": 120,
     "convpass_attn": 58,
-    "difffit": 29,
+    "difffit": 27,
     "dtl": 4,
     "dtl_plus": 8,
     "dyt": 158,  # two passes per step (the student and the teacher), as the official training loss
@@ -49,7 +49,7 @@ BUDGET = {
     "repadapter": 60,
     "repadapter_attn": 30,
     "sct": 14,
-    "ssf": 63,
+    "ssf": 47,
     "vpt_deep": 8,
     "vqt": 33,
     "vpt_shallow": 1,
