@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from petl_bench.backbones import CLIP, SWIN, VIT, BackboneInfo
@@ -44,7 +45,7 @@ class Bottleneck(nn.Module):
         self.up = linear(dim, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.dropout(self.act(self.down(x))))
+        return cast_call(self.up, self.dropout(self.act(cast_call(self.down, x))))
 
 
 @torch.no_grad()
@@ -103,6 +104,34 @@ class CastTogether:
 
     def clear(self, *hook_arguments) -> None:
         self.cast_copies = None
+
+
+def cast_together(backbone: nn.Module, layers: list[nn.Module]) -> None:
+    """Wire the weights and biases of ``layers`` (trained ``nn.Linear`` / ``nn.Conv2d``, called through
+    :func:`cast_call`) to one :class:`CastTogether` on ``backbone``."""
+    owners: list[tuple[nn.Module, str]] = []
+    for layer in layers:
+        layer.__dict__["together"] = len(owners)
+        owners += [(layer, name) for name in ("weight", "bias") if getattr(layer, name) is not None]
+    together = CastTogether(backbone, owners)
+    for layer in layers:
+        layer.__dict__["together"] = (together, layer.__dict__["together"])
+
+
+def cast_call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for an ``nn.Linear`` or ``nn.Conv2d``; under autocast with its weight and bias taken from its
+    :class:`CastTogether` (see :func:`cast_together`), cast once per pass with the others: the values autocast
+    would cast at this use."""
+    together = layer.__dict__.get("together")
+    if together is None or not torch.is_autocast_enabled(x.device.type):
+        return layer(x)
+    cache, index = together
+    dtype = torch.get_autocast_dtype(x.device.type)
+    weight = cache.cast(index, dtype)
+    bias = cache.cast(index + 1, dtype) if layer.bias is not None else None
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -208,8 +237,10 @@ def adapt_blocks(
 ) -> list[nn.Parameter]:
     """Wrap every block of ``model`` in an :class:`AdaptedBlock`; ``make_sides(i)`` -> (attn side, mlp side)."""
     params: list[nn.Parameter] = []
+    sides: list[nn.Module] = []
     for index, path in enumerate(info.block_paths):
         attn, mlp = make_sides(index)
+        sides += [side for side in (attn, mlp) if side is not None]
         wrapped = AdaptedBlock(
             model.get_submodule(path),
             info.kind,
@@ -222,6 +253,8 @@ def adapt_blocks(
         )
         model.set_submodule(path, wrapped)
         params += [p for side in (attn, mlp) if side is not None for p in side.parameters()]
+    layers = [m for side in sides for m in side.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    cast_together(model, layers)  # plain trained layers, for the side modules that call them with cast_call
     return params
 
 

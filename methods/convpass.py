@@ -11,7 +11,7 @@ from petl_bench.backbones import CLIP, SWIN, VIT
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-from .building_blocks import QuickGELU, Tap, adapt_blocks, task_table
+from .building_blocks import QuickGELU, Tap, adapt_blocks, cast_call, task_table
 
 CITATION = "Jie & Deng, Convolutional Bypasses Are Better Vision Transformer Adapters, arXiv:2207.07039"
 
@@ -65,7 +65,7 @@ class ConvBypass(nn.Module):
             self.register_buffer("token_order", order, persistent=False)
 
     def _conv_channels_last(self, images: torch.Tensor) -> torch.Tensor:
-        return self.adapter_conv(images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return cast_call(self.adapter_conv, images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def _conv_tokens(self, a: torch.Tensor) -> torch.Tensor:
         batch, _, dim = a.shape
@@ -81,9 +81,9 @@ class ConvBypass(nn.Module):
         return out.index_select(1, self.token_order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.act(self.adapter_down(x))
+        a = self.act(cast_call(self.adapter_down, x))
         a = self._conv_channels_last(a) if self.grid is None else self._conv_tokens(a)
-        return self.adapter_up(self.dropout(self.act(a)))
+        return cast_call(self.adapter_up, self.dropout(self.act(a)))
 
 
 @dataclass

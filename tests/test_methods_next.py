@@ -186,10 +186,16 @@ def test_ssf_init_and_equations():
         torch.testing.assert_close(model(x), logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["ssf", "difffit"])
+CAST_TOGETHER = ["ssf", "difffit", "convpass", "convpass_attn", "adapter", "adaptformer", "houlsby_adapter",
+                 "pfeiffer_adapter"]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", CAST_TOGETHER)
 def test_cast_together_is_bitwise_casting_each_tensor(method):
-    """Under bf16 autocast the small per-channel tensors are cast to bf16 in one ``cat`` per forward pass
-    (``CastTogether``): the logits and every gradient are bitwise those of casting each tensor at its use."""
+    """Under bf16 autocast the trained tensors of these methods are cast to bf16 in one ``cat`` per forward
+    pass (``CastTogether``: SSF's and DiffFit's per-channel tensors, the side branches' Linears and convs): the
+    logits and every gradient are bitwise those of casting each tensor at its use, in training mode, over two
+    steps (the second pass casts the updated tensors, not the first pass's copies)."""
 
     def run(together: bool):
         _, model = with_method(method, tiny_backbone(TINY_VIT))
@@ -198,15 +204,22 @@ def test_cast_together_is_bitwise_casting_each_tensor(method):
             for module in model.backbone.modules():
                 if isinstance(module.__dict__.get("together"), tuple):
                     module.__dict__["together"] = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(images(TINY_VIT))
-        logits.float().square().sum().backward()
-        return logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.SGD(trained.values(), lr=0.1)
+        torch.manual_seed(0)  # the same dropout and drop-path draws (casting draws nothing)
+        steps = []
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model.train()(images(TINY_VIT))
+            optimizer.zero_grad()
+            logits.float().square().mean().backward()
+            steps.append((logits, {n: p.grad.clone() for n, p in trained.items()}))
+            optimizer.step()
+        return steps
 
-    logits, grads = run(True)
-    each_logits, each_grads = run(False)
-    assert logits.dtype == torch.bfloat16 and torch.equal(logits, each_logits)
-    assert grads.keys() == each_grads.keys() and all(torch.equal(grads[n], each_grads[n]) for n in grads)
+    for (logits, grads), (each_logits, each_grads) in zip(run(True), run(False)):
+        assert logits.dtype == torch.bfloat16 and torch.equal(logits, each_logits)
+        assert grads.keys() == each_grads.keys() and all(torch.equal(grads[n], each_grads[n]) for n in grads)
     _, model = with_method(method, tiny_backbone(TINY_VIT))
     assert any(isinstance(getattr(m, "together", None), tuple) for m in model.backbone.modules()), "the path is used"
 

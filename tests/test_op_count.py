@@ -15,20 +15,21 @@ DEPTH = TINY_VIT["depth"]
 # counted as CUDA's one fused kernel): at most what it
 # dispatches on the tiny ViT below (2026-11-30) plus 5, a regression guard. The target of the GPU work is at
 # most 30 for every side-branch method; convpass, fact_tt/tk, the binary adapters, noah, repadapter, ssf and
-# houlsby_adapter are above it today (benchmarks/README.md). SSF's and DiffFit's per-channel tensors are cast to
-# the activation dtype together, once per forward pass (methods/building_blocks.CastTogether).
+# houlsby_adapter are above it today (benchmarks/README.md). SSF's and DiffFit's per-channel tensors and the side
+# branches' Linears and convs are cast to the compute dtype together, once per forward pass
+# (methods/building_blocks.CastTogether).
 # The floor holds its frozen weights in bf16 (engine.frozen_weights_in), as training does.
 BUDGET = {
-    "adapter": 27,
+    "adapter": 19,
     "adapter_plus": 25,
     "arc": 60,
     "arc_attn": 30,
-    "adaptformer": 23,
+    "adaptformer": 14,
     "bi_adaptformer": 59,
     "bi_lora": 83,
     "bitfit": 12,
-    "convpass": 120,
-    "convpass_attn": 58,
+    "convpass": 92,
+    "convpass_attn": 45,
     "difffit": 27,
     "dtl": 4,
     "dtl_plus": 8,
@@ -39,13 +40,13 @@ BUDGET = {
     "full": 31,
     "glora": 107,  # W' = W + W * A + B materialised per layer and step, as the official layer
     "glora_fixed": 178,
-    "houlsby_adapter": 56,
+    "houlsby_adapter": 37,
     "linear": -21,
     "ln_tune": 2,
     "lora": 20,
     "mona": 149,  # two modules per block, each three depthwise convs and a 1x1, a LayerNorm and two Linears
     "noah": 66,
-    "pfeiffer_adapter": 23,
+    "pfeiffer_adapter": 15,
     "repadapter": 60,
     "repadapter_attn": 30,
     "sct": 14,
