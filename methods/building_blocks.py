@@ -106,29 +106,38 @@ class CastTogether:
         self.cast_copies = None
 
 
-def cast_together(backbone: nn.Module, layers: list[nn.Module]) -> None:
-    """Wire the weights and biases of ``layers`` (trained ``nn.Linear`` / ``nn.Conv2d``, called through
-    :func:`cast_call`) to one :class:`CastTogether` on ``backbone``."""
+def cast_together(backbone: nn.Module, modules: list[nn.Module], names: tuple[str, ...]) -> None:
+    """Wire the tensors ``names`` of each of ``modules`` (those that are not None) to one :class:`CastTogether`
+    on ``backbone``; the modules read them through :func:`cast_wired` (or :func:`cast_call`)."""
     owners: list[tuple[nn.Module, str]] = []
-    for layer in layers:
-        layer.__dict__["together"] = len(owners)
-        owners += [(layer, name) for name in ("weight", "bias") if getattr(layer, name) is not None]
+    indices = []
+    for module in modules:
+        present = [name for name in names if getattr(module, name) is not None]
+        indices.append({name: len(owners) + offset for offset, name in enumerate(present)})
+        owners += [(module, name) for name in present]
     together = CastTogether(backbone, owners)
-    for layer in layers:
-        layer.__dict__["together"] = (together, layer.__dict__["together"])
+    for module, index in zip(modules, indices):
+        module.__dict__["together"] = (together, index)
+
+
+def cast_wired(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """``module``'s tensor ``name`` in ``dtype``: from the :class:`CastTogether` it is wired to
+    (:func:`cast_together`), or cast alone when it is not."""
+    together = module.__dict__.get("together")
+    if together is None:
+        return getattr(module, name).to(dtype)
+    cache, index = together
+    return cache.cast(index[name], dtype)
 
 
 def cast_call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for an ``nn.Linear`` or ``nn.Conv2d``; under autocast with its weight and bias taken from its
-    :class:`CastTogether` (see :func:`cast_together`), cast once per pass with the others: the values autocast
-    would cast at this use."""
-    together = layer.__dict__.get("together")
-    if together is None or not torch.is_autocast_enabled(x.device.type):
+    """``layer(x)`` for an ``nn.Linear`` or ``nn.Conv2d``; under autocast, when wired by :func:`cast_together`,
+    with its weight and bias cast once per pass with the others: the values autocast would cast at this use."""
+    if layer.__dict__.get("together") is None or not torch.is_autocast_enabled(x.device.type):
         return layer(x)
-    cache, index = together
     dtype = torch.get_autocast_dtype(x.device.type)
-    weight = cache.cast(index, dtype)
-    bias = cache.cast(index + 1, dtype) if layer.bias is not None else None
+    weight = cast_wired(layer, "weight", dtype)
+    bias = cast_wired(layer, "bias", dtype) if layer.bias is not None else None
     if isinstance(layer, nn.Conv2d):
         return layer._conv_forward(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -254,7 +263,7 @@ def adapt_blocks(
         model.set_submodule(path, wrapped)
         params += [p for side in (attn, mlp) if side is not None for p in side.parameters()]
     layers = [m for side in sides for m in side.modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    cast_together(model, layers)  # plain trained layers, for the side modules that call them with cast_call
+    cast_together(model, layers, ("weight", "bias"))  # plain trained layers, which the sides call with cast_call
     return params
 
 

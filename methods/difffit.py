@@ -19,7 +19,7 @@ from petl_bench.model import Method
 from petl_bench.registry import register_method
 
 from .baselines import bias_parameters, layer_norm_parameters
-from .building_blocks import CastTogether, scale_outputs_
+from .building_blocks import cast_together, cast_wired, scale_outputs_
 
 
 class ScaledOutput(nn.Module):
@@ -29,12 +29,10 @@ class ScaledOutput(nn.Module):
         super().__init__()
         self.layer_scale = layer_scale
         self.gamma = nn.Parameter(torch.ones(width))
-        self.__dict__["together"] = None  # (CastTogether, index of gamma in it): set by DiffFit.attach
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer_scale(x)  # gamma in the activation's dtype: no promotion of bf16 activations to fp32
-        together = self.__dict__["together"]
-        return y * (self.gamma.to(y.dtype) if together is None else together[0].cast(together[1], y.dtype))
+        return y * cast_wired(self, "gamma", y.dtype)
 
 
 # (LayerScale attribute, the Linear whose output it scales) of each sub-block of a timm ViT block
@@ -64,9 +62,7 @@ class DiffFit(Method):
                 setattr(block, attribute, scaled)
                 params.append(scaled.gamma)
                 scaled_outputs.append(scaled)
-        together = CastTogether(model, [(scaled, "gamma") for scaled in scaled_outputs])
-        for index, scaled in enumerate(scaled_outputs):
-            scaled.__dict__["together"] = (together, index)
+        cast_together(model, scaled_outputs, ("gamma",))
         return params
 
     @torch.no_grad()

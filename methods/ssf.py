@@ -24,7 +24,7 @@ from petl_bench.backbones import VIT
 from petl_bench.model import Method
 from petl_bench.registry import register_method
 
-from .building_blocks import CastTogether, scale_outputs_
+from .building_blocks import cast_together, cast_wired, scale_outputs_
 
 
 class ScaleShift(nn.Module):
@@ -36,15 +36,6 @@ class ScaleShift(nn.Module):
         self.channel_dim = channel_dim
         self.ssf_scale = nn.Parameter(torch.empty(channels).normal_(1.0, 0.02))
         self.ssf_shift = nn.Parameter(torch.empty(channels).normal_(0.0, 0.02))
-        self.__dict__["together"] = None  # (CastTogether, index of ssf_scale in it): set by SSF.attach
-
-    def _in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) in ``dtype``: cast with every other site's at once when the method set that up."""
-        together = self.__dict__["together"]
-        if together is None:
-            return self.ssf_scale.to(dtype), self.ssf_shift.to(dtype)
-        cache, index = together
-        return cache.cast(index, dtype), cache.cast(index + 1, dtype)
 
     def _shaped(self, tensor: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if self.channel_dim == -1:
@@ -53,7 +44,7 @@ class ScaleShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.module(x)  # scale and shift in y's dtype: under bf16 autocast no promotion of y to fp32
-        scale, shift = self._in(y.dtype)
+        scale, shift = (cast_wired(self, name, y.dtype) for name in ("ssf_scale", "ssf_shift"))
         return y * self._shaped(scale, y) + self._shaped(shift, y)
 
     def folded(self) -> nn.Module:
@@ -98,9 +89,7 @@ class SSF(Method):
             params += [wrapped.ssf_scale, wrapped.ssf_shift]
             if isinstance(module, (nn.Linear, nn.Conv2d)):  # outputs in the compute dtype under autocast
                 lowered.append(wrapped)
-        together = CastTogether(model, [(site, name) for site in lowered for name in ("ssf_scale", "ssf_shift")])
-        for index, site in enumerate(lowered):
-            site.__dict__["together"] = (together, 2 * index)
+        cast_together(model, lowered, ("ssf_scale", "ssf_shift"))
         return params
 
     def merge(self, model):
