@@ -100,7 +100,7 @@ class LedgerWatch:
 
     def __init__(self, checked: Checked, output: Path, force: bool, progress=None, on_finished=None):
         self.output, self.progress, self.on_finished = output, progress, on_finished
-        pending = {job.run_id for job in checked.jobs if force or not checked.finished(job, output)}
+        pending = {job.run_id for job in checked.to_train(output, force)}
         self.summary = SweepSummary(skipped=[job.run_id for job in checked.jobs if job.run_id not in pending],
                                     left_out=checked.left_out)  # fmt: skip
         self.before = {run_id: self._state(run_id) for run_id in pending}
@@ -203,7 +203,7 @@ def submit(
     import submitit
 
     checked = checked or validate(spec.jobs(), strict=False, skip_unsupported=spec.skip_unsupported)
-    pending = [job for job in checked.jobs if force or not checked.finished(job, output)]
+    pending = checked.to_train(output, force)
     if not pending:
         return []
     try:  # name the cluster: submitit would otherwise fall back to running locally without saying so
@@ -280,8 +280,7 @@ class Execution:
             return self, None
         if self.executor != "local" or self.device not in ("auto", "cuda") or not capacity.local_gpus():
             return replace(self, runs_per_gpu=1), None
-        pending = [job for job in checked.jobs if self.force or not checked.finished(job, self.output)]
-        chosen = capacity.placement(checked, pending, self.gpus, progress)
+        chosen = capacity.placement(checked, checked.to_train(self.output, self.force), self.gpus, progress)
         return replace(self, runs_per_gpu=chosen.runs_per_gpu), chosen.note
 
 

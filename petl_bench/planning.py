@@ -274,6 +274,10 @@ class Checked:
         """``job`` has a record in ``output`` trained on the data it reads now."""
         return ledger.finished_on(ledger.run_folder(output, job.run_id), self.fingerprint(job), repair)
 
+    def to_train(self, output: Path, force: bool = False) -> list[Job]:
+        """The jobs without a record in ``output`` on the data they read now; every job with ``force``."""
+        return [job for job in self.jobs if force or not self.finished(job, output)]
+
 
 def validate(jobs: list[Job], strict: bool, skip_unsupported: bool = False) -> Checked:
     """Check every task's data and every method/backbone pair before anything trains.

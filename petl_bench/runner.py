@@ -363,7 +363,7 @@ def run_sweep(
     images stay on the GPU from one run to the next that reads them (``data.on_device``)."""
     checked = checked or validate(jobs, strict, skip_unsupported)
     summary = SweepSummary(left_out=checked.left_out)
-    todo = [job for job in checked.jobs if force or not checked.finished(job, output)]
+    todo = checked.to_train(output, force)
     total = sum(job.recipe.epochs for job in todo)
     overall = progress.add_task(f"runs 0/{len(todo)}", total=total) if progress and todo else None
     with kept_on_devices():  # a task's images stay on the GPU for its next seed
