@@ -20,7 +20,7 @@ import torch
 from .backbones import build_backbone, preserved_rng
 from .costs import architecture
 from .data import usable_cores
-from .engine import precision_of
+from .engine import eval_batch, precision_of
 from .model import attach_method
 from .opcount import forward_memory, step_memory
 from .planning import Checked, Job
@@ -31,7 +31,6 @@ ALLOCATOR_MARGIN = 1.25  # the caching allocator's rounding and fragmentation ov
 PROCESS_BYTES = 1 << 30  # per worker: the CUDA context, cuBLAS/cuDNN workspaces, a merged copy for timing
 FREE_SHARE = 0.9  # of the free memory: the rest stays for other processes' growth
 MOST_RUNS_PER_GPU = 4  # an upper bound until measured on a GPU: a few runs cover one run's launch gaps
-EVAL_BATCH = 1024  # the evaluation batch the engine starts from on CUDA (recipe.eval_batch_size 0)
 
 
 @dataclass(frozen=True)
@@ -50,9 +49,10 @@ def run_bytes(job: Job, checked: Checked) -> int:
                                        drop_path_rate=recipe.drop_path, image_size=recipe.image_size)  # fmt: skip
         model = attach_method(network, info, job.method_object, job.method_config, recipe.head_init).train()
         size = info.preprocessing.image_size
-        dtype = torch.bfloat16 if precision_of(torch.device("cuda"), recipe.precision) == "bf16" else None
+        cuda = torch.device("cuda")
+        dtype = torch.bfloat16 if precision_of(cuda, recipe.precision) == "bf16" else None
         step = step_memory(model, recipe.batch_size, size, data.num_classes, dtype=dtype)
-        evaluation = forward_memory(model, recipe.eval_batch_size or EVAL_BATCH, size, dtype=dtype)
+        evaluation = forward_memory(model, eval_batch(recipe.eval_batch_size, cuda), size, dtype=dtype)
     cached = (len(data.train) if recipe.augment == "none" else 0) + len(data.eval)
     return int((step + evaluation + cached * 3 * size[0] * size[1]) * ALLOCATOR_MARGIN) + PROCESS_BYTES
 

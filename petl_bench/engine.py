@@ -157,6 +157,12 @@ def select_stage(
     return time.perf_counter() - start
 
 
+def eval_batch(batch_size: int, device: torch.device) -> int:
+    """The evaluation batch: ``batch_size``, or for 0 the first try of "as large as memory allows" (CUDA: 1024,
+    halved on out-of-memory; CPU: 256)."""
+    return batch_size or (1024 if device.type == "cuda" else 256)
+
+
 def evaluate_outcomes(
     model: nn.Module,
     data: TensorDataset,
@@ -169,7 +175,7 @@ def evaluate_outcomes(
     """(top-1 in percent, images/s, which images were classified correctly: a bool tensor in ``data``'s
     order) of ``model`` on ``data``; with ``classes``, the prediction is the best of those logits only
     (ImageNet-A/-R evaluated on their 200 classes). ``batch_size`` 0 takes batches as large as memory allows."""
-    batch = batch_size or (1024 if device.type == "cuda" else 256)
+    batch = eval_batch(batch_size, device)
     while True:
         try:
             return _evaluate(model, data, normalizer, device, batch, classes, precision)
@@ -198,7 +204,7 @@ def extract_features(
 ) -> TensorDataset:
     """What the classifier reads, for every image, computed once: exact for a frozen encoder in eval
     mode without augmentation (linear probing)."""
-    batch = batch_size or (1024 if device.type == "cuda" else 256)
+    batch = eval_batch(batch_size, device)
     bar = progress.add_task(f"{label} ({len(data)} images)", total=len(data)) if progress else None
     chunks = []
     for images, _ in data.batches(batch):

@@ -1,6 +1,7 @@
 """Where a sweep's runs execute: this process, worker processes on the local GPUs (``runs_per_gpu`` of
-them on each; by default as many as the free memory holds, :mod:`petl_bench.capacity`), or SLURM via submitit. :class:`Execution` is how (the options ``run`` and ``tune`` share);
-:func:`check` validates a sweep before anything trains and :func:`run_checked` runs it.
+them on each; by default as many as the free memory holds, :mod:`petl_bench.capacity`), or SLURM via
+submitit. :class:`Execution` is how (the options ``run`` and ``tune`` share); :func:`check` validates a sweep
+before anything trains and :func:`run_checked` runs it.
 
 Workers never receive Job objects: they get the :class:`~petl_bench.runner.SweepSpec` (plain
 values) and rebuild the jobs themselves, plugins included. The job ledger is the run folders: a

@@ -164,7 +164,7 @@ def forward_memory(model: nn.Module, batch: int, image_size: tuple[int, int], *,
         with frozen_weights_in(model, dtype), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             images = torch.randn(batch, 3, *image_size)
             tracker.hold([images])
-            with tracker, torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+            with tracker, _autocast(dtype):
                 model(images)
     finally:
         model.train(was_training)
@@ -203,7 +203,7 @@ def _loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: t
     """The training loss as the engine computes it: the method's own (``extra_loss``) or the classifier's."""
 
     def compute():
-        return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        return _autocast(dtype)
 
     def criterion(logits, targets):
         return nn.functional.cross_entropy(logits.float(), targets)
@@ -229,3 +229,8 @@ def _swap_parameters(model: nn.Module, replacements: dict):
     finally:
         for module, name, parameter in owners:
             module._parameters[name] = parameter
+
+
+def _autocast(dtype: torch.dtype | None):
+    """Autocast to ``dtype`` (fake tensors live on the CPU), or nothing for fp32."""
+    return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
